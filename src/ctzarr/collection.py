@@ -1,0 +1,368 @@
+"""How a store is read: collections and cases as lazy xarray objects, and NIfTI export.
+
+Opening a collection reads its root metadata only; a case reads its group metadata when first
+touched; voxels are read when a dask graph is computed.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import pandas as pd
+import xarray as xr
+import zarr
+from nibabel.volumeutils import apply_read_scaling
+
+from .errors import IncompleteCaseError, StoreError
+from .label_index import LabelIndex
+from .labelmaps import LabelMap
+from .nifti import _typed_scaling, header_from_bytes
+from .storage import codec_pipeline, make_store
+from .writer import index_from_attributes
+
+__all__ = ["Case", "Collection", "open_collection"]
+
+logger = logging.getLogger(__name__)
+
+
+def open_collection(
+    url_or_catalog_name: str | os.PathLike[str],
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+) -> Collection:
+    """Open a converted collection.
+
+    Parameters
+    ----------
+    url_or_catalog_name : str or path
+        Local path, fsspec URL (``s3://``, ``gs://``, ``https://``, ``memory://``), or the
+        name of an entry of ``catalog.yaml`` (``"dap_atlas"``, ``"saros"``).
+    storage_options : dict, optional
+        fsspec options for remote URLs.
+
+    Returns
+    -------
+    Collection
+    """
+    target = os.fspath(url_or_catalog_name)
+    so = dict(storage_options) if storage_options else None
+    if "://" not in target and not os.path.exists(target) and "/" not in target:
+        from .catalog import resolve_entry
+
+        target, entry_so = resolve_entry(target)
+        so = {**(entry_so or {}), **(so or {})} or None
+    store = make_store(target, storage_options=so, read_only=True)
+    try:
+        with codec_pipeline():
+            root = zarr.open_group(store, mode="r", zarr_format=3)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
+        raise StoreError(f"{target}: no collection store here") from exc
+    meta = root.attrs.get("ctzarr")
+    if not isinstance(meta, dict) or meta.get("kind") != "collection":
+        raise StoreError(f"{target}: not a ctzarr collection (no ctzarr collection attributes)")
+    return Collection(target, root)
+
+
+class Collection:
+    """A converted dataset: cases, label maps and the collection-wide index table."""
+
+    def __init__(self, url: str, root: zarr.Group) -> None:
+        self.url = url
+        self.root = root
+        self.meta: dict[str, Any] = dict(root.attrs["ctzarr"])
+
+    def __repr__(self) -> str:
+        return f"<ctzarr.Collection {self.meta.get('dataset_id')!r}: {len(self)} cases, segmentations {list(self.segmentations)}>"
+
+    @property
+    def dataset_id(self) -> str:
+        return str(self.meta.get("dataset_id"))
+
+    @property
+    def case_ids(self) -> list[str]:
+        """Ids of the committed cases, sorted."""
+        return list(self.meta.get("cases", []))
+
+    @cached_property
+    def segmentations(self) -> dict[str, LabelMap]:
+        """Label map of each segmentation, by segmentation name."""
+        return {k: LabelMap.from_dict(v) for k, v in self.meta.get("segmentations", {}).items()}
+
+    def __len__(self) -> int:
+        return len(self.case_ids)
+
+    def __iter__(self) -> Iterator[Case]:
+        for cid in self.case_ids:
+            yield self[cid]
+
+    def __contains__(self, case_id: object) -> bool:
+        return case_id in self.case_ids
+
+    def __getitem__(self, case_id: str) -> Case:
+        try:
+            with codec_pipeline():
+                grp = zarr.open_group(self.root.store, path=f"cases/{case_id}", mode="r", zarr_format=3)
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError) as exc:
+            raise KeyError(f"no case {case_id!r} in {self.url}; cases: {self.case_ids[:10]}") from exc
+        meta = grp.attrs.get("ctzarr")
+        if not isinstance(meta, dict) or meta.get("complete") is not True:
+            raise IncompleteCaseError(f"case {case_id!r} in {self.url} is incomplete (an interrupted conversion)")
+        return Case(self, case_id, grp, meta)
+
+    def table(self) -> pd.DataFrame:
+        """The collection index: one row per (case, segmentation, label), read from one group."""
+        grp = self.root["index"]
+        assert isinstance(grp, zarr.Group)
+        a = grp.attrs["ctzarr"]
+        cols = {name: grp[name][:] for name in _TABLE_COLUMNS}
+        df = pd.DataFrame({
+            "case_id": np.asarray(a["cases"], dtype=object)[cols["case"]] if len(cols["case"]) else [],
+            "segmentation": np.asarray(a["segmentations"], dtype=object)[cols["segmentation"]] if len(cols["segmentation"]) else [],
+            **{k: v for k, v in cols.items() if k not in ("case", "segmentation")},
+        })
+        return df
+
+
+_TABLE_COLUMNS = ("case", "segmentation", "label", "voxel_count", "z_start", "z_stop", "y_start", "y_stop",
+                  "x_start", "x_stop", "sum_z", "sum_y", "sum_x", "hist_start", "hist_stop",
+                  "histogram_resolution")
+
+
+class Case:
+    """One case: the CT image and its segmentations as lazy xarray objects."""
+
+    def __init__(self, collection: Collection, case_id: str, group: zarr.Group, meta: dict[str, Any]) -> None:
+        self.collection = collection
+        self.case_id = case_id
+        self.group = group
+        self.meta = meta
+
+    def __repr__(self) -> str:
+        return f"<ctzarr.Case {self.case_id!r} shape(z,y,x)={tuple(self.shape)} segmentations={self.segmentation_names}>"
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.meta["shape_zyx"])  # type: ignore[return-value]
+
+    @property
+    def affine(self) -> np.ndarray:
+        """The NIfTI affine (voxel (i, j, k) = (x, y, z) to RAS+ mm)."""
+        return np.asarray(self.meta["affine"], dtype=np.float64)
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size (z, y, x) in millimetres."""
+        return tuple(self.meta["spacing_zyx"])  # type: ignore[return-value]
+
+    @property
+    def segmentation_names(self) -> list[str]:
+        return list(self.meta.get("segmentations", []))
+
+    @property
+    def attributes(self) -> dict[str, Any]:
+        """Per-case attributes from the dataset (e.g. the SAROS case CSV row)."""
+        return dict(self.meta.get("attributes", {}))
+
+    def _array(self, path: str) -> zarr.Array:
+        with codec_pipeline():
+            arr = self.group[path]
+        assert isinstance(arr, zarr.Array)
+        return arr
+
+    def _coords(self, level: int = 0) -> dict[str, Any]:
+        """Millimetre coordinates per axis: world (RAS) when the affine is axis-aligned."""
+        shape = self._array(str(level)).shape
+        aff = self.affine
+        f = 2**level
+        coords = {}
+        lin = aff[:3, :3]
+        aligned = np.allclose(lin, np.diag(np.diag(lin)))
+        for ax, (dim, world_row) in enumerate(zip("zyx", (2, 1, 0), strict=True)):
+            idx = np.arange(shape[ax]) * f + (f - 1) / 2
+            if aligned:
+                coords[dim] = lin[world_row, world_row] * idx + aff[world_row, 3]
+            else:
+                coords[dim] = idx * self.spacing[ax]
+        return coords
+
+    def _dataarray(self, arr: zarr.Array, name: str, level: int, attrs: dict[str, Any]) -> xr.DataArray:
+        shard = arr.shards or arr.chunks
+        data = da.from_array(arr, chunks=shard, name=f"ctzarr-{self.case_id}-{name}-{level}-{id(arr)}",
+                             lock=False, asarray=True, inline_array=True)
+        return xr.DataArray(data, dims=("z", "y", "x"), coords=self._coords(level), name=name,
+                            attrs={"affine": self.level_affine(level), "spacing_mm": tuple(s * 2**level for s in self.spacing),
+                                   "units": "mm", "case_id": self.case_id, "coordinates": self.coordinate_kind, **attrs})
+
+    @property
+    def coordinate_kind(self) -> str:
+        lin = self.affine[:3, :3]
+        return "world_ras_mm" if np.allclose(lin, np.diag(np.diag(lin))) else "voxel_mm"
+
+    def level_affine(self, level: int = 0) -> np.ndarray:
+        """Affine of a pyramid level (voxel centres of 2**level blocks)."""
+        if level == 0:
+            return self.affine
+        f = 2**level
+        scale = np.diag([f, f, f, 1.0])
+        scale[:3, 3] = (f - 1) / 2
+        return self.affine @ scale
+
+    @property
+    def levels(self) -> int:
+        return len(self.group.attrs["ome"]["multiscales"][0]["datasets"])
+
+    def image_at(self, level: int = 0) -> xr.DataArray:
+        """The CT image at a pyramid level, values as nibabel returns them (scaling applied)."""
+        arr = self._array(str(level))
+        nifti = self.meta["nifti"]
+        da_ = self._dataarray(arr, "image", level, {})
+        slope, inter = nifti["scl_slope"], nifti["scl_inter"]
+        if (slope, inter) != (1.0, 0.0):
+            out_dtype = np.dtype(nifti["value_dtype"])
+            s, i = _typed_scaling(slope, inter)
+            da_ = da_.copy(data=da_.data.map_blocks(apply_read_scaling, s, i, dtype=out_dtype))
+        return da_
+
+    @property
+    def image(self) -> xr.DataArray:
+        """The CT image (level 0), dask-backed, dims (z, y, x), coordinates in mm."""
+        return self.image_at(0)
+
+    def labels(self, segmentation: str | None = None, level: int = 0) -> xr.DataArray:
+        """A segmentation as a lazy uint DataArray on the image grid."""
+        name = self._segmentation_name(segmentation)
+        lm = self.collection.segmentations.get(name)
+        arr = self._array(f"labels/{name}/{level}")
+        return self._dataarray(arr, name, level, {"segmentation": name,
+                                                  "ignore_value": None if lm is None else lm.ignore_value})
+
+    def _segmentation_name(self, segmentation: str | None) -> str:
+        names = self.segmentation_names
+        if segmentation is None:
+            if len(names) != 1:
+                raise KeyError(f"case {self.case_id!r} has segmentations {names}: name one")
+            return names[0]
+        if segmentation not in names:
+            raise KeyError(f"case {self.case_id!r} has no segmentation {segmentation!r}; it has {names}")
+        return segmentation
+
+    def index(self, segmentation: str | None = None) -> LabelIndex:
+        """The per-label index written at conversion."""
+        name = self._segmentation_name(segmentation)
+        grp = self.group[f"labels/{name}/index"]
+        assert isinstance(grp, zarr.Group)
+        return index_from_attributes(grp.attrs["ctzarr"], grp["histogram"][:])  # type: ignore[index]
+
+    @property
+    def nifti_header_bytes(self) -> bytes:
+        return bytes(self._array("nifti")[:].tobytes())
+
+    def to_nifti(self, out_dir: str | os.PathLike[str]) -> dict[str, Path]:
+        """Write the image and each segmentation back to ``.nii.gz`` files.
+
+        The image gets the original header (geometry, datatype, byte order and scaling), so
+        nibabel reads the same values and affine as from the source; segmentations get the
+        image's geometry with their stored integer dtype.
+
+        Returns
+        -------
+        dict
+            Paths written, by role (``"image"`` and each segmentation name).
+        """
+        import nibabel as nib
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        hdr_bytes = self.nifti_header_bytes
+        hdr = header_from_bytes(hdr_bytes)
+        disk_dtype = hdr.get_data_dtype()
+        written = {}
+        path = out / f"{self.case_id}_image.nii.gz"
+        arr = self._array("0")
+        step = arr.shards[0] if arr.shards else arr.chunks[0]
+        tmp = path.with_suffix(".tmp")
+        with gzip.open(tmp, "wb", compresslevel=1) as f:
+            f.write(hdr_bytes)
+            f.write(b"\x00\x00\x00\x00")  # no extensions
+            for z0 in range(0, arr.shape[0], step):
+                f.write(np.ascontiguousarray(arr[z0 : z0 + step]).astype(disk_dtype, copy=False).tobytes())
+        tmp.replace(path)
+        written["image"] = path
+        for name in self.segmentation_names:
+            lab = self._array(f"labels/{name}/0")
+            seg_hdr = hdr.copy()
+            seg_hdr.set_data_dtype(lab.dtype)
+            seg_hdr.set_slope_inter(1.0, 0.0)
+            img = (nib.Nifti2Image if isinstance(hdr, nib.Nifti2Header) else nib.Nifti1Image)(
+                np.asarray(lab[:]).transpose(2, 1, 0), None, header=seg_hdr)
+            p = out / f"{self.case_id}_{name}.nii.gz"
+            img.to_filename(p)
+            written[name] = p
+        return written
+
+
+def write_collection_table(root: zarr.Group) -> None:
+    """Rebuild the collection index table and case list from the committed cases."""
+    from .convert import case_state
+
+    meta = dict(root.attrs["ctzarr"])
+    cases_grp = root.require_group("cases")
+    seg_names = list(meta.get("segmentations", {}))
+    committed = []
+    for cid in sorted(cases_grp.group_keys()):
+        state, _ = case_state(root, cid)
+        if state == "complete":
+            committed.append(cid)
+    rows: dict[str, list[Any]] = {k: [] for k in _TABLE_COLUMNS}
+    hists = []
+    offset = 0
+    for ci, cid in enumerate(committed):
+        grp = zarr.open_group(root.store, path=f"cases/{cid}", mode="r", zarr_format=3)
+        for seg in grp.attrs["ctzarr"].get("segmentations", []):
+            igrp = grp[f"labels/{seg}/index"]
+            idx = index_from_attributes(igrp.attrs["ctzarr"], igrp["histogram"][:])  # type: ignore[index]
+            n = len(idx.labels)
+            rows["case"] += [ci] * n
+            rows["segmentation"] += [seg_names.index(seg)] * n
+            rows["label"] += idx.labels.tolist()
+            rows["voxel_count"] += idx.voxel_count.tolist()
+            for j, col in enumerate(("z_start", "z_stop", "y_start", "y_stop", "x_start", "x_stop")):
+                rows[col] += idx.bbox[:, j].tolist()
+            for j, col in enumerate(("sum_z", "sum_y", "sum_x")):
+                rows[col] += idx.coord_sum[:, j].tolist()
+            rows["hist_start"] += (idx.hist_offsets[:-1] + offset).tolist()
+            rows["hist_stop"] += (idx.hist_offsets[1:] + offset).tolist()
+            rows["histogram_resolution"] += [idx.histogram_resolution] * n
+            hists.append(np.stack([idx.hist_keys, idx.hist_counts], axis=1))
+            offset += len(idx.hist_keys)
+    table = root.require_group("index")
+    for col, values in rows.items():
+        dt = np.float64 if col == "histogram_resolution" else np.int64
+        data = np.asarray(values, dtype=dt)
+        arr = table.create_array(col, shape=data.shape, dtype=dt, chunks=(max(len(data), 1),), overwrite=True,
+                                 compressors=_table_compressors())
+        if len(data):
+            arr[:] = data
+    hist = np.concatenate(hists) if hists else np.zeros((0, 2), np.int64)
+    arr = table.create_array("histogram", shape=hist.shape, dtype=np.int64, chunks=(max(len(hist), 1), 2),
+                             overwrite=True, compressors=_table_compressors())
+    if len(hist):
+        arr[:] = hist
+    table.attrs.put({"ctzarr": {"cases": committed, "segmentations": seg_names,
+                                "columns": list(_TABLE_COLUMNS)}})
+    meta["cases"] = committed
+    root.attrs.put({"ctzarr": meta})
+
+
+def _table_compressors() -> list[Any]:
+    from .writer import _compressors
+
+    return _compressors()

@@ -1,0 +1,92 @@
+"""Exceptions and warnings raised by ctzarr.
+
+Every error derives from :class:`CtzarrError` and also from the builtin it resembles, so that
+``except KeyError`` keeps working for code that does not know ctzarr. Messages name the file,
+the case and the value at fault.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CaseExistsError",
+    "CaseMismatchError",
+    "CatalogError",
+    "CtzarrError",
+    "CtzarrWarning",
+    "IncompleteCaseError",
+    "InvalidCaseIdError",
+    "InvalidNiftiError",
+    "LabelMapError",
+    "LayoutError",
+    "StoreError",
+    "StructureNotFoundError",
+    "UnknownLabelError",
+]
+
+
+class CtzarrError(Exception):
+    """Root of every error ctzarr raises on purpose."""
+
+
+class CtzarrWarning(UserWarning):
+    """Root of every warning ctzarr emits (qform/sform disagreement, unknown units, ...)."""
+
+
+class InvalidNiftiError(CtzarrError, ValueError):
+    """A NIfTI file is malformed, truncated, corrupt or of an unsupported kind."""
+
+    def __init__(self, path: str, fault: str, case_id: str | None = None) -> None:
+        self.path = path
+        self.fault = fault
+        self.case_id = case_id
+        where = f"case {case_id!r}: " if case_id else ""
+        super().__init__(f"{where}{path}: {fault}")
+
+
+class CaseMismatchError(CtzarrError, ValueError):
+    """Image and segmentation of a case do not share shape or affine."""
+
+
+class UnknownLabelError(CtzarrError, ValueError):
+    """A segmentation holds label ids that its label map does not define."""
+
+
+class LabelMapError(CtzarrError, ValueError):
+    """A label map file is malformed (not id -> name, duplicate ids, bad colours)."""
+
+
+class LayoutError(CtzarrError, ValueError):
+    """A source directory matches no known dataset layout, or a manifest is malformed."""
+
+
+class InvalidCaseIdError(CtzarrError, ValueError):
+    """A case id could write outside the store or is not a plain name."""
+
+
+class CaseExistsError(CtzarrError, FileExistsError):
+    """A complete case with a different source digest is already in the store."""
+
+
+class IncompleteCaseError(CtzarrError, KeyError):
+    """A case exists in the store but was never committed (an interrupted conversion)."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class StructureNotFoundError(CtzarrError, KeyError):
+    """A structure name or id is not in the label map; the message lists close matches."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class StoreError(CtzarrError, OSError):
+    """A store is missing, not a ctzarr collection, or fails verification."""
+
+
+class CatalogError(CtzarrError, KeyError):
+    """A catalog entry is unknown or malformed."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""

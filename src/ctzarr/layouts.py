@@ -1,0 +1,266 @@
+"""Dataset layouts: where the files of each case are, and which label maps apply.
+
+- ``dap_atlas``: ``images/<name>.nii.gz`` + ``masks/<name>.nii.gz`` + optional ``labels.json``
+  (the built-in 144-id table when it is missing); one segmentation, ``anatomy``.
+- ``saros``: ``case_XXX/image.nii.gz``, ``body-regions.nii.gz`` (``body_regions``),
+  ``body-parts.nii.gz`` (``body_parts``); 255 = ignore; an optional case CSV (column ``id``).
+- ``pairs``: a CSV manifest ``case_id, image, <segmentation>...`` with label maps given per
+  segmentation (``--labels FILE`` or ``--labels NAME=FILE``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import posixpath
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+
+from .errors import InvalidCaseIdError, LayoutError
+from .labelmaps import LabelMap, builtin_label_map, load_label_map_file
+
+__all__ = ["LAYOUTS", "CaseSpec", "DatasetSource", "detect_layout", "validate_case_id"]
+
+LAYOUTS = ("dap_atlas", "saros", "pairs")
+_CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_NII = (".nii.gz", ".nii")
+
+
+def validate_case_id(case_id: str, *, where: str = "") -> str:
+    """Return the case id, or raise if it could escape the store or is not a plain name."""
+    if not isinstance(case_id, str) or not _CASE_ID.match(case_id) or ".." in case_id:
+        raise InvalidCaseIdError(
+            f"{where + ': ' if where else ''}invalid case id {case_id!r}: use letters, digits, '.', '_' "
+            "and '-' (no path separators, no '..', at most 128 characters)"
+        )
+    return case_id
+
+
+@dataclass(frozen=True)
+class CaseSpec:
+    """The files of one case."""
+
+    case_id: str
+    image: str
+    segmentations: Mapping[str, str]
+    attributes: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DatasetSource:
+    """A dataset found at a source location, ready to convert."""
+
+    layout: str
+    root: str
+    cases: tuple[CaseSpec, ...]
+    label_maps: Mapping[str, LabelMap]
+    sparse: Mapping[str, bool]
+    dataset_id: str
+    storage_options: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _fs(url: str, storage_options: Mapping[str, Any]) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, path = fsspec.core.url_to_fs(url, **storage_options)
+    return fs, path.rstrip("/")
+
+
+def _join(root_url: str, *parts: str) -> str:
+    return posixpath.join(root_url.rstrip("/"), *parts) if "://" in root_url else "/".join([root_url.rstrip("/"), *parts])
+
+
+def _strip_nii(name: str) -> str | None:
+    for ext in _NII:
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return None
+
+
+def detect_layout(source: str, storage_options: Mapping[str, Any] | None = None) -> str:
+    """Name the layout of a source directory (or manifest file)."""
+    so = dict(storage_options or {})
+    fs, path = _fs(source, so)
+    if fs.isfile(path):
+        if path.endswith((".csv", ".tsv")):
+            return "pairs"
+        raise LayoutError(f"{source}: a file source must be a CSV manifest (pairs layout)")
+    if not fs.isdir(path):
+        raise LayoutError(f"{source}: no such directory")
+    if fs.isdir(f"{path}/images") and fs.isdir(f"{path}/masks"):
+        return "dap_atlas"
+    names = [posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)]
+    if any(fs.isfile(f"{path}/{n}/body-regions.nii.gz") or fs.isfile(f"{path}/{n}/body-parts.nii.gz")
+           for n in names if n.startswith("case_")):
+        return "saros"
+    if "manifest.csv" in names:
+        return "pairs"
+    raise LayoutError(
+        f"{source}: matches no known layout (dap_atlas: images/ and masks/; saros: case_XXX/ with "
+        "body-regions.nii.gz; pairs: manifest.csv); name one with --layout"
+    )
+
+
+def load_source(
+    source: str,
+    *,
+    layout: str | None = None,
+    labels: Sequence[str] | str | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> DatasetSource:
+    """Find the cases and label maps of a dataset.
+
+    Parameters
+    ----------
+    source : str
+        Directory (or manifest CSV for ``pairs``), local or fsspec URL.
+    layout : str, optional
+        One of :data:`LAYOUTS`; detected when omitted.
+    labels : str or list of str, optional
+        Label map files: ``FILE`` (every segmentation) or ``NAME=FILE`` (one segmentation).
+    """
+    so = dict(storage_options or {})
+    source = str(source)
+    layout = layout or detect_layout(source, so)
+    if layout not in LAYOUTS:
+        raise LayoutError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
+    loader = {"dap_atlas": _dap_atlas, "saros": _saros, "pairs": _pairs}[layout]
+    return loader(source, so, _label_args(labels))
+
+
+def _label_args(labels: Sequence[str] | str | None) -> dict[str | None, str]:
+    if labels is None:
+        return {}
+    items = [labels] if isinstance(labels, str) else list(labels)
+    out: dict[str | None, str] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if sep and "/" not in name and name:
+            out[name] = path
+        else:
+            out[None] = item
+    return out
+
+
+def _label_map_for(name: str, label_files: Mapping[str | None, str], default: LabelMap | None) -> LabelMap:
+    path = label_files.get(name) or label_files.get(None)
+    if path:
+        return load_label_map_file(path, name=name)
+    if default is None:
+        raise LayoutError(f"segmentation {name!r} needs a label map: pass --labels {name}=FILE (JSON or YAML id -> name)")
+    return default
+
+
+def _dap_atlas(source: str, so: dict[str, Any], label_files: Mapping[str | None, str]) -> DatasetSource:
+    fs, root = _fs(source, so)
+    images = {}
+    for p in fs.ls(f"{root}/images", detail=False):
+        stem = _strip_nii(posixpath.basename(p))
+        if stem:
+            images[stem] = p
+    masks = {}
+    for p in fs.ls(f"{root}/masks", detail=False):
+        stem = _strip_nii(posixpath.basename(p))
+        if stem:
+            masks[stem] = p
+    missing = sorted(set(images) ^ set(masks))
+    cases = []
+    for name in sorted(set(images) & set(masks)):
+        validate_case_id(name, where=f"{source}/images")
+        cases.append(CaseSpec(name, _url(source, fs, images[name]), {"anatomy": _url(source, fs, masks[name])}))
+    if missing:
+        raise LayoutError(f"{source}: images without masks or masks without images: {missing[:10]}")
+    if not cases:
+        raise LayoutError(f"{source}: no cases found in images/ and masks/")
+    labels_json = f"{root}/labels.json"
+    if "anatomy" not in label_files and None not in label_files and fs.isfile(labels_json):
+        label_files = {"anatomy": _url(source, fs, labels_json)}
+    lm = _label_map_for("anatomy", label_files, builtin_label_map("dap_atlas"))
+    return DatasetSource("dap_atlas", source, tuple(cases), {"anatomy": lm}, {"anatomy": False}, "dap_atlas", so)
+
+
+def _url(source: str, fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """A path listed by fs, as a URL of the same kind as source."""
+    if "://" not in source:
+        return path
+    return fs.unstrip_protocol(path)  # type: ignore[no-any-return]
+
+
+_SAROS_FILES = {"body_regions": "body-regions.nii.gz", "body_parts": "body-parts.nii.gz"}
+
+
+def _saros(source: str, so: dict[str, Any], label_files: Mapping[str | None, str]) -> DatasetSource:
+    fs, root = _fs(source, so)
+    rows = _saros_csv(fs, root)
+    cases = []
+    for p in sorted(fs.ls(root, detail=False)):
+        name = posixpath.basename(p.rstrip("/"))
+        if not name.startswith("case_") or not fs.isdir(p):
+            continue
+        validate_case_id(name, where=source)
+        segs = {seg: f"{p}/{fn}" for seg, fn in _SAROS_FILES.items() if fs.isfile(f"{p}/{fn}")}
+        image = f"{p}/image.nii.gz"
+        if not fs.isfile(image):
+            raise LayoutError(f"{source}: case {name!r} has no image.nii.gz")
+        cases.append(CaseSpec(name, _url(source, fs, image), {k: _url(source, fs, v) for k, v in segs.items()},
+                              rows.get(name, {})))
+    if not cases:
+        raise LayoutError(f"{source}: no case_XXX directories found")
+    maps = {seg: _label_map_for(seg, label_files, builtin_label_map(f"saros_{seg}")) for seg in _SAROS_FILES}
+    return DatasetSource("saros", source, tuple(cases), maps, dict.fromkeys(_SAROS_FILES, True), "saros", so)
+
+
+def _saros_csv(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, dict[str, str]]:
+    """Rows of the case CSV (any CSV at the root with an ``id`` column), keyed by case id."""
+    for p in sorted(fs.ls(root, detail=False)):
+        if p.endswith(".csv") and fs.isfile(p):
+            text = fs.cat_file(p).decode("utf-8-sig")
+            reader = csv.DictReader(io.StringIO(text))
+            if reader.fieldnames and "id" in reader.fieldnames:
+                return {row["id"]: {k: v for k, v in row.items() if k and k != "id"} for row in reader}
+    return {}
+
+
+def _pairs(source: str, so: dict[str, Any], label_files: Mapping[str | None, str]) -> DatasetSource:
+    fs, path = _fs(source, so)
+    manifest = path if fs.isfile(path) else f"{path}/manifest.csv"
+    base = posixpath.dirname(manifest)
+    try:
+        text = fs.cat_file(manifest).decode("utf-8-sig")
+    except FileNotFoundError as exc:
+        raise LayoutError(f"{source}: manifest not found") from exc
+    delim = "\t" if manifest.endswith(".tsv") else ","
+    reader = csv.DictReader(io.StringIO(text), delimiter=delim)
+    cols = reader.fieldnames or []
+    if "case_id" not in cols or "image" not in cols:
+        raise LayoutError(f"{manifest}: manifest needs columns case_id and image (has {cols})")
+    seg_cols = [c for c in cols if c not in ("case_id", "image")]
+    if not seg_cols:
+        raise LayoutError(f"{manifest}: no segmentation columns (one column per segmentation, named after it)")
+    for c in seg_cols:
+        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_-]*$", c):
+            raise LayoutError(f"{manifest}: segmentation column {c!r} is not a plain name")
+    cases = []
+    seen = set()
+    for line, row in enumerate(reader, start=2):
+        cid = validate_case_id((row.get("case_id") or "").strip(), where=f"{manifest}:{line}")
+        if cid in seen:
+            raise LayoutError(f"{manifest}:{line}: duplicate case id {cid!r}")
+        seen.add(cid)
+
+        def resolve(p: str) -> str:
+            p = p.strip()
+            if "://" in p or p.startswith("/"):
+                return p
+            return _url(source, fs, f"{base}/{p}")
+
+        segs = {c: resolve(row[c]) for c in seg_cols if (row.get(c) or "").strip()}
+        cases.append(CaseSpec(cid, resolve(row["image"]), segs))
+    if not cases:
+        raise LayoutError(f"{manifest}: no cases")
+    maps = {c: _label_map_for(c, label_files, None) for c in seg_cols}
+    sparse = {c: maps[c].ignore_value is not None for c in seg_cols}
+    dataset_id = posixpath.basename(base.rstrip("/")) or "pairs"
+    return DatasetSource("pairs", source, tuple(cases), maps, sparse, dataset_id, so)

@@ -1,0 +1,377 @@
+"""Where Zarr is written: one case (image, pyramid, segmentations, index) streamed slab by slab,
+then committed by writing its group metadata last.
+
+Layout of a case (``cases/<case_id>/``) is an OME-Zarr 0.5 image with ``labels/``; see
+``README.md`` ("Store layout"). Chunking, chosen from the measurements in
+``../shared/background/converters.md`` section 5 and ``benchmarks/README.md``:
+
+- inner chunks of 64 x 64 x 64 voxels: a kidney-sized crop reads 2 MB instead of 8-10 MB with
+  128-voxel chunks, in the same few requests;
+- shards of 64 slices x the whole plane: every 64-slice slab of the stream is exactly one shard
+  per array, so shards are written once and whole (no read-modify-write, no two writers on one
+  shard), and a 400-slice case is 7 objects per array instead of 400+ chunk files;
+- blosc zstd level 3 with bitshuffle, then crc32c on every chunk (and on every shard index).
+
+Commit protocol: the case group's ``zarr.json`` is created plain when the first array is
+written; only the final rewrite adds ``ome`` and ``ctzarr.complete = true``. Readers treat a
+case without that marker as absent, on local disks and object stores alike (no rename needed).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from itertools import zip_longest
+from typing import Any
+
+import numba
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, Crc32cCodec
+
+from .label_index import LabelIndex, LabelIndexBuilder
+from .labelmaps import LabelMap
+from .nifti import NiftiSource
+from .storage import codec_pipeline
+
+__all__ = ["CHUNK", "FORMAT_VERSION", "CaseWriter", "SegmentationSource"]
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+CHUNK = 64
+MAX_LEVELS = 3
+#: a pyramid level exists only while its largest axis keeps at least this many voxels
+MIN_LEVEL_EXTENT = 32
+OME_VERSION = "0.5"
+
+
+def _compressors() -> list[Any]:
+    return [BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"), Crc32cCodec()]
+
+
+def level_shapes(shape_zyx: tuple[int, int, int]) -> list[tuple[int, int, int]]:
+    """Shapes of the pyramid levels (each halves every axis, rounding up)."""
+    shapes = [shape_zyx]
+    while len(shapes) < MAX_LEVELS:
+        nxt = tuple(-(-s // 2) for s in shapes[-1])
+        if max(nxt) < MIN_LEVEL_EXTENT or nxt == shapes[-1]:
+            break
+        shapes.append(nxt)  # type: ignore[arg-type]
+    return shapes
+
+
+def chunk_layout(shape_zyx: tuple[int, int, int], level: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """(inner chunk, shard) shapes of a level: shards are whole-plane slabs of one stream slab."""
+    depth = max(CHUNK >> level, 1)
+    chunk = (depth, min(CHUNK, shape_zyx[1]), min(CHUNK, shape_zyx[2]))
+    shard = (depth, -(-shape_zyx[1] // chunk[1]) * chunk[1], -(-shape_zyx[2] // chunk[2]) * chunk[2])
+    return chunk, shard
+
+
+@numba.njit(nogil=True, cache=True)
+def _mean2(src, out):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    """2x2x2 block mean (edge blocks average what they hold), rounded for integer output."""
+    nz, ny, nx = out.shape
+    sz, sy, sx = src.shape
+    for z in range(nz):
+        for y in range(ny):
+            for x in range(nx):
+                acc = 0.0
+                n = 0
+                for dz in range(2):
+                    zz = 2 * z + dz
+                    if zz >= sz:
+                        continue
+                    for dy in range(2):
+                        yy = 2 * y + dy
+                        if yy >= sy:
+                            continue
+                        for dx in range(2):
+                            xx = 2 * x + dx
+                            if xx < sx:
+                                acc += src[zz, yy, xx]
+                                n += 1
+                out[z, y, x] = acc / n
+
+
+def downsample_image(slab: np.ndarray) -> np.ndarray:
+    """Next pyramid level of an image slab: 2x2x2 mean, same dtype (integers rounded)."""
+    out_shape = tuple(-(-s // 2) for s in slab.shape)
+    if slab.dtype.kind == "f":
+        out = np.empty(out_shape, slab.dtype)
+        _mean2(slab, out)
+        return out
+    tmp = np.empty(out_shape, np.float64)
+    _mean2(slab, tmp)
+    return np.rint(tmp).astype(slab.dtype)
+
+
+def downsample_labels(slab: np.ndarray) -> np.ndarray:
+    """Next pyramid level of a label slab: nearest neighbour (every other voxel)."""
+    return np.ascontiguousarray(slab[::2, ::2, ::2])
+
+
+def label_dtype(label_map: LabelMap, source: NiftiSource) -> np.dtype[Any]:
+    """Smallest unsigned dtype that holds every value of the label map (and the ignore value)."""
+    top = label_map.max_value
+    for dt in (np.uint8, np.uint16, np.uint32):
+        if top <= np.iinfo(dt).max:
+            return np.dtype(dt)
+    raise ValueError(f"{source.path}: label values up to {top} do not fit uint32")
+
+
+@dataclass
+class SegmentationSource:
+    """One segmentation of a case: its file and its label map."""
+
+    name: str
+    source: NiftiSource
+    label_map: LabelMap
+    sparse: bool = False  # annotated only on some slices (ignore_value elsewhere)
+
+
+@dataclass
+class CaseWriter:
+    """Streams one case into ``cases/<case_id>`` of an open collection group.
+
+    Call :meth:`write` (all voxels, pyramid and index), then :meth:`commit` with the
+    attributes that make the case visible.
+    """
+
+    root: zarr.Group
+    case_id: str
+    image: NiftiSource
+    segmentations: list[SegmentationSource]
+    progress: Any = None  # callable(n_slices) for progress bars
+    indexes: dict[str, LabelIndex] = field(default_factory=dict)
+    digests: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def path(self) -> str:
+        return f"cases/{self.case_id}"
+
+    def write(self) -> None:
+        """Stream every slab of image and segmentations into the store and build the index."""
+        import hashlib
+
+        shape = self.image.shape_zyx
+        levels = level_shapes(shape)
+        with codec_pipeline():
+            case = self.root.require_group(self.path)
+            img_arrays = [self._create(case, str(i), s, i, self.image.raw_dtype.newbyteorder("="))
+                          for i, s in enumerate(levels)]
+            lab_arrays: dict[str, list[zarr.Array]] = {}
+            for seg in self.segmentations:
+                dt = label_dtype(seg.label_map, seg.source)
+                grp = case.require_group(f"labels/{seg.name}")
+                lab_arrays[seg.name] = [self._create(grp, str(i), s, i, dt) for i, s in enumerate(levels)]
+        builders = {
+            seg.name: LabelIndexBuilder(
+                seg.label_map.values, shape, chunk_layout(shape, 0)[0],
+                background=seg.label_map.background, ignore_value=seg.label_map.ignore_value,
+                label_dtype=lab_arrays[seg.name][0].dtype,
+            )
+            for seg in self.segmentations
+        }
+        hashes = {"image": hashlib.sha256()} | {s.name: hashlib.sha256() for s in self.segmentations}
+        streams = [self.image.iter_slabs(CHUNK, hashes["image"])] + [
+            s.source.iter_slabs(CHUNK, hashes[s.name]) for s in self.segmentations
+        ]
+        with ThreadPoolExecutor(1, thread_name_prefix="ctzarr-index") as pool:
+            for parts in zip_longest(*streams):
+                z0, raw = parts[0]
+                values = self.image.scale(raw)
+                labels = []
+                for seg, (_, lab) in zip(self.segmentations, parts[1:], strict=True):
+                    labels.append(self._as_labels(seg, lab, lab_arrays[seg.name][0].dtype))
+                futures = [pool.submit(builders[seg.name].update, z0, lab, values)
+                           for seg, lab in zip(self.segmentations, labels, strict=True)]
+                self._write_pyramid(img_arrays, z0, raw, downsample_image)
+                for seg, lab in zip(self.segmentations, labels, strict=True):
+                    self._write_pyramid(lab_arrays[seg.name], z0, lab, downsample_labels)
+                for f in futures:
+                    f.result()
+                if self.progress is not None:
+                    self.progress(raw.shape[0])
+        self.digests = {k: h.hexdigest() for k, h in hashes.items()}
+        from .errors import UnknownLabelError
+
+        for seg in self.segmentations:
+            unknown = builders[seg.name].unknown_values()
+            if unknown:
+                raise UnknownLabelError(
+                    f"case {self.case_id!r}: {seg.source.path}: label ids {unknown} are not in "
+                    f"label map {seg.label_map.name!r}"
+                )
+            self.indexes[seg.name] = builders[seg.name].finish(sparse_annotation=seg.sparse)
+
+    def _as_labels(self, seg: SegmentationSource, slab: np.ndarray, dtype: np.dtype[Any]) -> np.ndarray:
+        """Label slab in the stored dtype; non-integral or out-of-range values are an error."""
+        from .errors import UnknownLabelError
+
+        values = seg.source.scale(slab)
+        if values.dtype == dtype:
+            return values
+        if values.dtype.kind == "f" and not np.array_equal(values, np.floor(values)):
+            raise UnknownLabelError(f"case {self.case_id!r}: {seg.source.path}: non-integer label values")
+        lo, hi = (values.min(), values.max()) if values.size else (0, 0)
+        if lo < 0 or hi > np.iinfo(dtype).max:
+            bad = sorted({int(v) for v in np.unique(values) if v < 0 or v > np.iinfo(dtype).max})[:20]
+            raise UnknownLabelError(
+                f"case {self.case_id!r}: {seg.source.path}: label ids {bad} are not in label map "
+                f"{seg.label_map.name!r}"
+            )
+        return values.astype(dtype)
+
+    def _create(self, group: zarr.Group, name: str, shape: tuple[int, int, int], level: int,
+                dtype: np.dtype[Any]) -> zarr.Array:
+        chunk, shard = chunk_layout(shape, level)
+        return group.create_array(
+            name, shape=shape, dtype=dtype, chunks=chunk, shards=shard,
+            compressors=_compressors(), fill_value=0, dimension_names=("z", "y", "x"),
+            overwrite=True, config={"write_empty_chunks": False},
+        )
+
+    @staticmethod
+    def _write_pyramid(arrays: list[zarr.Array], z0: int, slab: np.ndarray, down: Any) -> None:
+        for level, arr in enumerate(arrays):
+            zl = z0 >> level
+            arr[zl : zl + slab.shape[0]] = slab
+            if level + 1 < len(arrays):
+                slab = down(slab)
+
+    # -- metadata ---------------------------------------------------------------------------
+    def write_index(self) -> None:
+        """Store each segmentation's index: table in attributes, histogram as an array."""
+        with codec_pipeline():
+            for seg in self.segmentations:
+                idx = self.indexes[seg.name]
+                grp = self.root.require_group(f"{self.path}/labels/{seg.name}/index")
+                hist = np.stack([idx.hist_keys, idx.hist_counts], axis=1) if len(idx.hist_keys) else np.zeros((0, 2), np.int64)
+                arr = grp.create_array(
+                    "histogram", shape=hist.shape, dtype=np.int64,
+                    chunks=(max(len(hist), 1), 2), compressors=_compressors(), overwrite=True,
+                    dimension_names=("entry", "key_count"),
+                )
+                if len(hist):
+                    arr[:] = hist
+                grp.attrs.put({"ctzarr": index_attributes(idx)})
+
+    def write_nifti_header(self) -> None:
+        """The NIfTI-Zarr ``nifti`` array: the header bytes as one uint8 chunk."""
+        header = np.frombuffer(self.image.header_bytes, dtype=np.uint8)
+        with codec_pipeline():
+            case = self.root[self.path]
+            assert isinstance(case, zarr.Group)
+            arr = case.create_array("nifti", shape=header.shape, dtype=np.uint8, chunks=header.shape,
+                                    compressors=[Crc32cCodec()], overwrite=True, fill_value=0)
+            arr[:] = header
+
+    def commit(self, case_attributes: dict[str, Any]) -> None:
+        """Make the case visible: label groups first, the case group's metadata last."""
+        levels = level_shapes(self.image.shape_zyx)
+        case = self.root[self.path]
+        assert isinstance(case, zarr.Group)
+        names = [s.name for s in self.segmentations]
+        if names:
+            case.require_group("labels").attrs.put({"ome": {"version": OME_VERSION, "labels": names}})
+        for seg in self.segmentations:
+            grp = case[f"labels/{seg.name}"]
+            grp.attrs.put({
+                "ome": {
+                    "version": OME_VERSION,
+                    "multiscales": [multiscales(seg.name, self.image.spacing_zyx, levels)],
+                    "image-label": image_label(seg.label_map),
+                },
+                "ctzarr": {
+                    "label_map": seg.label_map.to_dict(),
+                    "ignore_value": seg.label_map.ignore_value,
+                    "sparse": seg.sparse,
+                    "source_file": case_attributes["source"]["files"].get(seg.name, {}).get("path"),
+                },
+            })
+        attrs = {
+            "ome": {"version": OME_VERSION, "multiscales": [multiscales(self.case_id, self.image.spacing_zyx, levels)]},
+            "ctzarr": {**case_attributes, "complete": True,
+                       "committed_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")},
+        }
+        case.attrs.put(attrs)
+
+
+def multiscales(name: str, spacing_zyx: tuple[float, float, float], levels: list[tuple[int, int, int]]) -> dict[str, Any]:
+    """OME 0.5 multiscales block: axes z, y, x in millimetres, one scale (+ shift) per level.
+
+    OME 0.5 cannot express flips or rotations, so the OME transform maps voxels to a scaled
+    voxel space (origin at voxel 0 of level 0); the NIfTI affine is kept in ``ctzarr.affine``
+    and in the ``nifti`` header array.
+    """
+    datasets = []
+    for i, _ in enumerate(levels):
+        f = 2**i
+        scale = [s * f for s in spacing_zyx]
+        shift = [s * (f - 1) / 2 for s in spacing_zyx]
+        transforms: list[dict[str, Any]] = [{"type": "scale", "scale": scale}]
+        if i:
+            transforms.append({"type": "translation", "translation": shift})
+        datasets.append({"path": str(i), "coordinateTransformations": transforms})
+    return {
+        "name": name,
+        "axes": [{"name": a, "type": "space", "unit": "millimeter"} for a in ("z", "y", "x")],
+        "datasets": datasets,
+        "type": "mean (image) / nearest (labels), 2x2x2",
+    }
+
+
+def image_label(label_map: LabelMap) -> dict[str, Any]:
+    """OME ``image-label`` block: colours and properties of each label value."""
+    colors = [{"label-value": lab.value, "rgba": list(lab.rgba)} for lab in label_map]
+    props = []
+    for lab in label_map:
+        p: dict[str, Any] = {"label-value": lab.value, "name": lab.name, "normalized_name": lab.normalized_name}
+        if lab.totalsegmentator_name:
+            p["totalsegmentator_name"] = lab.totalsegmentator_name
+        if lab.placeholder:
+            p["placeholder"] = True
+        props.append(p)
+    return {"version": OME_VERSION, "colors": colors, "properties": props, "source": {"image": "../../"}}
+
+
+def index_attributes(idx: LabelIndex) -> dict[str, Any]:
+    """The per-label table of an index as JSON (histograms live in the ``histogram`` array)."""
+    return {
+        "labels": idx.labels.tolist(),
+        "voxel_count": idx.voxel_count.tolist(),
+        "bbox": idx.bbox.tolist(),
+        "coord_sum": idx.coord_sum.tolist(),
+        "chunk_ids": [c.tolist() for c in idx.chunk_ids],
+        "chunk_shape": list(idx.chunk_shape),
+        "chunk_grid": list(idx.chunk_grid),
+        "hist_offsets": idx.hist_offsets.tolist(),
+        "histogram_resolution": idx.histogram_resolution,
+        "annotated_slices": None if idx.annotated_slices is None else idx.annotated_slices.tolist(),
+        "nonfinite_count": idx.nonfinite_count.tolist(),
+    }
+
+
+def index_from_attributes(attrs: dict[str, Any], histogram: np.ndarray) -> LabelIndex:
+    """Inverse of :func:`index_attributes`."""
+    n = len(attrs["labels"])
+    hist = np.asarray(histogram, dtype=np.int64).reshape(-1, 2)
+    return LabelIndex(
+        labels=np.asarray(attrs["labels"], np.int64),
+        voxel_count=np.asarray(attrs["voxel_count"], np.int64),
+        bbox=np.asarray(attrs["bbox"], np.int64).reshape(n, 6),
+        coord_sum=np.asarray(attrs["coord_sum"], np.int64).reshape(n, 3),
+        chunk_ids=tuple(np.asarray(c, np.int64) for c in attrs["chunk_ids"]),
+        hist_offsets=np.asarray(attrs["hist_offsets"], np.int64),
+        hist_keys=hist[:, 0].copy(),
+        hist_counts=hist[:, 1].copy(),
+        histogram_resolution=float(attrs["histogram_resolution"]),
+        annotated_slices=None if attrs["annotated_slices"] is None else np.asarray(attrs["annotated_slices"], np.int64),
+        chunk_grid=tuple(attrs["chunk_grid"]),  # type: ignore[arg-type]
+        chunk_shape=tuple(attrs["chunk_shape"]),  # type: ignore[arg-type]
+        nonfinite_count=np.asarray(attrs["nonfinite_count"], np.int64),
+    )
