@@ -1,0 +1,174 @@
+"""The ``ctzarr`` command line: each command parses its arguments and calls one library function.
+
+Bad input ends with one line on stderr and exit status 1 (2 for usage errors); never a
+traceback. ``CTZARR_DEBUG=1`` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from .errors import CtzarrError
+
+__all__ = ["main"]
+
+
+def _storage_options(text: str | None) -> dict[str, Any] | None:
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CtzarrError(f"--storage-options must be a JSON object: {exc}") from exc
+    if not isinstance(value, dict):
+        raise CtzarrError("--storage-options must be a JSON object")
+    return value
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.directory, progress=not args.quiet)
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import convert
+
+    report = convert(args.source, args.dest, layout=args.layout, cases=args.case or None,
+                     overwrite=args.overwrite, storage_options=_storage_options(args.storage_options),
+                     progress=not args.quiet, labels=args.labels or None)
+    print(report)
+    return 0 if report.ok else 1
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .collection import open_collection
+
+    col = open_collection(args.store, storage_options=_storage_options(args.storage_options))
+    print(col)
+    for name, lm in col.segmentations.items():
+        extra = f", ignore value {lm.ignore_value}" if lm.ignore_value is not None else ""
+        print(f"  segmentation {name}: label map {lm.name!r}, {len(lm.structures())} structures{extra}")
+    cases = [args.case] if args.case else col.case_ids
+    for cid in cases:
+        case = col[cid]
+        spacing = " x ".join(f"{s:g}" for s in case.spacing)
+        print(f"  {cid}: (z, y, x) {case.shape}, spacing {spacing} mm, {case.levels} levels, "
+              f"image {case.meta['nifti']['value_dtype']}")
+        if args.case:
+            for seg in case.segmentation_names:
+                idx = case.index(seg)
+                lm = col.segmentations[seg]
+                print(f"    {seg}: {len(idx.labels)} labels present")
+                for label, n in zip(idx.labels.tolist(), idx.voxel_count.tolist(), strict=True):
+                    print(f"      {label:>4} {lm[label].name:<32} {n:>12} voxels")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .collection import open_collection
+
+    col = open_collection(args.store, storage_options=_storage_options(args.storage_options))
+    for role, path in col[args.case].to_nifti(args.outdir).items():
+        print(f"{role}: {path}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .verify import verify
+
+    report = verify(args.store, storage_options=_storage_options(args.storage_options), repair=args.repair)
+    print(report)
+    return 0 if report.ok or (args.repair and len(report.problems) == len(report.repaired)) else 1
+
+
+def cmd_catalog(args: argparse.Namespace) -> int:
+    from .catalog import catalog_path, load_catalog
+
+    sources = load_catalog(args.catalog)
+    print(f"catalog: {args.catalog or catalog_path()}")
+    for name, entry in sources.items():
+        desc = " ".join(str(entry.get("description", "")).split())
+        url = (entry.get("args") or {}).get("urlpath", "")
+        print(f"{name}\n  {desc[:160]}{'...' if len(desc) > 160 else ''}\n  store: {url}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every command."""
+    from . import __version__
+
+    p = argparse.ArgumentParser(prog="ctzarr", description=__doc__.split("\n")[0] if __doc__ else None)
+    p.add_argument("--version", action="version", version=f"ctzarr {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="generate phantom DAP Atlas and SAROS datasets, convert and query them")
+    d.add_argument("directory", nargs="?", default="ctzarr-demo")
+    d.add_argument("-q", "--quiet", action="store_true")
+    d.set_defaults(func=cmd_demo)
+
+    c = sub.add_parser("convert", help="convert a dataset (dap_atlas, saros or pairs layout) into a store")
+    c.add_argument("source", help="dataset directory or manifest CSV (path or fsspec URL)")
+    c.add_argument("dest", help="collection store (.zarr path or fsspec URL)")
+    c.add_argument("--layout", choices=["dap_atlas", "saros", "pairs"])
+    c.add_argument("--labels", action="append", metavar="[NAME=]FILE", help="label map (JSON/YAML id -> name)")
+    c.add_argument("--case", action="append", metavar="ID", help="convert only this case (repeatable)")
+    c.add_argument("--overwrite", action="store_true", help="replace cases whose source changed")
+    c.add_argument("--storage-options", metavar="JSON", help="fsspec options for remote URLs")
+    c.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    c.set_defaults(func=cmd_convert)
+
+    i = sub.add_parser("info", help="describe a store (or one case with --case)")
+    i.add_argument("store")
+    i.add_argument("--case")
+    i.add_argument("--storage-options", metavar="JSON")
+    i.set_defaults(func=cmd_info)
+
+    e = sub.add_parser("export", help="write a case back to .nii.gz files")
+    e.add_argument("store")
+    e.add_argument("case")
+    e.add_argument("outdir")
+    e.add_argument("--storage-options", metavar="JSON")
+    e.set_defaults(func=cmd_export)
+
+    v = sub.add_parser("verify", help="check completeness, checksums and index of a store")
+    v.add_argument("store")
+    v.add_argument("--repair", action="store_true", help="remove leftovers of interrupted conversions")
+    v.add_argument("--storage-options", metavar="JSON")
+    v.set_defaults(func=cmd_verify)
+
+    k = sub.add_parser("catalog", help="list the datasets of the catalog")
+    k.add_argument("--catalog", help="catalog file (default: $CTZARR_CATALOG or the shipped one)")
+    k.set_defaults(func=cmd_catalog)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        print("ctzarr: interrupted", file=sys.stderr)
+        return 130
+    except (CtzarrError, OSError, ValueError, KeyError, TypeError) as exc:
+        if os.environ.get("CTZARR_DEBUG"):
+            raise
+        msg = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+        print(f"ctzarr: error: {' '.join(msg.split())}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

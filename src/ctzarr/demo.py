@@ -1,0 +1,71 @@
+"""``ctzarr demo``: phantom datasets in the DAP Atlas and SAROS layouts, converted and queried."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .collection import open_collection
+from .convert import convert
+from .phantom import write_dap_atlas, write_saros
+
+__all__ = ["run_demo"]
+
+
+def _store_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def run_demo(directory: str | os.PathLike[str] = "ctzarr-demo", *, progress: bool = True) -> dict[str, Path]:
+    """Generate phantom datasets, convert them and print what was stored and how to query it.
+
+    Returns
+    -------
+    dict
+        Store paths by dataset id.
+    """
+    out = Path(directory)
+    sources = out / "sources"
+    print(f"ctzarr demo in {out}/")
+    dap_src, saros_src = sources / "dap_atlas", sources / "saros"
+    if not (dap_src / "labels.json").exists():
+        write_dap_atlas(dap_src, n_cases=3, shape_zyx=(80, 96, 96), seed=1)
+    if not (saros_src / "Segmentation-Info.csv").exists():
+        write_saros(saros_src, n_cases=2, shape_zyx=(60, 80, 80), seed=2)
+    stores = {"dap_atlas": out / "dap_atlas.zarr", "saros": out / "saros.zarr"}
+    for name, src in (("dap_atlas", dap_src), ("saros", saros_src)):
+        src_bytes = sum(f.stat().st_size for f in src.rglob("*.nii.gz"))
+        t0 = time.perf_counter()
+        report = convert(src, stores[name], progress=progress)
+        dt = time.perf_counter() - t0
+        print(f"\n{name}: {report}")
+        print(f"  {src_bytes / 1e6:.2f} MB of .nii.gz -> {_store_size(stores[name]) / 1e6:.2f} MB store in {dt:.1f} s")
+        _summarise(stores[name])
+    print(
+        "\nQuery it:\n"
+        f"  ctzarr info {stores['dap_atlas']} --case {open_collection(stores['dap_atlas']).case_ids[0]}\n"
+        f"  ctzarr export {stores['saros']} case_000 {out / 'export'}\n"
+        f"  ctzarr verify {stores['dap_atlas']}\n"
+        "  python -c \"import ctzarr; col = ctzarr.open_collection('"
+        f"{stores['dap_atlas']}'); case = col[col.case_ids[0]]; print(case.labels('anatomy'))\""
+    )
+    return stores
+
+
+def _summarise(store: Path) -> None:
+    col = open_collection(store)
+    for case in col:
+        voxel_ml = float(np.prod(case.spacing)) / 1000.0
+        parts = []
+        for seg in case.segmentation_names:
+            idx = case.index(seg)
+            lm = col.segmentations[seg]
+            top = np.argsort(idx.voxel_count)[::-1][:3]
+            names = ", ".join(f"{lm[int(idx.labels[i])].normalized_name} {idx.voxel_count[i] * voxel_ml:.1f} ml"
+                              for i in top)
+            sparse = "" if idx.annotated_slices is None else f" ({len(idx.annotated_slices)} annotated slices)"
+            parts.append(f"{seg}: {len(idx.labels)} labels{sparse}; largest {names}")
+        print(f"  {case.case_id} {case.shape}: " + "; ".join(parts))
