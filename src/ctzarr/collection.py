@@ -55,8 +55,10 @@ def open_collection(
     target = os.fspath(url_or_catalog_name)
     so = dict(storage_options) if storage_options else None
     if "://" not in target and not os.path.exists(target) and "/" not in target:
-        from .catalog import resolve_entry
+        from .catalog import load_catalog, resolve_entry
 
+        if target not in load_catalog():
+            raise StoreError(f"{target}: no collection store here, and no catalog entry of that name")
         target, entry_so = resolve_entry(target)
         so = {**(entry_so or {}), **(so or {})} or None
     store = make_store(target, storage_options=so, read_only=True)

@@ -202,6 +202,16 @@ def _paint(
     np.copyto(sub, value, where=mask)
 
 
+def _paint_ellipsoid(
+    lab: NDArray[np.uint8], plane: _Plane, w: float, oid: int,
+    c: tuple[float, ...] | NDArray[np.float64], r: tuple[float, ...] | NDArray[np.float64],
+) -> None:  # fmt: skip
+    """Paint the cross-section at height w of an ellipsoid (centre c, semi-axes r) into body."""
+    f = 1 - ((w - c[2]) / r[2]) ** 2
+    if f > 0:
+        _paint(lab, plane, c[0], c[1], r[0] * np.sqrt(f), r[1] * np.sqrt(f), oid)
+
+
 def _interp(w: float, knots: tuple[float, ...], values: tuple[float, ...]) -> float:
     """Piecewise-linear profile along w."""
     return float(np.interp(w, knots, values))
@@ -248,9 +258,9 @@ def _paint_slice(
 
     # Lungs fill the thoracic core only; the oblique fissure rises towards the back.
     for side, lower, middle, upper in ((-1, 120, 0, 121), (1, 122, 123, 124)):
-        f = 1 - ((w - 830) / 125) ** 2
-        hit = plane.ellipse(side * 75, 0, 62 * np.sqrt(max(f, 0)), 80 * np.sqrt(max(f, 0)))
-        if f <= 0 or hit is None:
+        g = np.sqrt(max(0.0, 1 - ((w - 830) / 125) ** 2))
+        hit = plane.ellipse(side * 75, 0, 62 * g, 80 * g)
+        if hit is None:
             continue
         box, mask = hit
         v = plane.v[box[0]][:, None]
@@ -261,9 +271,7 @@ def _paint_slice(
         np.copyto(sub, lobe.astype(np.uint8), where=mask & (sub == 5))
 
     for oid, c, r in organs:
-        f = 1 - ((w - c[2]) / r[2]) ** 2
-        if f > 0:
-            _paint(lab, plane, c[0], c[1], r[0] * np.sqrt(f), r[1] * np.sqrt(f), oid)
+        _paint_ellipsoid(lab, plane, w, oid, c, r)
 
     _paint_skeleton(lab, plane, w)
 
@@ -274,7 +282,7 @@ def _paint_skeleton(lab: NDArray[np.uint8], plane: _Plane, w: float) -> None:
         neck = w >= 940
         k = 0.7 if neck else 1.0
         cv = -30.0 if neck else -55.0
-        if w <= 1040 and w >= 420:
+        if 420 <= w <= 1040:
             span = (1040 - 420) / 24
             level = min(int((1040 - w) / span), 23)
             disc = (1040 - w) % span > span - 4  # the lowest 4 mm of each level
@@ -287,9 +295,7 @@ def _paint_skeleton(lab: NDArray[np.uint8], plane: _Plane, w: float) -> None:
         (100, (-105, -15, 340), (22, 55, 75)),  # hip left
         (101, (105, -15, 340), (22, 55, 75)),  # hip right
     ):
-        f = 1 - ((w - c[2]) / r[2]) ** 2
-        if f > 0:
-            _paint(lab, plane, c[0], c[1], r[0] * np.sqrt(f), r[1] * np.sqrt(f), oid)
+        _paint_ellipsoid(lab, plane, w, oid, c, r)
     if w < 300:
         for s, oid in ((-1, 103), (1, 104)):
             _paint(lab, plane, s * 88, 0, 14, 14, oid)
@@ -609,7 +615,10 @@ def _region_luts() -> dict[str, NDArray[np.uint8]]:
         base[list(ids)] = region
     abdomen, neck = base.copy(), base.copy()
     abdomen[list(_MEDIASTINAL)] = 3  # aorta, IVC, oesophagus below the diaphragm
-    neck[list(_MEDIASTINAL)] = 0
+    neck[list(_MEDIASTINAL)] = 0  # airway and oesophagus of the neck belong to no region
+    # Placeholder voxels are discs in the trunk and unlabelled soft tissue in the head.
+    abdomen[1] = base[1] = 5
+    neck[1] = 2
     return {"abdomen": abdomen, "thorax": base, "neck": neck}
 
 
