@@ -232,7 +232,7 @@ class LabelIndexBuilder:
     def finish(self, *, sparse_annotation: bool) -> LabelIndex:
         """Assemble the index of the labels present."""
         present = np.nonzero(self._cnt)[0]
-        if self._triplets:
+        if any(len(t[0]) for t in self._triplets):
             li = np.concatenate([t[0] for t in self._triplets])
             k = np.concatenate([t[1] for t in self._triplets])
             c = np.concatenate([t[2] for t in self._triplets])

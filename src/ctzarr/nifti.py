@@ -150,7 +150,11 @@ class NiftiSource:
                     raise self.error("trailing data after the voxel data")
             except InvalidNiftiError:
                 raise
-            except (OSError, EOFError, ValueError) as exc:  # gzip CRC/length/deflate faults
+            except EOFError as exc:
+                raise self.error(f"truncated: the compressed stream ends early ({exc})") from exc
+            except (OSError, ValueError) as exc:  # gzip CRC/length/deflate faults
+                if "ended before" in str(exc):  # the threaded reader re-raises EOFError as is or wrapped
+                    raise self.error(f"truncated: the compressed stream ends early ({exc})") from exc
                 raise self.error(f"corrupt compressed stream: {exc}") from exc
             finally:
                 if stream is not counted:

@@ -1,0 +1,118 @@
+"""The command line: thin commands, one-line errors, non-zero exits."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+import ctzarr
+from ctzarr.cli import main
+
+from .conftest import nifti_zyx
+
+
+def test_info_lists_cases_and_structures(dap_store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["info", str(dap_store)]) == 0
+    out = capsys.readouterr().out
+    col = ctzarr.open_collection(dap_store)
+    for cid in col.case_ids:
+        assert cid in out
+    assert main(["info", str(dap_store), "--case", col.case_ids[0]]) == 0
+    assert "liver" in capsys.readouterr().out
+
+
+def test_export_writes_nifti_equal_to_source(dap_source: Path, dap_store: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    cid = ctzarr.open_collection(dap_store).case_ids[2]
+    assert main(["export", str(dap_store), cid, str(tmp_path / "out")]) == 0
+    image = tmp_path / "out" / f"{cid}_image.nii.gz"
+    np.testing.assert_array_equal(nifti_zyx(image), nifti_zyx(dap_source / "images" / f"{cid}.nii.gz"))
+    np.testing.assert_array_equal(nib.load(image).affine, nib.load(dap_source / "images" / f"{cid}.nii.gz").affine)
+    np.testing.assert_array_equal(nifti_zyx(tmp_path / "out" / f"{cid}_anatomy.nii.gz"),
+                                  nifti_zyx(dap_source / "masks" / f"{cid}.nii.gz"))
+
+
+def test_verify_passes_then_finds_a_flipped_byte(dap_source: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    dest = tmp_path / "v.zarr"
+    assert main(["convert", str(dap_source), str(dest), "-q"]) == 0
+    assert main(["verify", str(dest)]) == 0
+    cid = ctzarr.open_collection(dest).case_ids[0]
+    shard = dest / "cases" / cid / "0" / "c" / "0" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(["verify", str(dest)]) == 1
+    out = capsys.readouterr().out
+    assert cid in out and "problem" in out
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["info", "does/not/exist.zarr"],
+        ["info", "no_such_entry"],
+        ["export", "does/not/exist.zarr", "c", "out"],
+        ["convert", "does/not/exist", "x.zarr", "-q"],
+        ["convert", ".", "x.zarr", "--layout", "pairs", "-q"],
+        ["info", ".", "--storage-options", "{not json"],
+    ],
+    ids=["missing-store", "unknown-catalog-entry", "export-missing", "missing-source", "pairs-no-manifest", "bad-json"],
+)
+def test_bad_input_is_one_line_and_exit_1(argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ctzarr: error:") and "\n" not in err and "Traceback" not in err
+
+
+def test_convert_with_a_failing_case_exits_1_and_reports(dap_source: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(dap_source, src)
+    bad = sorted((src / "images").iterdir())[0]
+    bad.write_bytes(bad.read_bytes()[:2000])
+    assert main(["convert", str(src), str(tmp_path / "o.zarr"), "-q"]) == 1
+    out = capsys.readouterr().out
+    assert "1 failed" in out and bad.name in out and "truncated" in out
+    assert len(ctzarr.open_collection(tmp_path / "o.zarr").case_ids) == 2
+
+
+def test_catalog_lists_the_datasets(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["catalog"]) == 0
+    out = capsys.readouterr().out
+    assert "dap_atlas" in out and "saros" in out
+
+
+def test_catalog_name_resolves_through_the_environment(dap_store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CTZARR_DATA_ROOT", str(dap_store.parent))
+    dap_link = dap_store.parent / "dap_atlas.zarr"
+    if not dap_link.exists():
+        dap_link.symlink_to(dap_store)
+    col = ctzarr.open_collection("dap_atlas")
+    assert col.case_ids == ctzarr.open_collection(dap_store).case_ids
+
+
+def test_shipped_catalog_equals_the_repository_catalog() -> None:
+    root = Path(__file__).resolve().parents[1]
+    shipped = root / "src" / "ctzarr" / "data" / "catalog.yaml"
+    assert (root / "catalog.yaml").read_text() == shipped.read_text()
+
+
+def test_demo_command_runs_end_to_end(tmp_path: Path) -> None:
+    """The README's first command, through the real entry point."""
+    proc = subprocess.run([sys.executable, "-m", "ctzarr.cli", "demo", str(tmp_path / "demo"), "-q"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "dap_atlas" in proc.stdout and "saros" in proc.stdout and "0 failed" in proc.stdout
+    col = ctzarr.open_collection(tmp_path / "demo" / "dap_atlas.zarr")
+    assert len(col.case_ids) == 3
