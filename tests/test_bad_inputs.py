@@ -230,7 +230,7 @@ _nan_qform_only = _set(("sform_code", None, 0), ("qoffset_x", None, np.nan))
 # (id, role, maker, keywords the message must contain)
 BAD_FILES: list[tuple[str, str, Callable[[bytes], bytes], tuple[str, ...]]] = [
     # container faults
-    ("gzip-cut-mid-voxels", "image", _cut_gzip, ("corrupt compressed stream", "ended before")),
+    ("gzip-cut-mid-voxels", "image", _cut_gzip, ("truncated",)),
     ("voxels-cut-in-valid-gzip", "image", _cut_voxels, ("truncated", "voxel data ends after")),
     ("gzip-crc-flipped", "image", _flip(6), ("corrupt compressed stream", "crc")),
     ("gzip-isize-flipped", "mask", _flip(2), ("corrupt compressed stream", "length")),
@@ -361,7 +361,7 @@ def test_truncated_gzip_fails_before_the_end_in_open_nifti_or_stream(tmp_path: P
     path.write_bytes(_cut_gzip((root / "images" / f"{names[0]}.nii.gz").read_bytes()))
     source = open_nifti(str(path), case_id="cut")  # the header is intact
     assert source.shape_zyx == SHAPE_ZYX
-    with pytest.raises(InvalidNiftiError, match="corrupt compressed stream") as info:
+    with pytest.raises(InvalidNiftiError, match="truncated") as info:
         for _ in source.iter_slabs(4):
             pass
     assert str(path) in str(info.value) and "'cut'" in str(info.value)

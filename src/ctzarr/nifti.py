@@ -20,6 +20,7 @@ import io
 import logging
 import math
 import warnings
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
@@ -243,15 +244,23 @@ def _read_head(path: str, storage_options: dict[str, Any], case_id: str | None) 
             if str(path).endswith(".gz") and not compressed:
                 raise InvalidNiftiError(path, "named .gz but is not a gzip file", case_id)
             if compressed:
-                with igzip_threaded.open(f, "rb", threads=0) as gz:
-                    head = gz.read(544)
+                # a bare decompressor: the gzip module would read (and fail) past the header
+                inflater = zlib.decompressobj(wbits=31)
+                head = b""
+                while len(head) < 544 and not inflater.eof:
+                    block = f.read(1 << 16)
+                    if not block:
+                        break
+                    head += inflater.decompress(block, 544 - len(head))
+                    while inflater.unconsumed_tail and len(head) < 544:
+                        head += inflater.decompress(inflater.unconsumed_tail, 544 - len(head))
             else:
                 head = f.read(544)
     except InvalidNiftiError:
         raise
     except FileNotFoundError as exc:
         raise InvalidNiftiError(path, "file not found", case_id) from exc
-    except (OSError, EOFError, ValueError) as exc:
+    except (OSError, EOFError, ValueError, zlib.error) as exc:
         raise InvalidNiftiError(path, f"corrupt compressed stream: {exc}", case_id) from exc
     return head, compressed
 
