@@ -293,10 +293,9 @@ def _put(a: np.ndarray, values: list[float]) -> np.ndarray:
 #: faults also covered through a whole conversion (the rest only through open_nifti, to keep the
 #: module fast: every conversion costs a few tenths of a second)
 IN_DATASET = {
-    "gzip-cut-mid-voxels", "voxels-cut-in-valid-gzip", "gzip-isize-flipped", "raw-nifti-named-gz",
-    "random-bytes", "gzip-of-random-bytes", "empty-file", "trailing-data-after-voxels",
-    "size-bomb-beyond-deflate-ratio", "4d-three-volumes", "4d-two-volumes-mask", "dim0-zero", "negative-dim",
-    "zero-dim", "complex64", "rgb24", "scl-slope-inf", "nan-in-sform", "zero-pixdim",
+    "gzip-cut-mid-voxels", "voxels-cut-in-valid-gzip", "raw-nifti-named-gz", "random-bytes",
+    "gzip-of-random-bytes", "trailing-data-after-voxels", "size-bomb-beyond-deflate-ratio", "4d-three-volumes",
+    "negative-dim", "zero-dim", "complex64", "scl-slope-inf", "nan-in-sform", "zero-pixdim",
     "labels-int16-300-and-negative", "labels-non-integer",
 }
 
@@ -335,6 +334,17 @@ def test_open_nifti_rejects_bad_file(tmp_path: Path, template: tuple[Path, list[
     with pytest.raises(InvalidNiftiError, match=r"^case 'c-1': "):
         for _ in open_nifti(str(path), case_id="c-1").iter_slabs(8):
             pass
+
+
+@pytest.mark.xfail(strict=True, reason="open_nifti lets nibabel guess the byte order from dim[0] (> 7 means "
+                   "swapped) although sizeof_hdr already says little-endian: dim[0] = 8 is reported as 2048")
+def test_impossible_dim0_is_reported_as_written(tmp_path: Path, template: tuple[Path, list[str]]) -> None:
+    root, names = template
+    path = tmp_path / "dim0.nii.gz"
+    path.write_bytes(_set(("dim", 0, 8))((root / "images" / f"{names[0]}.nii.gz").read_bytes()))
+    assert int.from_bytes(gzip.decompress(path.read_bytes())[:4], "little") == 348  # a little-endian header
+    with pytest.raises(InvalidNiftiError, match=r"impossible dim\[0\] = 8$"):
+        open_nifti(str(path))
 
 
 # --------------------------------------------------------------------------------------------
