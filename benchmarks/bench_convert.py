@@ -73,6 +73,7 @@ class CaseGeometry:
 
 FULL = CaseGeometry((400, 512, 512), (2.5, 0.8, 0.8))
 QUICK = CaseGeometry((100, 256, 256), (2.5, 1.6, 1.6))
+WARMUP = CaseGeometry((64, 64, 64), (2.5, 6.4, 6.4))
 
 
 # ------------------------------------------------------------------------------------------
@@ -158,7 +159,8 @@ def _cached(root: Path, key: dict[str, Any]) -> Dataset | None:
     if not (ct.exists() and mask.exists() and meta.exists()):
         return None
     info = json.loads(meta.read_text())
-    return Dataset(root, ct, mask, info) if info.get("key") == key else None
+    same = info.get("key") == json.loads(json.dumps(key))  # tuples read back as lists
+    return Dataset(root, ct, mask, info) if same else None
 
 
 def _write_dataset(root: Path, key: dict[str, Any], ct: np.ndarray, labels: np.ndarray,
@@ -213,9 +215,30 @@ def make_datasets(data: Path, geo: CaseGeometry, tag: str) -> tuple[Dataset, Dat
     return base, tiled
 
 
+def prepare_data(data: Path, geo: CaseGeometry, tag: str) -> tuple[Dataset, Dataset, Dataset]:
+    """(case, z-tiled case, warm-up case), generated in a child process when not cached.
+
+    Generating in a child keeps this process small: its peak RSS would otherwise leak into
+    the children's figures when /usr/bin/time is missing (see :func:`run_child`).
+    """
+    def lookup() -> tuple[Dataset | None, ...]:
+        key = {"version": DATA_VERSION, **asdict(geo)}
+        n = geo.shape_zyx[0]
+        return (_cached(data / f"{tag}-{n}", key),
+                _cached(data / f"{tag}-{n * geo.tile_z}", {**key, "tiled": True}),
+                _cached(data / "warmup", {"version": DATA_VERSION, "warmup": asdict(WARMUP)}))
+
+    found = lookup()
+    if any(d is None for d in found):
+        subprocess.run(_self_cmd("generate", str(data), tag), check=True)
+        found = lookup()
+    assert all(d is not None for d in found), "data generation did not produce the cached files"
+    return found  # type: ignore[return-value]
+
+
 def make_warmup(data: Path) -> Dataset:
     """A tiny case of the same dtypes, converted once so numba's on-disk cache is warm."""
-    geo = CaseGeometry((64, 64, 64), (2.5, 6.4, 6.4))
+    geo = WARMUP
     key = {"version": DATA_VERSION, "warmup": asdict(geo)}
     root = data / "warmup"
     cached = _cached(root, key)
@@ -242,14 +265,21 @@ class Run:
 
 
 def run_child(cmd: list[str], env: dict[str, str] | None = None) -> Run:
-    """Run cmd, returning its wall time and its own peak RSS (``os.wait4``, not cumulative).
+    """Run cmd, returning its wall time and its own peak RSS.
 
-    A child that prints a JSON object as its last stdout line reports in-process figures.
+    Peak RSS comes from ``/usr/bin/time -f %M`` when available, else from ``os.wait4``. The
+    intermediary matters: on Linux a child's ``ru_maxrss`` starts from the high-water RSS of
+    the process it was forked from (``exec`` records the old address space's peak), so a
+    parent that ever held a large array would inflate every child's figure. A child that
+    prints a JSON object as its last stdout line reports in-process figures.
     """
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+    timer = shutil.which("time", path="/usr/bin:/bin")
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
+            tempfile.NamedTemporaryFile("r", suffix=".rss") as rss:
+        full = [timer, "-f", "%M", "-o", rss.name, *cmd] if timer else cmd
         epoch0 = time.time()
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
+        proc = subprocess.Popen(full, stdout=out, stderr=err, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0
         epoch1 = time.time()
@@ -257,6 +287,7 @@ def run_child(cmd: list[str], env: dict[str, str] | None = None) -> Run:
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
+        peak_kib = int(rss.read().split()[-1]) if timer and proc.returncode == 0 else usage.ru_maxrss
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited with {proc.returncode}:\n{stderr[-3000:]}")
     report: dict[str, Any] = {}
@@ -266,7 +297,7 @@ def run_child(cmd: list[str], env: dict[str, str] | None = None) -> Run:
         # interpreter start-up before child_main, and shut-down after its last line
         report["startup_s"] = report.pop("t_begin") - epoch0
         report["shutdown_s"] = epoch1 - report.pop("t_end")
-    return Run(wall, usage.ru_maxrss / 1024, report)  # ru_maxrss is in KiB on Linux
+    return Run(wall, peak_kib / 1024, report)  # KiB on Linux
 
 
 def child_main(argv: list[str]) -> None:
@@ -274,6 +305,11 @@ def child_main(argv: list[str]) -> None:
     import resource
 
     step = argv[0]
+    if step == "generate":
+        data, tag = Path(argv[1]), argv[2]
+        make_datasets(data, QUICK if tag == "quick" else FULL, tag)
+        make_warmup(data)
+        return
     t_begin = time.time()
     t0 = time.perf_counter()
     if step == "nib_load":
@@ -539,9 +575,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    base, tiled = make_datasets(data, geo, tag)
+    base, tiled, warm = prepare_data(data, geo, tag)
     log("warm-up conversion of a tiny case (numba cache) ...")
-    warm = make_warmup(data)
     warm_run = bench_convert(warm, out / "warmup.zarr", 1)
 
     slices = [geo.shape_zyx[0], geo.shape_zyx[0] * geo.tile_z]

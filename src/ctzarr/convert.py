@@ -323,7 +323,10 @@ def convert_case(
                 rec["path"] = _relative(rec.pop("abs_path"), ds.root)
             writer.commit(case_attributes(spec, image, segs, files))
         except BaseException:
-            remove_case(root, cid)
+            try:
+                remove_case(root, cid)
+            except Exception:  # never hide the original fault behind a cleanup failure
+                logger.exception("case %s: could not remove the partial case", cid)
             raise
         if on_slices:
             on_slices(1)

@@ -32,7 +32,8 @@ _NII = (".nii.gz", ".nii")
 
 def validate_case_id(case_id: str, *, where: str = "") -> str:
     """Return the case id, or raise if it could escape the store or is not a plain name."""
-    if not isinstance(case_id, str) or not _CASE_ID.match(case_id) or ".." in case_id:
+    if (not isinstance(case_id, str) or not _CASE_ID.match(case_id) or ".." in case_id
+            or case_id.lower() == "zarr.json"):  # would collide with the cases group's metadata
         raise InvalidCaseIdError(
             f"{where + ': ' if where else ''}invalid case id {case_id!r}: use letters, digits, '.', '_' "
             "and '-' (no path separators, no '..', at most 128 characters)"

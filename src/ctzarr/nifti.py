@@ -147,7 +147,11 @@ class NiftiSource:
                     if slab.dtype != native:
                         slab = slab.astype(native)
                     yield z0, slab
-                if stream.read(1):
+                try:
+                    trailing = stream.read(1)
+                except (OSError, EOFError, ValueError) as exc:
+                    raise self.error(f"trailing data after the gzip stream ({exc})") from exc
+                if trailing:
                     raise self.error("trailing data after the voxel data")
             except InvalidNiftiError:
                 raise
@@ -400,14 +404,18 @@ def _parse_header(head: bytes, fail: Any) -> nib.Nifti1Header | nib.Nifti2Header
     sizes = {sizeof_le, sizeof_be}
     if 348 in sizes:
         klass: type[nib.Nifti1Header] = nib.Nifti1Header
+        size = 348
     elif 540 in sizes:
         if len(head) < 540:
             raise fail(f"too short for a NIfTI-2 header ({len(head)} bytes)")
         klass = nib.Nifti2Header
+        size = 540
     else:
         raise fail("not a NIfTI file (sizeof_hdr is neither 348 nor 540)")
+    # the byte order is the one that reads sizeof_hdr right (nibabel would guess it from dim[0])
+    endianness = "<" if sizeof_le == size else ">"
     try:
-        hdr = klass.from_fileobj(io.BytesIO(head), check=False)
+        hdr = klass(binaryblock=head[:size], endianness=endianness, check=False)
     except Exception as exc:
         raise fail(f"unreadable NIfTI header: {exc}") from exc
     magic = bytes(hdr["magic"])[:3]

@@ -1,0 +1,261 @@
+"""Where statistics are computed: per-structure tables from the index, or by one blockwise scan.
+
+Both methods reduce to the same :class:`~ctzarr.label_index.LabelIndex` (the scan rebuilds it
+from voxels, block by block, with the converter's own kernel and a tree reduction), and one
+function turns an index into table rows, so ``method="index"`` and ``method="scan"`` agree
+exactly.
+
+Definitions (README "Statistics"):
+
+- ``volume_ml`` = voxel count x voxel volume (mm^3) / 1000;
+- ``hu_mean`` = (exact integer sum of values) / count; ``hu_std`` = population standard
+  deviation from the exact integer moments (``sqrt((n*S2 - S1**2) / n**2)``);
+- percentiles equal ``numpy.percentile(values, q)`` (linear) exactly: numpy's own index and
+  interpolation arithmetic is applied to the two order statistics read off the histogram;
+- float images with non-integral values use the index's histogram resolution (2**-8) for every
+  value statistic, in both methods;
+- centroid = affine applied to the mean voxel index (i, j, k), world millimetres (RAS+);
+- bounding box half-open in stored (z, y, x) indices; ``touches_border`` when it reaches a face;
+- ignore-valued voxels (SAROS 255) are never a structure and never counted.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from .label_index import LabelIndex, LabelIndexBuilder
+
+if TYPE_CHECKING:
+    from .collection import Case, Collection
+
+__all__ = ["STATS_COLUMNS", "case_stats", "collection_stats", "index_rows", "percentiles_from_histogram"]
+
+STATS_COLUMNS = [
+    "case_id", "segmentation", "label", "structure", "voxel_count", "volume_ml",
+    "hu_mean", "hu_std", "hu_min", "hu_max", "hu_median", "hu_p05", "hu_p25", "hu_p75", "hu_p95",
+    "centroid_x", "centroid_y", "centroid_z",
+    "z_start", "z_stop", "y_start", "y_stop", "x_start", "x_stop", "touches_border",
+]
+_PERCENTILES = (50.0, 5.0, 25.0, 75.0, 95.0)
+
+
+def _lerp(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """numpy's own linear interpolation (numpy/lib/_function_base_impl.py, _lerp)."""
+    diff_b_a = b - a
+    out = np.add(a, diff_b_a * t)
+    np.subtract(b, diff_b_a * (1 - t), out=out, where=t >= 0.5, casting="unsafe", dtype=type(out.dtype))
+    return out
+
+
+def percentiles_from_histogram(values: np.ndarray, counts: np.ndarray, q: Sequence[float],
+                               dtype: np.dtype[Any]) -> np.ndarray:
+    """``numpy.percentile(np.repeat(values, counts).astype(dtype), q)`` without the repeat.
+
+    Written by hand because numpy has no weighted percentile with the "linear" method; the
+    index, gamma and interpolation steps copy numpy's (``_compute_virtual_index``,
+    ``_get_indexes``, ``_lerp``) so results are bit-identical.
+    """
+    n = int(counts.sum())
+    quantiles = np.true_divide(np.asarray(q, dtype=np.float64), 100)
+    virtual = np.asanyarray(n * quantiles + (1 + quantiles * (1 - 1 - 1)) - 1)
+    prev = np.floor(virtual)
+    nxt = prev + 1
+    above = virtual >= n - 1
+    prev[above] = n - 1
+    nxt[above] = n - 1
+    below = virtual < 0
+    prev[below] = 0
+    nxt[below] = 0
+    gamma = np.asanyarray(virtual - np.floor(virtual), dtype=virtual.dtype)
+    cum = np.cumsum(counts)
+    a = values[np.searchsorted(cum, prev.astype(np.int64), side="right")].astype(dtype)
+    b = values[np.searchsorted(cum, nxt.astype(np.int64), side="right")].astype(dtype)
+    return _lerp(a, b, gamma)
+
+
+def _value_dtype(case: Case) -> np.dtype[Any]:
+    return np.dtype(case.meta["nifti"]["value_dtype"])
+
+
+def index_rows(case: Case, segmentation: str, idx: LabelIndex, labels: Iterable[int] | None = None) -> list[dict[str, Any]]:
+    """Statistics rows of one case and segmentation from an index (present or requested labels)."""
+    lm = case.collection.segmentations[segmentation]
+    affine = case.affine
+    voxel_mm3 = float(np.prod(case.spacing))
+    shape = case.shape
+    dtype = _value_dtype(case)
+    res = idx.histogram_resolution
+    wanted = idx.labels.tolist() if labels is None else list(labels)
+    pos = {int(v): i for i, v in enumerate(idx.labels.tolist())}
+    annotated = None if idx.annotated_slices is None else len(idx.annotated_slices)
+    rows = []
+    for label in wanted:
+        row: dict[str, Any] = {"case_id": case.case_id, "segmentation": segmentation, "label": int(label),
+                               "structure": lm[int(label)].name if int(label) in lm else str(label)}
+        i = pos.get(int(label))
+        if i is None:
+            row.update(voxel_count=0, volume_ml=0.0, touches_border=False)
+            row.update({c: np.nan for c in STATS_COLUMNS if c not in row and c not in ("case_id",)})
+            for c in ("z_start", "z_stop", "y_start", "y_stop", "x_start", "x_stop"):
+                row[c] = -1
+        else:
+            row.update(_label_stats(idx, i, res, dtype, affine, voxel_mm3, shape))
+        if annotated is not None:
+            row["annotated_slices"] = annotated
+        rows.append(row)
+    return rows
+
+
+def _label_stats(idx: LabelIndex, i: int, res: float, dtype: np.dtype[Any], affine: np.ndarray,
+                 voxel_mm3: float, shape: tuple[int, int, int]) -> dict[str, Any]:
+    n = int(idx.voxel_count[i])
+    sl = slice(int(idx.hist_offsets[i]), int(idx.hist_offsets[i + 1]))
+    keys, counts = idx.hist_keys[sl], idx.hist_counts[sl]
+    out: dict[str, Any] = {"voxel_count": n, "volume_ml": n * voxel_mm3 / 1000.0}
+    m = int(counts.sum())  # == n unless non-finite voxels were set aside
+    if m:
+        s1 = sum(int(k) * int(c) for k, c in zip(keys.tolist(), counts.tolist(), strict=True))
+        s2 = sum(int(k) * int(k) * int(c) for k, c in zip(keys.tolist(), counts.tolist(), strict=True))
+        mean = (s1 / m) * res
+        var = ((m * s2 - s1 * s1) / (m * m)) * res * res
+        values = keys.astype(np.float64) * res if res != 1.0 else keys
+        pct = percentiles_from_histogram(values, counts, _PERCENTILES, dtype)
+        vmin = np.asarray(values[0]).astype(dtype).item()
+        vmax = np.asarray(values[-1]).astype(dtype).item()
+        out.update(hu_mean=float(mean), hu_std=math.sqrt(var), hu_min=vmin, hu_max=vmax,
+                   hu_median=float(pct[0]), hu_p05=float(pct[1]), hu_p25=float(pct[2]),
+                   hu_p75=float(pct[3]), hu_p95=float(pct[4]))
+    else:
+        out.update({k: np.nan for k in ("hu_mean", "hu_std", "hu_min", "hu_max", "hu_median",
+                                          "hu_p05", "hu_p25", "hu_p75", "hu_p95")})
+    mean_zyx = idx.coord_sum[i].astype(np.float64) / n
+    world = affine @ np.array([mean_zyx[2], mean_zyx[1], mean_zyx[0], 1.0])
+    out.update(centroid_x=float(world[0]), centroid_y=float(world[1]), centroid_z=float(world[2]))
+    b = idx.bbox[i].tolist()
+    out.update(z_start=b[0], z_stop=b[1], y_start=b[2], y_stop=b[3], x_start=b[4], x_stop=b[5])
+    out["touches_border"] = bool(b[0] == 0 or b[2] == 0 or b[4] == 0 or b[1] == shape[0]
+                                 or b[3] == shape[1] or b[5] == shape[2])
+    return out
+
+
+# -- scan -------------------------------------------------------------------------------------
+def _partial(z0: int, labels: np.ndarray, values: np.ndarray, config: dict[str, Any]) -> LabelIndexBuilder:
+    """Index accumulators of one block (a whole-plane slab starting at z0)."""
+    b = LabelIndexBuilder(config["values"], config["shape"], config["chunk"], background=config["background"],
+                          ignore_value=config["ignore"], label_dtype=labels.dtype)
+    b.update(z0, labels, values)
+    return b
+
+
+def _merge(*parts: LabelIndexBuilder) -> LabelIndexBuilder:
+    """Combine block accumulators (a tree-reduction step)."""
+    first = parts[0]
+    for other in parts[1:]:
+        first.merge(other)
+    return first
+
+
+def scan_index_graph(case: Case, segmentation: str) -> Any:
+    """A dask graph (delayed) that rebuilds a segmentation's index from voxels, blockwise."""
+    import dask
+
+    lm = case.collection.segmentations[segmentation]
+    stored = case.index(segmentation)
+    labels = case.labels(segmentation).data
+    image = case.image.data
+    if image.chunks != labels.chunks:
+        image = image.rechunk(labels.chunks)
+    config = {"values": lm.values, "shape": case.shape, "chunk": stored.chunk_shape,
+              "background": lm.background, "ignore": lm.ignore_value}
+    starts = np.r_[0, np.cumsum(labels.chunks[0])[:-1]].tolist()
+    lab_blocks = labels.to_delayed()
+    img_blocks = image.to_delayed()
+    parts = []
+    partial = dask.delayed(_partial, pure=True)
+    for zi, z0 in enumerate(starts):
+        assert lab_blocks.shape[1:] == (1, 1), "scan blocks must be whole planes"
+        parts.append(partial(z0, lab_blocks[zi, 0, 0], img_blocks[zi, 0, 0], config))
+    merge = dask.delayed(_merge, pure=True)
+    while len(parts) > 1:  # tree reduction, fan-in 4
+        parts = [merge(*parts[i : i + 4]) if len(parts[i : i + 4]) > 1 else parts[i] for i in range(0, len(parts), 4)]
+    sparse = lm.ignore_value is not None
+    return dask.delayed(lambda b: b.finish(sparse_annotation=sparse), pure=True)(parts[0])
+
+
+# -- public entry points ----------------------------------------------------------------------
+def _resolve_targets(col: Collection, case: Case | None, structures: Sequence[str | int] | None,
+                     segmentation: str | None) -> dict[str, list[int] | None]:
+    """Segmentation -> label ids to report (None: every label present)."""
+    from .errors import StructureNotFoundError
+
+    segs = [segmentation] if segmentation else (case.segmentation_names if case else list(col.segmentations))
+    for s in segs:
+        if s not in col.segmentations:
+            raise KeyError(f"no segmentation {s!r} in {col.url}; it has {list(col.segmentations)}")
+    if not structures:
+        return dict.fromkeys(segs)
+    targets: dict[str, list[int] | None] = {s: [] for s in segs}
+    for st in structures:
+        found = False
+        errors = []
+        for s in segs:
+            try:
+                lab = col.segmentations[s].resolve(st)
+            except StructureNotFoundError as exc:
+                errors.append(str(exc))
+                continue
+            targets[s].append(lab.value)  # type: ignore[union-attr]
+            found = True
+        if not found:
+            raise StructureNotFoundError("; ".join(errors))
+    return {s: v for s, v in targets.items() if v}
+
+
+def case_stats(case: Case, structures: Sequence[str | int] | None = None, segmentation: str | None = None,
+               method: str = "index", client: Any = None) -> pd.DataFrame:
+    """Statistics of one case (see :meth:`ctzarr.Case.stats`)."""
+    return _stats(case.collection, [case.case_id], structures, segmentation, method, client, cases=[case])
+
+
+def collection_stats(col: Collection, structures: Sequence[str | int] | None = None,
+                     cases: Sequence[str] | None = None, segmentation: str | None = None,
+                     method: str = "index", client: Any = None) -> pd.DataFrame:
+    """Statistics of a cohort (see :meth:`ctzarr.Collection.stats`)."""
+    ids = list(cases) if cases is not None else col.case_ids
+    missing = sorted(set(ids) - set(col.case_ids))
+    if missing:
+        raise KeyError(f"no such cases in {col.url}: {missing[:10]}")
+    return _stats(col, ids, structures, segmentation, method, client)
+
+
+def _stats(col: Collection, ids: list[str], structures: Sequence[str | int] | None, segmentation: str | None,
+           method: str, client: Any, cases: list[Case] | None = None) -> pd.DataFrame:
+    if method not in ("index", "scan"):
+        raise ValueError(f"method must be 'index' or 'scan', not {method!r}")
+    targets = _resolve_targets(col, cases[0] if cases else None, structures, segmentation)
+    case_objs = cases or [col[cid] for cid in ids]
+    rows: list[dict[str, Any]] = []
+    if method == "index":
+        for case in case_objs:
+            for seg, labels in targets.items():
+                if seg in case.segmentation_names:
+                    rows += index_rows(case, seg, case.index(seg), labels)
+    else:
+        import dask
+
+        jobs = [(case, seg, labels, scan_index_graph(case, seg)) for case in case_objs
+                for seg, labels in targets.items() if seg in case.segmentation_names]
+        graphs = [j[3] for j in jobs]
+        if client is not None:
+            results = client.gather(client.compute(graphs))
+        else:
+            results = dask.compute(*graphs, scheduler="threads")
+        for (case, seg, labels, _), idx in zip(jobs, results, strict=True):
+            rows += index_rows(case, seg, idx, labels)
+    columns = STATS_COLUMNS + (["annotated_slices"] if any("annotated_slices" in r for r in rows) else [])
+    return pd.DataFrame(rows, columns=columns)
