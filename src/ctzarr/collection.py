@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import gzip
 import logging
+import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -19,11 +20,12 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 import zarr
+from zarr.abc.store import Store
 from nibabel.volumeutils import apply_read_scaling
 
 from .errors import IncompleteCaseError, StoreError
 from .label_index import LabelIndex
-from .labelmaps import LabelMap
+from .labelmaps import Label, LabelMap
 from .nifti import _typed_scaling, header_from_bytes
 from .storage import codec_pipeline, make_store
 from .writer import index_from_attributes
@@ -34,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 
 def open_collection(
-    url_or_catalog_name: str | os.PathLike[str],
+    url_or_catalog_name: str | os.PathLike[str] | Store,
     *,
     storage_options: Mapping[str, Any] | None = None,
 ) -> Collection:
@@ -52,6 +54,9 @@ def open_collection(
     -------
     Collection
     """
+    if isinstance(url_or_catalog_name, Store):
+        store = make_store(url_or_catalog_name, storage_options=storage_options)
+        return _open_root(repr(url_or_catalog_name), store)
     target = os.fspath(url_or_catalog_name)
     so = dict(storage_options) if storage_options else None
     if "://" not in target and not os.path.exists(target) and "/" not in target:
@@ -61,7 +66,11 @@ def open_collection(
             raise StoreError(f"{target}: no collection store here, and no catalog entry of that name")
         target, entry_so = resolve_entry(target)
         so = {**(entry_so or {}), **(so or {})} or None
-    store = make_store(target, storage_options=so, read_only=True)
+    return _open_root(target, make_store(target, storage_options=so, read_only=True))
+
+
+def _open_root(target: str, store: Store) -> Collection:
+    """Open the root group of a collection store and check it is one."""
     try:
         with codec_pipeline():
             root = zarr.open_group(store, mode="r", zarr_format=3)
@@ -118,6 +127,35 @@ class Collection:
         if not isinstance(meta, dict) or meta.get("complete") is not True:
             raise IncompleteCaseError(f"case {case_id!r} in {self.url} is incomplete (an interrupted conversion)")
         return Case(self, case_id, grp, meta)
+
+    def stats(self, structures: Sequence[str | int] | None = None, cases: Sequence[str] | None = None,
+              segmentation: str | None = None, method: str = "index", client: Any = None) -> pd.DataFrame:
+        """Per-structure statistics for a cohort, one row per (case, segmentation, structure).
+
+        Parameters
+        ----------
+        structures : list of str or int, optional
+            Names (matched case-insensitively, ignoring spaces, hyphens and underscores; also
+            normalised and TotalSegmentator names) or ids. Default: every structure present.
+        cases : list of str, optional
+            Default: every case.
+        segmentation : str, optional
+            Default: every segmentation that has the structures.
+        method : {"index", "scan"}
+            ``"index"`` reads only the stored index; ``"scan"`` recomputes from the voxels in
+            one blockwise pass per case. Both give identical numbers.
+        client : dask.distributed.Client, optional
+            Run the scan on this cluster.
+
+        Returns
+        -------
+        pandas.DataFrame
+            Columns of :data:`ctzarr.stats.STATS_COLUMNS` (plus ``annotated_slices`` for sparse
+            label maps).
+        """
+        from .stats import collection_stats
+
+        return collection_stats(self, structures, cases, segmentation, method, client)
 
     def table(self) -> pd.DataFrame:
         """The collection index: one row per (case, segmentation, label), read from one group."""
@@ -262,6 +300,74 @@ class Case:
         grp = self.group[f"labels/{name}/index"]
         assert isinstance(grp, zarr.Group)
         return index_from_attributes(grp.attrs["ctzarr"], grp["histogram"][:])  # type: ignore[index]
+
+    def stats(self, structures: Sequence[str | int] | None = None, segmentation: str | None = None,
+              method: str = "index", client: Any = None) -> pd.DataFrame:
+        """Per-structure statistics of this case (see :meth:`Collection.stats`)."""
+        from .stats import case_stats
+
+        return case_stats(self, structures, segmentation, method, client)
+
+    def resolve(self, structure: str | int, segmentation: str | None = None) -> tuple[str, Label]:
+        """(segmentation, label) of a structure named by id or name."""
+        from .errors import StructureNotFoundError
+
+        names = [self._segmentation_name(segmentation)] if segmentation else self.segmentation_names
+        errors = []
+        for name in names:
+            try:
+                return name, self.collection.segmentations[name].resolve(structure)
+            except StructureNotFoundError as exc:
+                errors.append(str(exc))
+        raise StructureNotFoundError(f"case {self.case_id!r}: " + "; ".join(errors))
+
+    def crop_box(self, structure: str | int, margin_mm: float = 0.0,
+                 segmentation: str | None = None) -> tuple[str, Label, tuple[slice, slice, slice]]:
+        """Bounding box of a structure (from the index) grown by a margin, clipped to the volume."""
+        from .errors import StructureNotFoundError
+
+        if margin_mm < 0 or not np.isfinite(margin_mm):
+            raise ValueError(f"margin_mm must be a finite number >= 0, got {margin_mm}")
+        seg, label = self.resolve(structure, segmentation)
+        idx = self.index(seg)
+        hits = np.nonzero(idx.labels == label.value)[0]
+        if not len(hits):
+            raise StructureNotFoundError(
+                f"case {self.case_id!r}: structure {label.name!r} (label {label.value}) is absent from "
+                f"segmentation {seg!r}")
+        b = idx.bbox[hits[0]]
+        box = []
+        for ax in range(3):
+            grow = math.ceil(margin_mm / self.spacing[ax] - 1e-9) if margin_mm else 0
+            box.append(slice(max(int(b[2 * ax]) - grow, 0), min(int(b[2 * ax + 1]) + grow, self.shape[ax])))
+        return seg, label, (box[0], box[1], box[2])
+
+    def crop(self, structure: str | int, margin_mm: float = 0.0, segmentation: str | None = None) -> xr.Dataset:
+        """A lazy crop around a structure: ``image`` and ``labels`` over its bounding box.
+
+        The box comes from the index (no voxel is scanned), grown by ``ceil(margin_mm /
+        spacing)`` voxels per axis and clipped to the volume; only the chunks inside it are read.
+
+        Returns
+        -------
+        xarray.Dataset
+            ``image`` and ``labels`` with world coordinates; ``attrs["affine"]`` is the crop's
+            affine, so the crop saved as NIfTI overlays the original.
+        """
+        seg, label, (zs, ys, xs) = self.crop_box(structure, margin_mm, segmentation)
+        image = self.image[zs, ys, xs]
+        labels = self.labels(seg)[zs, ys, xs]
+        shift = np.eye(4)
+        shift[:3, 3] = [xs.start, ys.start, zs.start]
+        affine = self.affine @ shift
+        image.attrs["affine"] = affine
+        labels.attrs["affine"] = affine
+        return xr.Dataset(
+            {"image": image, "labels": labels},
+            attrs={"affine": affine, "case_id": self.case_id, "segmentation": seg, "structure": label.name,
+                   "label": label.value, "margin_mm": margin_mm,
+                   "box_zyx": [zs.start, zs.stop, ys.start, ys.stop, xs.start, xs.stop]},
+        )
 
     @property
     def nifti_header_bytes(self) -> bytes:

@@ -224,6 +224,22 @@ class LabelIndexBuilder:
         uniq, counts = np.unique(pairs, axis=1, return_counts=True)
         self._triplets.append((uniq[0], uniq[1], counts.astype(np.int64)))
 
+    def merge(self, other: LabelIndexBuilder) -> None:
+        """Fold another builder of the same volume and label map into this one (scan reduction)."""
+        if other._float_keys and not self._float_keys:
+            self._switch_to_float_keys()
+        if self._float_keys and not other._float_keys:
+            other._switch_to_float_keys()
+        self._cnt += other._cnt
+        self._sums += other._sums
+        np.minimum(self._bmin, other._bmin, out=self._bmin)
+        np.maximum(self._bmax, other._bmax, out=self._bmax)
+        self._chunks |= other._chunks
+        self._unknown += other._unknown
+        self._ignored_per_z += other._ignored_per_z
+        self._nonfinite += other._nonfinite
+        self._triplets.extend(other._triplets)
+
     # -- results ----------------------------------------------------------------------------
     def unknown_values(self) -> list[int]:
         """Label values seen in the data that the label map does not define."""
