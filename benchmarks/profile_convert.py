@@ -68,8 +68,11 @@ class Timers:
 
 def instrument(t: Timers) -> None:
     """Wrap ctzarr's conversion stages with timers."""
-    from ctzarr import convert as conv
+    import importlib
+
     from ctzarr import label_index, nifti, writer
+
+    conv = importlib.import_module("ctzarr.convert")  # the attribute ctzarr.convert is the function
 
     orig_iter = nifti.NiftiSource.iter_slabs
 

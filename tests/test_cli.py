@@ -116,3 +116,39 @@ def test_demo_command_runs_end_to_end(tmp_path: Path) -> None:
     assert "dap_atlas" in proc.stdout and "saros" in proc.stdout and "0 failed" in proc.stdout
     col = ctzarr.open_collection(tmp_path / "demo" / "dap_atlas.zarr")
     assert len(col.case_ids) == 3
+
+
+def test_stats_to_csv_and_parquet_equal_the_library(dap_store: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    import pandas as pd
+
+    col = ctzarr.open_collection(dap_store)
+    expected = col.stats(structures=["liver", "kidney left"])
+    argv = ["stats", str(dap_store), "--structure", "liver", "--structure", "kidney left"]
+    assert main([*argv, "-o", str(tmp_path / "s.csv")]) == 0
+    assert main([*argv, "--scan", "-o", str(tmp_path / "s.parquet")]) == 0
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "s.parquet"), expected)
+    from_csv = pd.read_csv(tmp_path / "s.csv")
+    np.testing.assert_array_equal(from_csv.voxel_count, expected.voxel_count)
+    np.testing.assert_allclose(from_csv.hu_mean, expected.hu_mean, rtol=1e-14)
+    capsys.readouterr()
+    assert main([*argv, "--case", col.case_ids[0]]) == 0
+    table = capsys.readouterr().out
+    assert "liver" in table and col.case_ids[0] in table and col.case_ids[1] not in table
+
+
+def test_crop_writes_nifti_that_overlays_the_source(dap_source: Path, dap_store: Path, tmp_path: Path) -> None:
+    cid = ctzarr.open_collection(dap_store).case_ids[1]
+    out = tmp_path / "liver.nii.gz"
+    assert main(["crop", str(dap_store), cid, "liver", "--margin-mm", "6", "-o", str(out)]) == 0
+    crop, src = nib.load(out), nib.load(dap_source / "images" / f"{cid}.nii.gz")
+    data = np.asanyarray(crop.dataobj)
+    # each crop voxel sits at the same world position as the source voxel with the same value
+    offset = np.rint(np.linalg.inv(src.affine) @ crop.affine @ np.array([0, 0, 0, 1.0]))[:3].astype(int)
+    np.testing.assert_allclose(np.linalg.inv(src.affine) @ crop.affine, np.eye(4) + np.pad(
+        offset[:, None], ((0, 1), (3, 0))), atol=1e-6)
+    source = np.asanyarray(src.dataobj)
+    i, j, k = offset
+    np.testing.assert_array_equal(data, source[i : i + data.shape[0], j : j + data.shape[1], k : k + data.shape[2]])
+    labels = np.asanyarray(nib.load(tmp_path / "liver_labels.nii.gz").dataobj)
+    assert (labels == 13).sum() == (np.asanyarray(nib.load(dap_source / "masks" / f"{cid}.nii.gz").dataobj) == 13).sum()

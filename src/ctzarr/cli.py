@@ -89,6 +89,58 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok or (args.repair and len(report.problems) == len(report.repaired)) else 1
 
 
+def cmd_stats(args: argparse.Namespace) -> int:
+    from .collection import open_collection
+
+    col = open_collection(args.store, storage_options=_storage_options(args.storage_options))
+    df = col.stats(structures=args.structure or None, cases=args.case or None, segmentation=args.segmentation,
+                   method="scan" if args.scan else "index")
+    if args.output:
+        out = str(args.output)
+        if out.endswith(".parquet"):
+            df.to_parquet(out, index=False)
+        elif out.endswith(".csv"):
+            df.to_csv(out, index=False)
+        else:
+            raise ValueError(f"-o {out}: write .csv or .parquet")
+        print(f"{len(df)} rows -> {out}")
+    else:
+        import pandas as pd
+
+        cols = ["case_id", "segmentation", "label", "structure", "voxel_count", "volume_ml", "hu_mean",
+                "hu_std", "hu_median", "centroid_x", "centroid_y", "centroid_z", "touches_border"]
+        cols += ["annotated_slices"] if "annotated_slices" in df else []
+        with pd.option_context("display.max_rows", None, "display.width", 200, "display.precision", 2):
+            print(df[cols].to_string(index=False))
+    return 0
+
+
+def cmd_crop(args: argparse.Namespace) -> int:
+    from .collection import open_collection
+
+    col = open_collection(args.store, storage_options=_storage_options(args.storage_options))
+    written = col[args.case].crop_to_nifti(_structure(args.structure), args.output, margin_mm=args.margin_mm,
+                                           segmentation=args.segmentation)
+    for role, path in written.items():
+        print(f"{role}: {path}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from .collection import open_collection
+    from .show import render_structure
+
+    col = open_collection(args.store, storage_options=_storage_options(args.storage_options))
+    path = render_structure(col[args.case], _structure(args.structure), args.output, segmentation=args.segmentation,
+                            margin_mm=args.margin_mm)
+    print(path)
+    return 0
+
+
+def _structure(text: str) -> str | int:
+    return int(text) if text.isdigit() else text
+
+
 def cmd_catalog(args: argparse.Namespace) -> int:
     from .catalog import catalog_path, load_catalog
 
@@ -144,6 +196,36 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--repair", action="store_true", help="remove leftovers of interrupted conversions")
     v.add_argument("--storage-options", metavar="JSON")
     v.set_defaults(func=cmd_verify)
+
+    st = sub.add_parser("stats", help="per-structure statistics (volume, HU, centroid, bounding box)")
+    st.add_argument("store")
+    st.add_argument("--structure", action="append", metavar="NAME", help="structure name or id (repeatable)")
+    st.add_argument("--case", action="append", metavar="ID", help="only this case (repeatable)")
+    st.add_argument("--segmentation")
+    st.add_argument("--scan", action="store_true", help="recompute from the voxels instead of the index")
+    st.add_argument("-o", "--output", metavar="OUT.csv|OUT.parquet")
+    st.add_argument("--storage-options", metavar="JSON")
+    st.set_defaults(func=cmd_stats)
+
+    cr = sub.add_parser("crop", help="crop a structure with a margin and write it as .nii.gz")
+    cr.add_argument("store")
+    cr.add_argument("case")
+    cr.add_argument("structure")
+    cr.add_argument("--margin-mm", type=float, default=0.0)
+    cr.add_argument("--segmentation")
+    cr.add_argument("-o", "--output", required=True, metavar="OUT.nii.gz")
+    cr.add_argument("--storage-options", metavar="JSON")
+    cr.set_defaults(func=cmd_crop)
+
+    sh = sub.add_parser("show", help="three orthogonal slices through a structure, as PNG")
+    sh.add_argument("store")
+    sh.add_argument("case")
+    sh.add_argument("structure")
+    sh.add_argument("--margin-mm", type=float, default=20.0)
+    sh.add_argument("--segmentation")
+    sh.add_argument("-o", "--output", required=True, metavar="OUT.png")
+    sh.add_argument("--storage-options", metavar="JSON")
+    sh.set_defaults(func=cmd_show)
 
     k = sub.add_parser("catalog", help="list the datasets of the catalog")
     k.add_argument("--catalog", help="catalog file (default: $CTZARR_CATALOG or the shipped one)")

@@ -1,0 +1,428 @@
+"""Quick-look pictures of one structure: three orthogonal CT slices with the label outlined.
+
+:func:`render_structure` writes a PNG a radiologist can read at a glance: axial, coronal and
+sagittal slices through the structure's centroid, each cropped to the structure's bounding box
+grown by a margin, in radiological convention (axial: patient's right on the image left,
+anterior up; coronal: patient's right on the left, superior up; sagittal: anterior on the left,
+superior up), with square millimetres, a CT window suited to the tissue, the label outline in
+its colour, a millimetre scale bar and orientation letters at every edge.
+
+Only the voxels shown are read: the lazy image and label arrays are sliced to the box and the
+single slice before anything is computed, so a whole-body case costs three small reads.
+
+Orientation comes from the affine, not from assumptions about the file: the voxel axis nearest
+each world axis (``nibabel.orientations.io_orientation``) is found, and each slice is transposed
+and flipped so that its rows and columns run R->L, A->P or S->I. An LPS-stored case (as ITK
+writes it) and an RAS-stored one therefore look the same.
+
+Matplotlib is used through :class:`~matplotlib.figure.Figure` and
+:class:`~matplotlib.backends.backend_agg.FigureCanvasAgg` only, so the caller's pyplot backend
+and global state are never touched.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import dask
+import numpy as np
+from nibabel.orientations import io_orientation
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+
+    from .collection import Case
+    from .labelmaps import Label
+
+__all__ = [
+    "BONE_WINDOW",
+    "FIGSIZE_INCHES",
+    "LUNG_WINDOW",
+    "SOFT_TISSUE_WINDOW",
+    "Panel",
+    "Window",
+    "choose_window",
+    "render_structure",
+    "scale_bar_mm",
+    "structure_panels",
+    "window_name",
+]
+
+
+class Window(NamedTuple):
+    """A CT display window in Hounsfield units."""
+
+    width: float
+    level: float
+
+    @property
+    def limits(self) -> tuple[float, float]:
+        """(lowest, highest) HU mapped to black and white."""
+        return self.level - self.width / 2, self.level + self.width / 2
+
+
+LUNG_WINDOW = Window(1500.0, -600.0)
+BONE_WINDOW = Window(1800.0, 400.0)
+SOFT_TISSUE_WINDOW = Window(400.0, 40.0)
+_WINDOW_NAMES = {LUNG_WINDOW: "lung", BONE_WINDOW: "bone", SOFT_TISSUE_WINDOW: "soft tissue"}
+
+#: size of every picture, so the PNG is FIGSIZE_INCHES * dpi pixels (no tight bounding box, whose
+#: size would depend on the text)
+FIGSIZE_INCHES = (12.0, 4.8)
+
+# Each panel: (key, title, normal world axis, (row world axis, column world axis)). World axes
+# are RAS+ (0 = x towards R, 1 = y towards A, 2 = z towards S). Every display axis runs towards
+# the *negative* world direction: columns R->L (radiological), rows A->P and S->I (anterior and
+# superior up), sagittal columns A->P (anterior on the left, as viewers show it).
+_PANELS: tuple[tuple[str, str, int, tuple[int, int]], ...] = (
+    ("axial", "Axial", 2, (1, 0)),
+    ("coronal", "Coronal", 1, (2, 0)),
+    ("sagittal", "Sagittal", 0, (2, 1)),
+)
+# letters at the start and the end of a display axis running towards negative world direction
+_AXIS_LETTERS = {0: ("R", "L"), 1: ("A", "P"), 2: ("S", "I")}
+_SCALE_BAR_CHOICES_MM = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0)
+# used when a label has no colour (alpha 0) or a grey one, which would vanish over the grey CT
+_FALLBACK_COLOUR = (1.0, 0.85, 0.0, 1.0)
+
+
+def choose_window(median_hu: float) -> Window:
+    """The CT window for a structure of this median attenuation.
+
+    Parameters
+    ----------
+    median_hu : float
+        Median HU of the structure's voxels (``hu_median`` of :meth:`Case.stats`).
+
+    Returns
+    -------
+    Window
+        :data:`LUNG_WINDOW` (W1500 L-600) below -400 HU, :data:`BONE_WINDOW` (W1800 L400) above
+        300 HU, else :data:`SOFT_TISSUE_WINDOW` (W400 L40), also for NaN.
+    """
+    if median_hu < -400:
+        return LUNG_WINDOW
+    if median_hu > 300:
+        return BONE_WINDOW
+    return SOFT_TISSUE_WINDOW
+
+
+def window_name(window: Sequence[float]) -> str:
+    """``"lung"``, ``"bone"``, ``"soft tissue"`` for the presets, else ``"custom"``."""
+    return _WINDOW_NAMES.get(Window(float(window[0]), float(window[1])), "custom")
+
+
+def scale_bar_mm(panel_width_mm: float) -> float:
+    """A round scale-bar length (1, 2, 5 x 10**k mm) nearest to a quarter of the panel width."""
+    target = max(panel_width_mm, 1e-9) / 4
+    return min(_SCALE_BAR_CHOICES_MM, key=lambda c: abs(math.log(c / target)))
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One displayed slice, already in display orientation (row 0 at the top).
+
+    Attributes
+    ----------
+    key : str
+        ``"axial"``, ``"coronal"`` or ``"sagittal"``.
+    title : str
+        E.g. ``"Axial z=17 (+12.5 mm)"``: the stored dimension sliced, the index along it and its
+        coordinate.
+    image : numpy.ndarray
+        HU values, float32, shape (rows, columns).
+    labels : numpy.ndarray
+        Label values of the same pixels.
+    mask : numpy.ndarray
+        ``labels == label.value``.
+    pixel_mm : tuple of float
+        (row height, column width) in millimetres.
+    letters : tuple of str
+        Orientation letters at the (top, bottom, left, right) edges.
+    dim : str
+        Stored dimension sliced (``"z"``, ``"y"`` or ``"x"``).
+    index : int
+        Index of the slice along ``dim``.
+    """
+
+    key: str
+    title: str
+    image: np.ndarray
+    labels: np.ndarray
+    mask: np.ndarray
+    pixel_mm: tuple[float, float]
+    letters: tuple[str, str, str, str]
+    dim: str
+    index: int
+
+    @property
+    def size_mm(self) -> tuple[float, float]:
+        """(height, width) of the panel in millimetres."""
+        return self.image.shape[0] * self.pixel_mm[0], self.image.shape[1] * self.pixel_mm[1]
+
+
+def _world_axes(affine: np.ndarray) -> tuple[dict[int, int], dict[int, float]]:
+    """For each RAS world axis: the stored (z, y, x) dimension nearest to it, and whether the
+    index along that dimension runs towards +world (+1) or -world (-1)."""
+    ornt = io_orientation(affine)  # row per voxel axis (i, j, k): (world axis, +-1)
+    if np.isnan(ornt).any():
+        raise ValueError(f"affine has a degenerate axis; cannot orient slices:\n{affine}")
+    dim_of: dict[int, int] = {}
+    sign_of: dict[int, float] = {}
+    for voxel_axis, (world, sign) in enumerate(ornt):
+        dim_of[int(world)] = 2 - voxel_axis  # voxel (i, j, k) is stored as (x, y, z)
+        sign_of[int(world)] = float(sign)
+    return dim_of, sign_of
+
+
+def _orient(arr: np.ndarray, kept_dims: tuple[int, int], row_dim: int, flip_rows: bool,
+            flip_cols: bool) -> np.ndarray:
+    """Transpose a 2-D slice whose axes are the stored ``kept_dims`` (ascending) into
+    (row_dim, other) order and flip it into display orientation."""
+    if kept_dims[0] != row_dim:
+        arr = arr.T
+    if flip_rows:
+        arr = arr[::-1, :]
+    if flip_cols:
+        arr = arr[:, ::-1]
+    return np.ascontiguousarray(arr)
+
+
+def structure_panels(case: Case, structure: str | int, *, segmentation: str | None = None,
+                     margin_mm: float = 20.0) -> tuple[str, Label, list[Panel]]:
+    """Axial, coronal and sagittal slices through a structure's centroid, display-oriented.
+
+    Parameters
+    ----------
+    case : Case
+    structure : str or int
+        Name or label value.
+    segmentation : str, optional
+        Required when the case has several segmentations that could hold the structure.
+    margin_mm : float, optional
+        Grow the structure's bounding box by this much on every side (clipped to the volume).
+
+    Returns
+    -------
+    (segmentation, Label, [axial, coronal, sagittal] panels)
+
+    Raises
+    ------
+    StructureNotFoundError
+        The structure is not in the label map, or absent from this case.
+    """
+    seg, label, box = case.crop_box(structure, margin_mm, segmentation)
+    idx = case.index(seg)
+    row = int(np.nonzero(idx.labels == label.value)[0][0])
+    centroid = np.asarray(idx.coord_sum[row], dtype=np.float64) / float(idx.voxel_count[row])
+    bbox = [int(b) for b in idx.bbox[row]]  # z0, z1, y0, y1, x0, x1 of the structure itself
+    dim_of, sign_of = _world_axes(case.affine)
+    spacing = case.spacing
+
+    # one DataArray each, so the dask keys of a chunk shared by two slices are identical and
+    # one compute reads it once
+    image = case.image
+    labels = case.labels(seg)
+    plans = []
+    lazy = []
+    for key, title, normal, (row_world, col_world) in _PANELS:
+        dn = dim_of[normal]
+        # the centroid of a curved structure may fall outside it; clip to its extent at least
+        k = min(max(int(math.floor(centroid[dn] + 0.5)), bbox[2 * dn]), bbox[2 * dn + 1] - 1)
+        sel: list[slice | int] = list(box)
+        sel[dn] = k
+        plans.append((key, title, normal, row_world, col_world, dn, k))
+        lazy += [image[tuple(sel)].data, labels[tuple(sel)].data]
+    computed = dask.compute(*lazy)
+
+    panels = []
+    for p, (key, title, normal, row_world, col_world, dn, k) in enumerate(plans):
+        img2d, lab2d = computed[2 * p], computed[2 * p + 1]
+        if not (lab2d == label.value).any():
+            # a non-convex structure can miss the slice at its centroid: move to the nearest
+            # slice holding it (reads the label box once; rare)
+            k = _nearest_slice(labels[box], dn, label.value, k - box[dn].start) + box[dn].start
+            sel = list(box)
+            sel[dn] = k
+            img2d, lab2d = dask.compute(image[tuple(sel)].data, labels[tuple(sel)].data)
+        kept = tuple(d for d in range(3) if d != dn)
+        rd, cd = dim_of[row_world], dim_of[col_world]
+        # display axes run towards negative world: flip where the stored index runs positive
+        orient = dict(kept_dims=kept, row_dim=rd, flip_rows=sign_of[row_world] > 0,
+                      flip_cols=sign_of[col_world] > 0)
+        img = _orient(np.asarray(img2d, dtype=np.float32), **orient)  # type: ignore[arg-type]
+        lab = _orient(np.asarray(lab2d), **orient)  # type: ignore[arg-type]
+        top, bottom = _AXIS_LETTERS[row_world]
+        left, right = _AXIS_LETTERS[col_world]
+        dim_name = str(image.dims[dn])
+        coord = float(image[dim_name].values[k])
+        panels.append(Panel(
+            key=key, title=f"{title} {dim_name}={k} ({coord:+.1f} mm)", image=img, labels=lab,
+            mask=lab == label.value, pixel_mm=(float(spacing[rd]), float(spacing[cd])),
+            letters=(top, bottom, left, right), dim=dim_name, index=k,
+        ))
+    return seg, label, panels
+
+
+def _nearest_slice(labels_box: Any, dim: int, value: int, centre: int) -> int:
+    """Index (within the box) of the slice along ``dim`` holding ``value`` nearest ``centre``."""
+    other = tuple(d for d in range(3) if d != dim)
+    counts = np.asarray((labels_box.data == value).sum(axis=other).compute())
+    hits = np.nonzero(counts)[0]
+    if not len(hits):  # the index says it is here; fall back to the centroid slice
+        return centre
+    return int(hits[np.argmin(np.abs(hits - centre))])
+
+
+def _outline_colour(rgba: Sequence[int]) -> tuple[float, float, float, float]:
+    """The label's colour, opaque; a fallback when it has none or is too grey to see on CT."""
+    r, g, b, a = (float(c) / 255 for c in rgba)
+    if a == 0 or max(r, g, b) - min(r, g, b) < 0.12:
+        return _FALLBACK_COLOUR
+    return (r, g, b, 1.0)
+
+
+def _draw_panel(ax: Axes, panel: Panel, window: Window, colour: tuple[float, float, float, float]) -> None:
+    from matplotlib import patheffects
+
+    height_mm, width_mm = panel.size_mm
+    rows, cols = panel.image.shape
+    dy, dx = panel.pixel_mm
+    lo, hi = window.limits
+    # extent in millimetres from the top-left corner: square millimetres whatever the spacing
+    ax.imshow(panel.image, cmap="gray", vmin=lo, vmax=hi, extent=(0, width_mm, height_mm, 0),
+              origin="upper", interpolation="bilinear")
+    # pad the mask with background so the outline closes along a structure cut by the panel edge
+    # (and so a one-voxel-thin mask still has a 2-D grid to contour); contour coordinates are
+    # voxel centres, so the 0.5 level falls on voxel edges
+    mask = np.pad(panel.mask.astype(np.float32), 1)
+    xs = (np.arange(cols + 2) - 0.5) * dx
+    ys = (np.arange(rows + 2) - 0.5) * dy
+    if panel.mask.any():
+        ax.contour(xs, ys, mask, levels=[0.5], colors=[colour], linewidths=1.4)
+    ax.set_xlim(0, width_mm)
+    ax.set_ylim(height_mm, 0)
+    ax.set_aspect("equal")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_color("0.3")
+    ax.set_title(panel.title, color="white", fontsize=9)
+
+    halo = [patheffects.withStroke(linewidth=2.5, foreground="black")]
+    top, bottom, left, right = panel.letters
+    for text, x, y, ha, va in ((top, 0.5, 0.985, "center", "top"), (bottom, 0.5, 0.015, "center", "bottom"),
+                               (left, 0.012, 0.5, "left", "center"), (right, 0.988, 0.5, "right", "center")):
+        ax.text(x, y, text, transform=ax.transAxes, ha=ha, va=va, color="white", fontsize=10,
+                fontweight="bold", path_effects=halo)
+
+    # scale bar in data (mm) coordinates at the lower left, clear of the edge-centre letters
+    bar = scale_bar_mm(width_mm)
+    x0 = 0.06 * width_mm
+    y0 = height_mm * 0.94
+    ax.plot([x0, x0 + bar], [y0, y0], color="white", linewidth=2.5, solid_capstyle="butt",
+            path_effects=[patheffects.withStroke(linewidth=4.5, foreground="black")])
+    ax.text(x0 + bar / 2, y0 - 0.02 * height_mm, f"{bar:g} mm", ha="center", va="bottom",
+            color="white", fontsize=8, path_effects=halo)
+
+
+def render_structure(case: Case, structure: str | int, out_png: str | os.PathLike[str], *,
+                     segmentation: str | None = None, margin_mm: float = 20.0,
+                     window: tuple[float, float] | None = None, dpi: int = 150) -> Path:
+    """Write a PNG of a structure: axial, coronal and sagittal slices with its outline.
+
+    Slices pass through the structure's centroid (from the stored index) and show its bounding
+    box grown by ``margin_mm``; only those voxels are read. Panels are in radiological convention
+    (patient's right on the image left, anterior and superior up; sagittal anterior on the left)
+    whatever the storage order, with square millimetres, orientation letters, a millimetre scale
+    bar and the label outline in the label's colour.
+
+    Parameters
+    ----------
+    case : Case
+        The case to picture.
+    structure : str or int
+        Structure name (any spelling :meth:`Case.resolve` accepts) or label value.
+    out_png : str or os.PathLike
+        Output file; its directory must exist. Written to a temporary file in the same
+        directory, then renamed, so readers never see a partial picture.
+    segmentation : str, optional
+        Segmentation holding the structure; needed only when several could.
+    margin_mm : float, optional
+        Context around the bounding box, in millimetres (>= 0).
+    window : (float, float), optional
+        CT window as ``(width, level)`` in HU. Default: from the structure's median HU, a lung
+        window (W1500 L-600) below -400, a bone window (W1800 L400) above 300, else soft tissue
+        (W400 L40); see :func:`choose_window`.
+    dpi : int, optional
+        Resolution; the picture is ``FIGSIZE_INCHES * dpi`` pixels.
+
+    Returns
+    -------
+    pathlib.Path
+        The written PNG.
+
+    Raises
+    ------
+    StructureNotFoundError
+        The structure is not in the label map (a ``KeyError``; the message lists close names),
+        or is absent from this case.
+    ValueError
+        ``margin_mm``, ``window`` or ``dpi`` is invalid.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if isinstance(structure, np.integer):  # label maps accept Python ints only
+        structure = int(structure)
+    if not (isinstance(dpi, (int, np.integer)) and not isinstance(dpi, bool) and dpi > 0):
+        raise ValueError(f"dpi must be a positive integer, got {dpi!r}")
+    if window is not None:
+        if len(window) != 2 or not all(np.isfinite(window)) or window[0] <= 0:
+            raise ValueError(f"window must be (width > 0, level) in HU, got {window!r}")
+        win = Window(float(window[0]), float(window[1]))
+    out = Path(out_png)
+
+    seg, label, panels = structure_panels(case, structure, segmentation=segmentation, margin_mm=margin_mm)
+    median = float("nan")
+    if window is None:
+        st = case.stats(structures=[label.value], segmentation=seg)
+        if len(st):
+            median = float(st["hu_median"].iloc[0])
+        win = choose_window(median)
+    colour = _outline_colour(label.rgba)
+
+    fig = Figure(figsize=FIGSIZE_INCHES, dpi=dpi, facecolor="black")
+    FigureCanvasAgg(fig)
+    # panel widths follow their physical aspect so each fills its cell; clamped so a long thin
+    # box (a spine in coronal view) cannot squeeze the others to nothing
+    ratios = [min(max(p.size_mm[1] / p.size_mm[0], 0.35), 2.5) for p in panels]
+    grid = fig.add_gridspec(1, 3, width_ratios=ratios, left=0.01, right=0.99, bottom=0.02,
+                            top=0.80, wspace=0.05)
+    for cell, panel in enumerate(panels):
+        _draw_panel(fig.add_subplot(grid[0, cell]), panel, win, colour)
+    median_txt = f", median {median:.0f} HU" if np.isfinite(median) else ""
+    fig.suptitle(
+        f"{case.case_id} \u2014 {label.name} (label {label.value}, segmentation {seg})\n"
+        f"window W{win.width:g} L{win.level:g} ({window_name(win)}{median_txt}), margin {margin_mm:g} mm",
+        color="white", fontsize=11, y=0.975,
+    )
+
+    # atomic: a temporary name in the target directory, renamed over the target; O_EXCL with
+    # mode 0o666 lets the umask decide permissions as for any new file
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png", dpi=dpi, facecolor=fig.get_facecolor())
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out
