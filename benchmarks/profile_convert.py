@@ -97,11 +97,34 @@ def instrument(t: Timers) -> None:
     label_index.LabelIndexBuilder.finish = t.wrap("index finish", label_index.LabelIndexBuilder.finish)
     writer.downsample_image = t.wrap("downsample CT (2x2x2 mean)", writer.downsample_image)
     writer.downsample_labels = t.wrap("downsample mask (nearest)", writer.downsample_labels)
-    concurrent.futures.Future.result = t.wrap("wait index (main thread)", concurrent.futures.Future.result)
+
+    class TaggingPool(concurrent.futures.ThreadPoolExecutor):
+        """The writer's index pool; its futures are marked so waits on them can be timed."""
+
+        def submit(self, *args: Any, **kwargs: Any) -> Any:
+            fut = super().submit(*args, **kwargs)
+            fut.ctzarr_index = True  # type: ignore[attr-defined]
+            return fut
+
+    writer.ThreadPoolExecutor = TaggingPool
+    orig_result = concurrent.futures.Future.result
+
+    def result(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if not getattr(self, "ctzarr_index", False):  # zarr's own sync() also waits on futures
+            return orig_result(self, *args, **kwargs)
+        t0 = time.perf_counter()
+        try:
+            return orig_result(self, *args, **kwargs)
+        finally:
+            t.add("wait index (main thread)", time.perf_counter() - t0)
+
+    concurrent.futures.Future.result = result
 
     def level_of(arr: Any, key: Any, value: Any) -> str:
-        kind = "CT" if arr.dtype.itemsize > 1 else "mask"
-        return f"zarr write {kind} level {arr.path.rsplit('/', 1)[-1]}"
+        name = arr.path.rsplit("/", 1)[-1]
+        if not name.isdigit():
+            return "zarr write, other arrays (index histogram, header, collection table)"
+        return f"zarr write {'CT' if arr.dtype.itemsize > 1 else 'mask'} level {name}"
 
     import zarr
 

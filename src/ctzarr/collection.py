@@ -157,6 +157,53 @@ class Collection:
 
         return collection_stats(self, structures, cases, segmentation, method, client)
 
+    @cached_property
+    def _table(self) -> dict[str, Any]:
+        """The collection table's columns, histogram and per-case geometry, read once."""
+        grp = self.root["index"]
+        assert isinstance(grp, zarr.Group)
+        with codec_pipeline():
+            cols = {name: np.asarray(grp[name][:]) for name in (*_TABLE_COLUMNS, "histogram")}  # type: ignore[index]
+        attrs = grp.attrs["ctzarr"]
+        case_pos = {cid: i for i, cid in enumerate(attrs["cases"])}
+        bounds = np.searchsorted(cols["case"], np.arange(len(attrs["cases"]) + 1))
+        return {"cols": cols, "attrs": attrs, "case_pos": case_pos, "bounds": bounds}
+
+    def table_index(self, case_id: str) -> tuple[Any, dict[str, tuple[LabelIndex, int | None]]]:
+        """A case's geometry and per-segmentation index, from the collection table (no case read)."""
+        from .stats import CaseGeometry
+
+        t = self._table
+        if case_id not in t["case_pos"]:
+            raise KeyError(f"case {case_id!r} is not in the collection table of {self.url}")
+        ci = t["case_pos"][case_id]
+        cols, attrs = t["cols"], t["attrs"]
+        lo, hi = int(t["bounds"][ci]), int(t["bounds"][ci + 1])
+        meta = attrs["case_meta"][case_id]
+        out: dict[str, tuple[LabelIndex, int | None]] = {}
+        seg_names = attrs["segmentations"]
+        for si, seg in enumerate(seg_names):
+            if seg not in meta["segmentations"]:
+                continue
+            rows = np.arange(lo, hi)[cols["segmentation"][lo:hi] == si]
+            starts, stops = cols["hist_start"][rows], cols["hist_stop"][rows]
+            h0 = int(starts[0]) if len(rows) else 0
+            h1 = int(stops[-1]) if len(rows) else 0
+            hist = cols["histogram"][h0:h1]
+            idx = LabelIndex(
+                labels=cols["label"][rows], voxel_count=cols["voxel_count"][rows],
+                bbox=np.stack([cols[c][rows] for c in ("z_start", "z_stop", "y_start", "y_stop", "x_start", "x_stop")],
+                              axis=1),
+                coord_sum=np.stack([cols[c][rows] for c in ("sum_z", "sum_y", "sum_x")], axis=1),
+                chunk_ids=(), hist_offsets=np.r_[starts - h0, h1 - h0].astype(np.int64),
+                hist_keys=hist[:, 0], hist_counts=hist[:, 1],
+                histogram_resolution=float(cols["histogram_resolution"][rows[0]]) if len(rows) else 1.0,
+                annotated_slices=None, chunk_grid=(0, 0, 0), chunk_shape=(0, 0, 0),
+                nonfinite_count=np.zeros(len(rows), np.int64),
+            )
+            out[seg] = (idx, meta["annotated_slices"].get(seg))
+        return CaseGeometry.from_dict(case_id, meta), out
+
     def table(self) -> pd.DataFrame:
         """The collection index: one row per (case, segmentation, label), read from one group."""
         grp = self.root["index"]
@@ -465,11 +512,18 @@ def write_collection_table(root: zarr.Group) -> None:
     rows: dict[str, list[Any]] = {k: [] for k in _TABLE_COLUMNS}
     hists = []
     offset = 0
+    case_meta: dict[str, Any] = {}
     for ci, cid in enumerate(committed):
         grp = zarr.open_group(root.store, path=f"cases/{cid}", mode="r", zarr_format=3)
-        for seg in grp.attrs["ctzarr"].get("segmentations", []):
+        cm = grp.attrs["ctzarr"]
+        case_meta[cid] = {"affine": cm["affine"], "spacing_zyx": cm["spacing_zyx"], "shape_zyx": cm["shape_zyx"],
+                          "value_dtype": cm["nifti"]["value_dtype"], "segmentations": cm["segmentations"],
+                          "annotated_slices": {}}
+        for seg in cm.get("segmentations", []):
             igrp = grp[f"labels/{seg}/index"]
             idx = index_from_attributes(igrp.attrs["ctzarr"], igrp["histogram"][:])  # type: ignore[index]
+            if idx.annotated_slices is not None:
+                case_meta[cid]["annotated_slices"][seg] = len(idx.annotated_slices)
             n = len(idx.labels)
             rows["case"] += [ci] * n
             rows["segmentation"] += [seg_names.index(seg)] * n
@@ -498,7 +552,7 @@ def write_collection_table(root: zarr.Group) -> None:
     if len(hist):
         arr[:] = hist
     table.attrs.put({"ctzarr": {"cases": committed, "segmentations": seg_names,
-                                "columns": list(_TABLE_COLUMNS)}})
+                                "columns": list(_TABLE_COLUMNS), "case_meta": case_meta}})
     meta["cases"] = committed
     root.attrs.put({"ctzarr": meta})
 

@@ -305,7 +305,9 @@ def _draw_panel(ax: Axes, panel: Panel, window: Window, colour: tuple[float, flo
     xs = (np.arange(cols + 2) - 0.5) * dx
     ys = (np.arange(rows + 2) - 0.5) * dy
     if panel.mask.any():
-        ax.contour(xs, ys, mask, levels=[0.5], colors=[colour], linewidths=1.4)
+        outline = ax.contour(xs, ys, mask, levels=[0.5], colors=[colour], linewidths=1.4)
+        # a thin dark rim keeps pale label colours visible over bright bone and contrast
+        outline.set_path_effects([patheffects.withStroke(linewidth=2.6, foreground=(0, 0, 0, 0.6))])
     ax.set_xlim(0, width_mm)
     ax.set_ylim(height_mm, 0)
     ax.set_aspect("equal")

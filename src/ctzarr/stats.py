@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from .label_index import LabelIndex, LabelIndexBuilder
+from .labelmaps import LabelMap
 
 if TYPE_CHECKING:
     from .collection import Case, Collection
@@ -79,25 +81,39 @@ def percentiles_from_histogram(values: np.ndarray, counts: np.ndarray, q: Sequen
     return _lerp(a, b, gamma)
 
 
-def _value_dtype(case: Case) -> np.dtype[Any]:
-    return np.dtype(case.meta["nifti"]["value_dtype"])
+@dataclass(frozen=True)
+class CaseGeometry:
+    """What statistics need to know of a case besides its index."""
+
+    case_id: str
+    affine: np.ndarray
+    spacing: tuple[float, float, float]
+    shape: tuple[int, int, int]
+    value_dtype: np.dtype[Any]
+
+    @classmethod
+    def of(cls, case: Case) -> CaseGeometry:
+        return cls(case.case_id, case.affine, case.spacing, case.shape, np.dtype(case.meta["nifti"]["value_dtype"]))
+
+    @classmethod
+    def from_dict(cls, case_id: str, d: dict[str, Any]) -> CaseGeometry:
+        return cls(case_id, np.asarray(d["affine"], np.float64), tuple(d["spacing_zyx"]),  # type: ignore[arg-type]
+                   tuple(d["shape_zyx"]), np.dtype(d["value_dtype"]))  # type: ignore[arg-type]
 
 
-def index_rows(case: Case, segmentation: str, idx: LabelIndex, labels: Iterable[int] | None = None) -> list[dict[str, Any]]:
+def index_rows(geom: CaseGeometry, segmentation: str, label_map: LabelMap, idx: LabelIndex,
+               labels: Iterable[int] | None = None, annotated: int | None = None) -> list[dict[str, Any]]:
     """Statistics rows of one case and segmentation from an index (present or requested labels)."""
-    lm = case.collection.segmentations[segmentation]
-    affine = case.affine
-    voxel_mm3 = float(np.prod(case.spacing))
-    shape = case.shape
-    dtype = _value_dtype(case)
+    voxel_mm3 = float(np.prod(geom.spacing))
     res = idx.histogram_resolution
     wanted = idx.labels.tolist() if labels is None else list(labels)
     pos = {int(v): i for i, v in enumerate(idx.labels.tolist())}
-    annotated = None if idx.annotated_slices is None else len(idx.annotated_slices)
+    if annotated is None and idx.annotated_slices is not None:
+        annotated = len(idx.annotated_slices)
     rows = []
     for label in wanted:
-        row: dict[str, Any] = {"case_id": case.case_id, "segmentation": segmentation, "label": int(label),
-                               "structure": lm[int(label)].name if int(label) in lm else str(label)}
+        row: dict[str, Any] = {"case_id": geom.case_id, "segmentation": segmentation, "label": int(label),
+                               "structure": label_map[int(label)].name if int(label) in label_map else str(label)}
         i = pos.get(int(label))
         if i is None:
             row.update(voxel_count=0, volume_ml=0.0, touches_border=False)
@@ -105,7 +121,7 @@ def index_rows(case: Case, segmentation: str, idx: LabelIndex, labels: Iterable[
             for c in ("z_start", "z_stop", "y_start", "y_stop", "x_start", "x_stop"):
                 row[c] = -1
         else:
-            row.update(_label_stats(idx, i, res, dtype, affine, voxel_mm3, shape))
+            row.update(_label_stats(idx, i, res, geom.value_dtype, geom.affine, voxel_mm3, geom.shape))
         if annotated is not None:
             row["annotated_slices"] = annotated
         rows.append(row)
@@ -239,16 +255,26 @@ def _stats(col: Collection, ids: list[str], structures: Sequence[str | int] | No
     if method not in ("index", "scan"):
         raise ValueError(f"method must be 'index' or 'scan', not {method!r}")
     targets = _resolve_targets(col, cases[0] if cases else None, structures, segmentation)
-    case_objs = cases or [col[cid] for cid in ids]
     rows: list[dict[str, Any]] = []
     if method == "index":
-        for case in case_objs:
-            for seg, labels in targets.items():
-                if seg in case.segmentation_names:
-                    rows += index_rows(case, seg, case.index(seg), labels)
+        if cases is None:
+            # the collection table answers a cohort in a constant number of reads
+            for cid in ids:
+                geom, entries = col.table_index(cid)
+                for seg, labels in targets.items():
+                    if seg in entries:
+                        idx, annotated = entries[seg]
+                        rows += index_rows(geom, seg, col.segmentations[seg], idx, labels, annotated)
+        else:
+            for case in cases:
+                geom = CaseGeometry.of(case)
+                for seg, labels in targets.items():
+                    if seg in case.segmentation_names:
+                        rows += index_rows(geom, seg, col.segmentations[seg], case.index(seg), labels)
     else:
         import dask
 
+        case_objs = cases or [col[cid] for cid in ids]
         jobs = [(case, seg, labels, scan_index_graph(case, seg)) for case in case_objs
                 for seg, labels in targets.items() if seg in case.segmentation_names]
         graphs = [j[3] for j in jobs]
@@ -257,6 +283,6 @@ def _stats(col: Collection, ids: list[str], structures: Sequence[str | int] | No
         else:
             results = dask.compute(*graphs, scheduler="threads")
         for (case, seg, labels, _), idx in zip(jobs, results, strict=True):
-            rows += index_rows(case, seg, idx, labels)
+            rows += index_rows(CaseGeometry.of(case), seg, col.segmentations[seg], idx, labels)
     columns = STATS_COLUMNS + (["annotated_slices"] if any("annotated_slices" in r for r in rows) else [])
     return pd.DataFrame(rows, columns=columns)

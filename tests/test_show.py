@@ -1,0 +1,180 @@
+"""Structure pictures: valid PNGs, radiological orientation whatever the storage order, windows."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from matplotlib.image import imread
+
+import ctzarr
+from ctzarr.phantom import write_dap_atlas
+from ctzarr.show import (
+    BONE_WINDOW,
+    FIGSIZE_INCHES,
+    LUNG_WINDOW,
+    SOFT_TISSUE_WINDOW,
+    choose_window,
+    render_structure,
+    scale_bar_mm,
+    structure_panels,
+    window_name,
+)
+
+LIVER, SPLEEN, KIDNEY_LEFT, KIDNEY_RIGHT = 13, 26, 15, 16
+AUTOCHTHON_LEFT, AORTA, LUNG_UPPER_RIGHT = 40, 114, 124
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory: pytest.TempPathFactory) -> ctzarr.Collection:
+    root = tmp_path_factory.mktemp("show")
+    # case 0 is stored RAS, case 1 as ITK writes LPS (x and y flipped on disk)
+    write_dap_atlas(root / "src", n_cases=2, shape_zyx=(40, 48, 48))
+    report = ctzarr.convert(root / "src", root / "dap.zarr", progress=False)
+    assert report.ok, report
+    return ctzarr.open_collection(root / "dap.zarr")
+
+
+@pytest.fixture(scope="module")
+def ras_and_lps(collection: ctzarr.Collection) -> list[ctzarr.Case]:
+    import nibabel as nib
+
+    cases = [collection[cid] for cid in collection.case_ids]
+    codes = [nib.orientations.aff2axcodes(c.affine) for c in cases]
+    assert codes == [("R", "A", "S"), ("L", "P", "S")]  # the phantom's quirks, relied on below
+    return cases
+
+
+def _coloured(rgb: np.ndarray) -> np.ndarray:
+    """Pixels that are clearly not grey: only the label outline is coloured in these pictures."""
+    return (rgb.max(axis=-1) - rgb.min(axis=-1)) > 0.15
+
+
+def _centroid_col(mask: np.ndarray) -> float:
+    return float(np.nonzero(mask)[1].mean())
+
+
+def _centroid_row(mask: np.ndarray) -> float:
+    return float(np.nonzero(mask)[0].mean())
+
+
+def test_render_writes_a_valid_png_of_the_expected_size(ras_and_lps: list[ctzarr.Case], tmp_path: Path) -> None:
+    case = ras_and_lps[0]
+    out = render_structure(case, "liver", tmp_path / "liver.png", dpi=50)
+    assert out == tmp_path / "liver.png"
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    img = imread(out)
+    assert img.shape[:2] == (round(FIGSIZE_INCHES[1] * 50), round(FIGSIZE_INCHES[0] * 50))
+    rgb = img[..., :3]
+    assert rgb.std() > 0.05  # not blank
+    assert _coloured(rgb).sum() > 20  # the outline is there
+    liver_rgb = np.array(ctzarr.open_collection(case.collection.url).segmentations["anatomy"][LIVER].rgba[:3]) / 255
+    assert (np.abs(rgb - liver_rgb).max(axis=-1) < 0.06).sum() > 5  # in the liver's colour
+    assert [p.name for p in tmp_path.iterdir()] == ["liver.png"]  # no temporary file left
+
+    # overwriting is atomic and keeps the name
+    render_structure(case, LIVER, out, dpi=40)
+    assert imread(out).shape[:2] == (round(FIGSIZE_INCHES[1] * 40), round(FIGSIZE_INCHES[0] * 40))
+    assert [p.name for p in tmp_path.iterdir()] == ["liver.png"]
+
+
+@pytest.mark.parametrize("case_no", [0, 1])
+def test_panels_are_in_radiological_orientation(ras_and_lps: list[ctzarr.Case], case_no: int) -> None:
+    case = ras_and_lps[case_no]
+    seg, label, (axial, coronal, sagittal) = structure_panels(case, "liver", margin_mm=500)
+    assert (seg, label.value) == ("anatomy", LIVER)
+    assert (axial.letters, coronal.letters, sagittal.letters) == (
+        ("A", "P", "R", "L"), ("S", "I", "R", "L"), ("S", "I", "A", "P"))
+    assert axial.title.startswith("Axial z=") and coronal.title.startswith("Coronal y=")
+    assert sagittal.title.startswith("Sagittal x=")
+    # a whole-body margin: every panel is the full slice, with physical pixel sizes
+    assert axial.image.shape == (48, 48) and coronal.image.shape == (40, 48) == sagittal.image.shape
+    sz, sy, sx = case.spacing
+    assert axial.pixel_mm == (sy, sx) and coronal.pixel_mm == (sz, sx) and sagittal.pixel_mm == (sz, sy)
+    for p in (axial, coronal, sagittal):
+        assert p.mask.any() and np.array_equal(p.mask, p.labels == LIVER)
+
+    # axial: the liver (patient's right) on the image left, the spleen on the right; the aorta
+    # anterior to (above) the back muscles
+    assert _centroid_col(axial.labels == LIVER) < axial.image.shape[1] / 2 < _centroid_col(axial.labels == SPLEEN)
+    assert _centroid_row(axial.labels == AORTA) < _centroid_row(axial.labels == AUTOCHTHON_LEFT)
+    # coronal: lung above liver, liver on the image left
+    assert _centroid_row(coronal.labels == LUNG_UPPER_RIGHT) < _centroid_row(coronal.labels == LIVER)
+    assert _centroid_col(coronal.labels == LIVER) < coronal.image.shape[1] / 2
+    # sagittal through the liver: the kidney lies posterior, so to the right of the liver
+    assert _centroid_col(sagittal.labels == KIDNEY_RIGHT) > _centroid_col(sagittal.labels == LIVER)
+    assert _centroid_row(sagittal.labels == LUNG_UPPER_RIGHT) < _centroid_row(sagittal.labels == LIVER)
+
+
+def test_lps_and_ras_cases_give_the_same_orientation(ras_and_lps: list[ctzarr.Case]) -> None:
+    # the anatomy is the same in both phantoms, so the displayed slices must agree up to the
+    # pixel size; compare the side and level of each structure
+    per_case = []
+    for case in ras_and_lps:
+        _, _, panels = structure_panels(case, "kidney left", margin_mm=500)
+        axial = panels[0]
+        h, w = axial.image.shape
+        per_case.append({v: (_centroid_row(axial.labels == v) / h, _centroid_col(axial.labels == v) / w)
+                         for v in (KIDNEY_LEFT, KIDNEY_RIGHT, AUTOCHTHON_LEFT) if (axial.labels == v).any()})
+        assert per_case[-1][KIDNEY_LEFT][1] > 0.5  # the left kidney on the image right
+    ras, lps = per_case
+    assert ras.keys() == lps.keys()
+    for v in ras:
+        assert np.allclose(ras[v], lps[v], atol=0.08), (v, ras[v], lps[v])
+
+
+def test_left_kidney_outline_is_on_the_image_right_in_the_png(ras_and_lps: list[ctzarr.Case], tmp_path: Path) -> None:
+    for i, case in enumerate(ras_and_lps):
+        # the lung window shows air as grey, so the panel area stands out from the black figure
+        out = render_structure(case, "kidney left", tmp_path / f"k{i}.png", margin_mm=500,
+                               window=LUNG_WINDOW, dpi=60)
+        rgb = imread(out)[..., :3]
+        h, w, _ = rgb.shape
+        band = rgb[int(0.25 * h):int(0.95 * h), : w // 3]  # the axial panel, below the titles
+        lit = np.nonzero((band.max(axis=-1) > 0.1).mean(axis=0) > 0.5)[0]
+        left, right = lit.min(), lit.max()
+        cols = np.nonzero(_coloured(band))[1]
+        assert len(cols) > 5
+        assert (cols.mean() - left) / (right - left) > 0.55, i
+
+
+def test_window_choice() -> None:
+    assert choose_window(-850) == LUNG_WINDOW == (1500, -600)
+    assert choose_window(996) == BONE_WINDOW == (1800, 400)
+    assert choose_window(60) == SOFT_TISSUE_WINDOW == (400, 40)
+    assert choose_window(-400) == SOFT_TISSUE_WINDOW and choose_window(300) == SOFT_TISSUE_WINDOW
+    assert choose_window(math.nan) == SOFT_TISSUE_WINDOW
+    assert SOFT_TISSUE_WINDOW.limits == (-160, 240)
+    assert [window_name(w) for w in (LUNG_WINDOW, BONE_WINDOW, SOFT_TISSUE_WINDOW, (350, 50))] == [
+        "lung", "bone", "soft tissue", "custom"]
+
+
+def test_scale_bar_is_about_a_quarter_of_the_panel() -> None:
+    assert scale_bar_mm(47) == 10
+    assert scale_bar_mm(200) == 50
+    assert scale_bar_mm(400) == 100
+    assert scale_bar_mm(8) == 2
+
+
+def test_unknown_or_absent_structure_raises(ras_and_lps: list[ctzarr.Case], tmp_path: Path) -> None:
+    case = ras_and_lps[0]
+    with pytest.raises(KeyError, match="no such organ|not|close"):
+        render_structure(case, "no such organ", tmp_path / "x.png")
+    with pytest.raises(ctzarr.StructureNotFoundError):
+        render_structure(case, "no such organ", tmp_path / "x.png")
+    present = set(int(v) for v in case.index("anatomy").labels)
+    absent = next(lab.value for lab in case.collection.segmentations["anatomy"]
+                  if lab.value not in present and lab.value > 1)
+    with pytest.raises(ctzarr.StructureNotFoundError, match="absent"):
+        render_structure(case, absent, tmp_path / "x.png")
+    assert not any(tmp_path.iterdir())
+
+
+def test_bad_arguments(ras_and_lps: list[ctzarr.Case], tmp_path: Path) -> None:
+    case = ras_and_lps[0]
+    for kwargs in ({"dpi": 0}, {"window": (0, 40)}, {"window": (400, math.nan)}, {"margin_mm": -1}):
+        with pytest.raises(ValueError):
+            render_structure(case, "liver", tmp_path / "x.png", **kwargs)  # type: ignore[arg-type]
+    assert not any(tmp_path.iterdir())
