@@ -152,3 +152,22 @@ def test_crop_writes_nifti_that_overlays_the_source(dap_source: Path, dap_store:
     np.testing.assert_array_equal(data, source[i : i + data.shape[0], j : j + data.shape[1], k : k + data.shape[2]])
     labels = np.asanyarray(nib.load(tmp_path / "liver_labels.nii.gz").dataobj)
     assert (labels == 13).sum() == (np.asanyarray(nib.load(dap_source / "masks" / f"{cid}.nii.gz").dataobj) == 13).sum()
+
+
+def test_show_writes_a_png(dap_store: Path, tmp_path: Path) -> None:
+    from matplotlib.image import imread
+
+    cid = ctzarr.open_collection(dap_store).case_ids[0]
+    out = tmp_path / "kidney.png"
+    assert main(["show", str(dap_store), cid, "kidney left", "-o", str(out)]) == 0
+    pixels = imread(out)
+    assert pixels.ndim == 3 and pixels.shape[0] > 100 and pixels.std() > 0.05
+
+
+def test_crop_of_an_unknown_structure_is_one_line(dap_store: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    cid = ctzarr.open_collection(dap_store).case_ids[0]
+    assert main(["crop", str(dap_store), cid, "kidny", "-o", str(tmp_path / "x.nii.gz")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ctzarr: error:") and "kidney" in err and "\n" not in err
+    assert not (tmp_path / "x.nii.gz").exists()

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .collection import Case, Collection, open_collection
+from typing import TYPE_CHECKING, Any
+
 from .convert import CaseResult, ConversionReport, convert
 from .errors import (
     CaseExistsError,
@@ -28,6 +29,25 @@ from .errors import (
     UnknownLabelError,
 )
 from .labelmaps import Label, LabelMap
+
+if TYPE_CHECKING:
+    from .collection import Case, Collection, open_collection
+
+# The reading side pulls in dask.array, xarray and pandas (~1.5 s, ~140 MB); a conversion needs
+# none of them, so they load on first use.
+_LAZY = {"Case", "Collection", "open_collection"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from . import collection
+
+        return getattr(collection, name)
+    if name == "stats":
+        import importlib
+
+        return importlib.import_module(".stats", __name__)
+    raise AttributeError(f"module 'ctzarr' has no attribute {name!r}")
 
 __all__ = [
     "Case",

@@ -157,70 +157,34 @@ class Collection:
 
         return collection_stats(self, structures, cases, segmentation, method, client)
 
-    @cached_property
-    def _table(self) -> dict[str, Any]:
-        """The collection table's columns, histogram and per-case geometry, read once."""
-        grp = self.root["index"]
-        assert isinstance(grp, zarr.Group)
-        with codec_pipeline():
-            cols = {name: np.asarray(grp[name][:]) for name in (*_TABLE_COLUMNS, "histogram")}  # type: ignore[index]
-        attrs = grp.attrs["ctzarr"]
-        case_pos = {cid: i for i, cid in enumerate(attrs["cases"])}
-        bounds = np.searchsorted(cols["case"], np.arange(len(attrs["cases"]) + 1))
-        return {"cols": cols, "attrs": attrs, "case_pos": case_pos, "bounds": bounds}
-
-    def table_index(self, case_id: str) -> tuple[Any, dict[str, tuple[LabelIndex, int | None]]]:
-        """A case's geometry and per-segmentation index, from the collection table (no case read)."""
-        from .stats import CaseGeometry
-
-        t = self._table
-        if case_id not in t["case_pos"]:
-            raise KeyError(f"case {case_id!r} is not in the collection table of {self.url}")
-        ci = t["case_pos"][case_id]
-        cols, attrs = t["cols"], t["attrs"]
-        lo, hi = int(t["bounds"][ci]), int(t["bounds"][ci + 1])
-        meta = attrs["case_meta"][case_id]
-        out: dict[str, tuple[LabelIndex, int | None]] = {}
-        seg_names = attrs["segmentations"]
-        for si, seg in enumerate(seg_names):
-            if seg not in meta["segmentations"]:
-                continue
-            rows = np.arange(lo, hi)[cols["segmentation"][lo:hi] == si]
-            starts, stops = cols["hist_start"][rows], cols["hist_stop"][rows]
-            h0 = int(starts[0]) if len(rows) else 0
-            h1 = int(stops[-1]) if len(rows) else 0
-            hist = cols["histogram"][h0:h1]
-            idx = LabelIndex(
-                labels=cols["label"][rows], voxel_count=cols["voxel_count"][rows],
-                bbox=np.stack([cols[c][rows] for c in ("z_start", "z_stop", "y_start", "y_stop", "x_start", "x_stop")],
-                              axis=1),
-                coord_sum=np.stack([cols[c][rows] for c in ("sum_z", "sum_y", "sum_x")], axis=1),
-                chunk_ids=(), hist_offsets=np.r_[starts - h0, h1 - h0].astype(np.int64),
-                hist_keys=hist[:, 0], hist_counts=hist[:, 1],
-                histogram_resolution=float(cols["histogram_resolution"][rows[0]]) if len(rows) else 1.0,
-                annotated_slices=None, chunk_grid=(0, 0, 0), chunk_shape=(0, 0, 0),
-                nonfinite_count=np.zeros(len(rows), np.int64),
-            )
-            out[seg] = (idx, meta["annotated_slices"].get(seg))
-        return CaseGeometry.from_dict(case_id, meta), out
-
     def table(self) -> pd.DataFrame:
-        """The collection index: one row per (case, segmentation, label), read from one group."""
-        grp = self.root["index"]
-        assert isinstance(grp, zarr.Group)
-        a = grp.attrs["ctzarr"]
-        cols = {name: grp[name][:] for name in _TABLE_COLUMNS}
-        df = pd.DataFrame({
-            "case_id": np.asarray(a["cases"], dtype=object)[cols["case"]] if len(cols["case"]) else [],
-            "segmentation": np.asarray(a["segmentations"], dtype=object)[cols["segmentation"]] if len(cols["segmentation"]) else [],
-            **{k: v for k, v in cols.items() if k not in ("case", "segmentation")},
-        })
+        """The collection table: statistics of every (case, segmentation, structure), read from
+        one small group of the store (no case is opened)."""
+        from .collection_table import read_table_columns
+
+        with codec_pipeline():
+            found = read_table_columns(self.root)
+        if found is None:
+            raise StoreError(f"{self.url}: no collection table (written by ctzarr convert; rebuild with "
+                             "ctzarr verify --repair)")
+        cols, attrs = found
+        lms = self.segmentations
+        seg_names = attrs["segmentations"]
+        data: dict[str, Any] = {
+            "case_id": np.asarray(attrs["cases"], dtype=object)[cols["case"]] if len(cols["case"]) else [],
+            "segmentation": np.asarray(seg_names, dtype=object)[cols["segmentation"]] if len(cols["case"]) else [],
+            "label": cols["label"],
+            "structure": [lms[seg_names[s]][int(v)].name for s, v in zip(cols["segmentation"].tolist(),
+                                                                          cols["label"].tolist(), strict=True)],
+        }
+        from .stats import STATS_COLUMNS
+
+        for c in STATS_COLUMNS[4:]:
+            data[c] = cols[c]
+        df = pd.DataFrame(data)
+        if len(df) and (cols["annotated_slices"] >= 0).any():
+            df["annotated_slices"] = cols["annotated_slices"]
         return df
-
-
-_TABLE_COLUMNS = ("case", "segmentation", "label", "voxel_count", "z_start", "z_stop", "y_start", "y_stop",
-                  "x_start", "x_stop", "sum_z", "sum_y", "sum_x", "hist_start", "hist_stop",
-                  "histogram_resolution")
 
 
 class Case:
@@ -495,69 +459,3 @@ class Case:
             img.to_filename(p)
             written[name] = p
         return written
-
-
-def write_collection_table(root: zarr.Group) -> None:
-    """Rebuild the collection index table and case list from the committed cases."""
-    from .convert import case_state
-
-    meta = dict(root.attrs["ctzarr"])
-    cases_grp = root.require_group("cases")
-    seg_names = list(meta.get("segmentations", {}))
-    committed = []
-    for cid in sorted(cases_grp.group_keys()):
-        state, _ = case_state(root, cid)
-        if state == "complete":
-            committed.append(cid)
-    rows: dict[str, list[Any]] = {k: [] for k in _TABLE_COLUMNS}
-    hists = []
-    offset = 0
-    case_meta: dict[str, Any] = {}
-    for ci, cid in enumerate(committed):
-        grp = zarr.open_group(root.store, path=f"cases/{cid}", mode="r", zarr_format=3)
-        cm = grp.attrs["ctzarr"]
-        case_meta[cid] = {"affine": cm["affine"], "spacing_zyx": cm["spacing_zyx"], "shape_zyx": cm["shape_zyx"],
-                          "value_dtype": cm["nifti"]["value_dtype"], "segmentations": cm["segmentations"],
-                          "annotated_slices": {}}
-        for seg in cm.get("segmentations", []):
-            igrp = grp[f"labels/{seg}/index"]
-            idx = index_from_attributes(igrp.attrs["ctzarr"], igrp["histogram"][:])  # type: ignore[index]
-            if idx.annotated_slices is not None:
-                case_meta[cid]["annotated_slices"][seg] = len(idx.annotated_slices)
-            n = len(idx.labels)
-            rows["case"] += [ci] * n
-            rows["segmentation"] += [seg_names.index(seg)] * n
-            rows["label"] += idx.labels.tolist()
-            rows["voxel_count"] += idx.voxel_count.tolist()
-            for j, col in enumerate(("z_start", "z_stop", "y_start", "y_stop", "x_start", "x_stop")):
-                rows[col] += idx.bbox[:, j].tolist()
-            for j, col in enumerate(("sum_z", "sum_y", "sum_x")):
-                rows[col] += idx.coord_sum[:, j].tolist()
-            rows["hist_start"] += (idx.hist_offsets[:-1] + offset).tolist()
-            rows["hist_stop"] += (idx.hist_offsets[1:] + offset).tolist()
-            rows["histogram_resolution"] += [idx.histogram_resolution] * n
-            hists.append(np.stack([idx.hist_keys, idx.hist_counts], axis=1))
-            offset += len(idx.hist_keys)
-    table = root.require_group("index")
-    for col, values in rows.items():
-        dt = np.float64 if col == "histogram_resolution" else np.int64
-        data = np.asarray(values, dtype=dt)
-        arr = table.create_array(col, shape=data.shape, dtype=dt, chunks=(max(len(data), 1),), overwrite=True,
-                                 compressors=_table_compressors())
-        if len(data):
-            arr[:] = data
-    hist = np.concatenate(hists) if hists else np.zeros((0, 2), np.int64)
-    arr = table.create_array("histogram", shape=hist.shape, dtype=np.int64, chunks=(max(len(hist), 1), 2),
-                             overwrite=True, compressors=_table_compressors())
-    if len(hist):
-        arr[:] = hist
-    table.attrs.put({"ctzarr": {"cases": committed, "segmentations": seg_names,
-                                "columns": list(_TABLE_COLUMNS), "case_meta": case_meta}})
-    meta["cases"] = committed
-    root.attrs.put({"ctzarr": meta})
-
-
-def _table_compressors() -> list[Any]:
-    from .writer import _compressors
-
-    return _compressors()

@@ -143,7 +143,7 @@ def convert(
         finally:
             if bar:
                 bar.close()
-    finalize_collection(root)
+    finalize_collection(root, changed=[r.case_id for r in report.results if r.status != "skipped"])
     return report
 
 
@@ -364,12 +364,8 @@ def case_attributes(spec: CaseSpec, image: NiftiSource, segs: Iterable[Segmentat
     }
 
 
-def finalize_collection(root: zarr.Group) -> None:
-    """Rewrite the collection's case list and table from the committed cases."""
-    from .collection import write_collection_table
+def finalize_collection(root: zarr.Group, changed: Iterable[str] | None = None) -> list[str]:
+    """Update the collection's case list and table (all cases, or only those that changed)."""
+    from .collection_table import update_collection_table
 
-    write_collection_table(root)
-
-
-def _labels_of(lm: LabelMap) -> list[int]:
-    return list(lm.values)
+    return update_collection_table(root, changed)

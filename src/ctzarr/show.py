@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-import dask
 import numpy as np
+from dask.base import compute as dask_compute
 from nibabel.orientations import io_orientation
 
 if TYPE_CHECKING:
@@ -170,7 +170,8 @@ class Panel:
 def _world_axes(affine: np.ndarray) -> tuple[dict[int, int], dict[int, float]]:
     """For each RAS world axis: the stored (z, y, x) dimension nearest to it, and whether the
     index along that dimension runs towards +world (+1) or -world (-1)."""
-    ornt = io_orientation(affine)  # row per voxel axis (i, j, k): (world axis, +-1)
+    # row per voxel axis (i, j, k): (world axis, +-1)
+    ornt = np.asarray(io_orientation(affine))  # type: ignore[no-untyped-call]
     if np.isnan(ornt).any():
         raise ValueError(f"affine has a degenerate axis; cannot orient slices:\n{affine}")
     dim_of: dict[int, int] = {}
@@ -181,11 +182,11 @@ def _world_axes(affine: np.ndarray) -> tuple[dict[int, int], dict[int, float]]:
     return dim_of, sign_of
 
 
-def _orient(arr: np.ndarray, kept_dims: tuple[int, int], row_dim: int, flip_rows: bool,
+def _orient(arr: np.ndarray, normal_dim: int, row_dim: int, flip_rows: bool,
             flip_cols: bool) -> np.ndarray:
-    """Transpose a 2-D slice whose axes are the stored ``kept_dims`` (ascending) into
-    (row_dim, other) order and flip it into display orientation."""
-    if kept_dims[0] != row_dim:
+    """Transpose a 2-D slice across stored dimension ``normal_dim`` (its axes are the other two
+    dimensions in stored order) so ``row_dim`` runs down, and flip it into display orientation."""
+    if min(d for d in range(3) if d != normal_dim) != row_dim:
         arr = arr.T
     if flip_rows:
         arr = arr[::-1, :]
@@ -219,7 +220,7 @@ def structure_panels(case: Case, structure: str | int, *, segmentation: str | No
     """
     seg, label, box = case.crop_box(structure, margin_mm, segmentation)
     idx = case.index(seg)
-    row = int(np.nonzero(idx.labels == label.value)[0][0])
+    row = np.nonzero(idx.labels == label.value)[0][0]
     centroid = np.asarray(idx.coord_sum[row], dtype=np.float64) / float(idx.voxel_count[row])
     bbox = [int(b) for b in idx.bbox[row]]  # z0, z1, y0, y1, x0, x1 of the structure itself
     dim_of, sign_of = _world_axes(case.affine)
@@ -234,15 +235,15 @@ def structure_panels(case: Case, structure: str | int, *, segmentation: str | No
     for key, title, normal, (row_world, col_world) in _PANELS:
         dn = dim_of[normal]
         # the centroid of a curved structure may fall outside it; clip to its extent at least
-        k = min(max(int(math.floor(centroid[dn] + 0.5)), bbox[2 * dn]), bbox[2 * dn + 1] - 1)
+        k = min(max(math.floor(centroid[dn] + 0.5), bbox[2 * dn]), bbox[2 * dn + 1] - 1)
         sel: list[slice | int] = list(box)
         sel[dn] = k
-        plans.append((key, title, normal, row_world, col_world, dn, k))
+        plans.append((key, title, row_world, col_world, dn, k))
         lazy += [image[tuple(sel)].data, labels[tuple(sel)].data]
-    computed = dask.compute(*lazy)
+    computed = dask_compute(*lazy)  # type: ignore[no-untyped-call]
 
     panels = []
-    for p, (key, title, normal, row_world, col_world, dn, k) in enumerate(plans):
+    for p, (key, title, row_world, col_world, dn, k) in enumerate(plans):
         img2d, lab2d = computed[2 * p], computed[2 * p + 1]
         if not (lab2d == label.value).any():
             # a non-convex structure can miss the slice at its centroid: move to the nearest
@@ -250,14 +251,13 @@ def structure_panels(case: Case, structure: str | int, *, segmentation: str | No
             k = _nearest_slice(labels[box], dn, label.value, k - box[dn].start) + box[dn].start
             sel = list(box)
             sel[dn] = k
-            img2d, lab2d = dask.compute(image[tuple(sel)].data, labels[tuple(sel)].data)
-        kept = tuple(d for d in range(3) if d != dn)
+            img2d, lab2d = dask_compute(  # type: ignore[no-untyped-call]
+                image[tuple(sel)].data, labels[tuple(sel)].data)
         rd, cd = dim_of[row_world], dim_of[col_world]
         # display axes run towards negative world: flip where the stored index runs positive
-        orient = dict(kept_dims=kept, row_dim=rd, flip_rows=sign_of[row_world] > 0,
-                      flip_cols=sign_of[col_world] > 0)
-        img = _orient(np.asarray(img2d, dtype=np.float32), **orient)  # type: ignore[arg-type]
-        lab = _orient(np.asarray(lab2d), **orient)  # type: ignore[arg-type]
+        flips = (sign_of[row_world] > 0, sign_of[col_world] > 0)
+        img = _orient(np.asarray(img2d, dtype=np.float32), dn, rd, *flips)
+        lab = _orient(np.asarray(lab2d), dn, rd, *flips)
         top, bottom = _AXIS_LETTERS[row_world]
         left, right = _AXIS_LETTERS[col_world]
         dim_name = str(image.dims[dn])
@@ -288,7 +288,8 @@ def _outline_colour(rgba: Sequence[int]) -> tuple[float, float, float, float]:
     return (r, g, b, 1.0)
 
 
-def _draw_panel(ax: Axes, panel: Panel, window: Window, colour: tuple[float, float, float, float]) -> None:
+def _draw_panel(ax: Axes, panel: Panel, window: Window,
+                colour: tuple[float, float, float, float]) -> None:
     from matplotlib import patheffects
 
     height_mm, width_mm = panel.size_mm
@@ -319,8 +320,10 @@ def _draw_panel(ax: Axes, panel: Panel, window: Window, colour: tuple[float, flo
 
     halo = [patheffects.withStroke(linewidth=2.5, foreground="black")]
     top, bottom, left, right = panel.letters
-    for text, x, y, ha, va in ((top, 0.5, 0.985, "center", "top"), (bottom, 0.5, 0.015, "center", "bottom"),
-                               (left, 0.012, 0.5, "left", "center"), (right, 0.988, 0.5, "right", "center")):
+    for text, x, y, ha, va in ((top, 0.5, 0.985, "center", "top"),
+                               (bottom, 0.5, 0.015, "center", "bottom"),
+                               (left, 0.012, 0.5, "left", "center"),
+                               (right, 0.988, 0.5, "right", "center")):
         ax.text(x, y, text, transform=ax.transAxes, ha=ha, va=va, color="white", fontsize=10,
                 fontweight="bold", path_effects=halo)
 
@@ -391,7 +394,8 @@ def render_structure(case: Case, structure: str | int, out_png: str | os.PathLik
         win = Window(float(window[0]), float(window[1]))
     out = Path(out_png)
 
-    seg, label, panels = structure_panels(case, structure, segmentation=segmentation, margin_mm=margin_mm)
+    seg, label, panels = structure_panels(case, structure, segmentation=segmentation,
+                                          margin_mm=margin_mm)
     median = float("nan")
     if window is None:
         st = case.stats(structures=[label.value], segmentation=seg)
@@ -404,7 +408,7 @@ def render_structure(case: Case, structure: str | int, out_png: str | os.PathLik
     FigureCanvasAgg(fig)
     # panel widths follow their physical aspect so each fills its cell; clamped so a long thin
     # box (a spine in coronal view) cannot squeeze the others to nothing
-    ratios = [min(max(p.size_mm[1] / p.size_mm[0], 0.35), 2.5) for p in panels]
+    ratios = [min(max(p.size_mm[1] / p.size_mm[0], 0.25), 3.0) for p in panels]
     grid = fig.add_gridspec(1, 3, width_ratios=ratios, left=0.01, right=0.99, bottom=0.02,
                             top=0.80, wspace=0.05)
     for cell, panel in enumerate(panels):
@@ -412,7 +416,8 @@ def render_structure(case: Case, structure: str | int, out_png: str | os.PathLik
     median_txt = f", median {median:.0f} HU" if np.isfinite(median) else ""
     fig.suptitle(
         f"{case.case_id} \u2014 {label.name} (label {label.value}, segmentation {seg})\n"
-        f"window W{win.width:g} L{win.level:g} ({window_name(win)}{median_txt}), margin {margin_mm:g} mm",
+        f"window W{win.width:g} L{win.level:g} ({window_name(win)}{median_txt}), "
+        f"margin {margin_mm:g} mm",
         color="white", fontsize=11, y=0.975,
     )
 
@@ -423,7 +428,7 @@ def render_structure(case: Case, structure: str | int, out_png: str | os.PathLik
     try:
         with os.fdopen(fd, "wb") as f:
             fig.savefig(f, format="png", dpi=dpi, facecolor=fig.get_facecolor())
-        os.replace(tmp, out)
+        tmp.replace(out)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

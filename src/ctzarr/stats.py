@@ -27,12 +27,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 
 from .label_index import LabelIndex, LabelIndexBuilder
 from .labelmaps import LabelMap
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from .collection import Case, Collection
 
 __all__ = ["STATS_COLUMNS", "case_stats", "collection_stats", "index_rows", "percentiles_from_histogram"]
@@ -116,16 +117,24 @@ def index_rows(geom: CaseGeometry, segmentation: str, label_map: LabelMap, idx: 
                                "structure": label_map[int(label)].name if int(label) in label_map else str(label)}
         i = pos.get(int(label))
         if i is None:
-            row.update(voxel_count=0, volume_ml=0.0, touches_border=False)
-            row.update({c: np.nan for c in STATS_COLUMNS if c not in row and c not in ("case_id",)})
-            for c in ("z_start", "z_stop", "y_start", "y_stop", "x_start", "x_stop"):
-                row[c] = -1
+            row = _absent_row(geom.case_id, segmentation, label_map, int(label))
         else:
             row.update(_label_stats(idx, i, res, geom.value_dtype, geom.affine, voxel_mm3, geom.shape))
         if annotated is not None:
             row["annotated_slices"] = annotated
         rows.append(row)
     return rows
+
+
+def _absent_row(case_id: str, segmentation: str, label_map: LabelMap, label: int) -> dict[str, Any]:
+    """The row of a requested structure that the case does not contain."""
+    row: dict[str, Any] = {"case_id": case_id, "segmentation": segmentation, "label": int(label),
+                           "structure": label_map[int(label)].name if int(label) in label_map else str(label),
+                           "voxel_count": 0, "volume_ml": 0.0, "touches_border": False}
+    row.update({c: np.nan for c in STATS_COLUMNS if c not in row})
+    for c in ("z_start", "z_stop", "y_start", "y_stop", "x_start", "x_stop"):
+        row[c] = -1
+    return row
 
 
 def _label_stats(idx: LabelIndex, i: int, res: float, dtype: np.dtype[Any], affine: np.ndarray,
@@ -142,8 +151,8 @@ def _label_stats(idx: LabelIndex, i: int, res: float, dtype: np.dtype[Any], affi
         var = ((m * s2 - s1 * s1) / (m * m)) * res * res
         values = keys.astype(np.float64) * res if res != 1.0 else keys
         pct = percentiles_from_histogram(values, counts, _PERCENTILES, dtype)
-        vmin = np.asarray(values[0]).astype(dtype).item()
-        vmax = np.asarray(values[-1]).astype(dtype).item()
+        vmin = float(np.asarray(values[0]).astype(dtype))
+        vmax = float(np.asarray(values[-1]).astype(dtype))
         out.update(hu_mean=float(mean), hu_std=math.sqrt(var), hu_min=vmin, hu_max=vmax,
                    hu_median=float(pct[0]), hu_p05=float(pct[1]), hu_p25=float(pct[2]),
                    hu_p75=float(pct[3]), hu_p95=float(pct[4]))
@@ -258,13 +267,17 @@ def _stats(col: Collection, ids: list[str], structures: Sequence[str | int] | No
     rows: list[dict[str, Any]] = []
     if method == "index":
         if cases is None:
-            # the collection table answers a cohort in a constant number of reads
+            # the collection table answers a cohort with one small read, whatever its size
+            table = col.table()
+            by_key = {(r["case_id"], r["segmentation"], r["label"]): r for r in table.to_dict("records")}
+            present: dict[tuple[str, str], list[int]] = {}
+            for cid, seg, label in by_key:
+                present.setdefault((cid, seg), []).append(label)
             for cid in ids:
-                geom, entries = col.table_index(cid)
                 for seg, labels in targets.items():
-                    if seg in entries:
-                        idx, annotated = entries[seg]
-                        rows += index_rows(geom, seg, col.segmentations[seg], idx, labels, annotated)
+                    for label in (present.get((cid, seg), []) if labels is None else labels):
+                        row = by_key.get((cid, seg, label))
+                        rows.append(row if row is not None else _absent_row(cid, seg, col.segmentations[seg], label))
         else:
             for case in cases:
                 geom = CaseGeometry.of(case)
@@ -284,5 +297,7 @@ def _stats(col: Collection, ids: list[str], structures: Sequence[str | int] | No
             results = dask.compute(*graphs, scheduler="threads")
         for (case, seg, labels, _), idx in zip(jobs, results, strict=True):
             rows += index_rows(CaseGeometry.of(case), seg, col.segmentations[seg], idx, labels)
+    import pandas as pd
+
     columns = STATS_COLUMNS + (["annotated_slices"] if any("annotated_slices" in r for r in rows) else [])
     return pd.DataFrame(rows, columns=columns)

@@ -1,0 +1,135 @@
+"""The collection table (``<store>/index/``): one row per (case, segmentation, label) holding the
+finished statistics of each structure, so that a cohort query reads one small group, not one
+object per case.
+
+Rows are computed from each case's index with the same function as ``Case.stats``, so the table,
+the per-case index and a voxel scan agree exactly. Each run updates the table incrementally:
+rows of the cases it converted are replaced, the others are kept as they were.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import zarr
+
+from .labelmaps import LabelMap
+from .stats import STATS_COLUMNS, CaseGeometry, index_rows
+from .writer import _compressors, index_from_attributes
+
+__all__ = ["TABLE_NUMERIC_COLUMNS", "read_table_columns", "update_collection_table"]
+
+#: numeric columns stored as arrays (case_id, segmentation and structure are stored as codes)
+TABLE_NUMERIC_COLUMNS = tuple(c for c in STATS_COLUMNS if c not in ("case_id", "segmentation", "structure")) + (
+    "annotated_slices",
+)
+_INT_COLUMNS = {"label", "voxel_count", "z_start", "z_stop", "y_start", "y_stop", "x_start", "x_stop",
+                "annotated_slices"}
+
+
+def _dtype(col: str) -> type:
+    if col in _INT_COLUMNS:
+        return np.int64
+    if col == "touches_border":
+        return np.bool_
+    return np.float64
+
+
+def read_table_columns(root: zarr.Group) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
+    """The stored table as columns plus its attributes, or None when there is none yet."""
+    if "index" not in root:
+        return None
+    grp = root["index"]
+    assert isinstance(grp, zarr.Group)
+    attrs = grp.attrs.get("ctzarr")
+    if not isinstance(attrs, dict) or attrs.get("format") != "stats-table-1":
+        return None
+    cols = {name: np.asarray(grp[name][:]) for name in ("case", "segmentation", *TABLE_NUMERIC_COLUMNS)}  # type: ignore[index]
+    return cols, attrs
+
+
+def _case_rows(root: zarr.Group, case_id: str, label_maps: dict[str, LabelMap]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Statistics rows and geometry of one committed case, from its own index."""
+    grp = zarr.open_group(root.store, path=f"cases/{case_id}", mode="r", zarr_format=3)
+    meta = grp.attrs["ctzarr"]
+    geom = {"affine": meta["affine"], "spacing_zyx": meta["spacing_zyx"], "shape_zyx": meta["shape_zyx"],
+            "value_dtype": meta["nifti"]["value_dtype"], "segmentations": meta["segmentations"]}
+    rows = []
+    for seg in meta.get("segmentations", []):
+        igrp = grp[f"labels/{seg}/index"]
+        idx = index_from_attributes(igrp.attrs["ctzarr"], igrp["histogram"][:])  # type: ignore[index]
+        rows += index_rows(CaseGeometry.from_dict(case_id, geom), seg, label_maps[seg], idx)
+    return rows, geom
+
+
+def update_collection_table(root: zarr.Group, changed: Iterable[str] | None = None) -> list[str]:
+    """Refresh the table and the collection's case list; return the committed case ids.
+
+    Parameters
+    ----------
+    root : zarr.Group
+        The collection, writable.
+    changed : iterable of str, optional
+        Cases converted (or removed) since the table was written; only their rows are
+        recomputed. ``None`` rebuilds every row from the cases' own indexes.
+    """
+    from .convert import case_state
+
+    meta = dict(root.attrs["ctzarr"])
+    label_maps = {k: LabelMap.from_dict(v) for k, v in meta.get("segmentations", {}).items()}
+    seg_names = list(label_maps)
+    previous = None if changed is None else read_table_columns(root)
+    if previous is None:
+        cases_grp = root.require_group("cases")
+        candidates = sorted(cases_grp.group_keys())
+        keep: dict[str, Any] = {}
+        recompute = candidates
+    else:
+        changed_set = set(changed or ())
+        old_cases = list(previous[1]["cases"])
+        keep = {cid: i for i, cid in enumerate(old_cases) if cid not in changed_set}
+        recompute = sorted(changed_set)
+    new_rows: dict[str, list[dict[str, Any]]] = {}
+    geometry: dict[str, Any] = {} if previous is None else {
+        cid: g for cid, g in previous[1]["case_meta"].items() if cid in keep}
+    for cid in recompute:
+        state, _ = case_state(root, cid)
+        if state == "complete":
+            new_rows[cid], geometry[cid] = _case_rows(root, cid, label_maps)
+    committed = sorted(set(keep) | set(new_rows))
+    position = {cid: i for i, cid in enumerate(committed)}
+
+    columns: dict[str, list[Any]] = {c: [] for c in ("case", "segmentation", *TABLE_NUMERIC_COLUMNS)}
+    if previous is not None:
+        old_cols, old_attrs = previous
+        old_cases = old_attrs["cases"]
+        old_segs = old_attrs["segmentations"]
+        rows_kept = np.array([old_cases[c] in keep for c in old_cols["case"].tolist()], dtype=bool)
+        for col in TABLE_NUMERIC_COLUMNS:
+            columns[col] = old_cols[col][rows_kept].tolist()
+        columns["case"] = [position[old_cases[c]] for c in old_cols["case"][rows_kept].tolist()]
+        columns["segmentation"] = [seg_names.index(old_segs[s]) for s in old_cols["segmentation"][rows_kept].tolist()]
+    for cid in sorted(new_rows):
+        for row in new_rows[cid]:
+            columns["case"].append(position[cid])
+            columns["segmentation"].append(seg_names.index(row["segmentation"]))
+            for col in TABLE_NUMERIC_COLUMNS:
+                columns[col].append(row.get(col, -1) if col == "annotated_slices" else row[col])
+    order = np.lexsort((np.asarray(columns["label"], np.int64), np.asarray(columns["segmentation"], np.int64),
+                        np.asarray(columns["case"], np.int64))) if columns["case"] else np.zeros(0, np.int64)
+    table = root.require_group("index")
+    for col, values in columns.items():
+        dt = np.int64 if col in ("case", "segmentation") else _dtype(col)
+        data = np.asarray(values, dtype=dt)[order] if len(values) else np.zeros(0, dt)
+        arr = table.create_array(col, shape=data.shape, dtype=dt, chunks=(max(len(data), 1),), overwrite=True,
+                                 compressors=_compressors(), dimension_names=("row",))
+        if len(data):
+            arr[:] = data
+    table.attrs.put({"ctzarr": {"format": "stats-table-1", "cases": committed, "segmentations": seg_names,
+                                "columns": ["case_id", "segmentation", *TABLE_NUMERIC_COLUMNS],
+                                "case_meta": geometry}})
+    meta["cases"] = committed
+    root.attrs.put({"ctzarr": meta})
+    return committed
