@@ -188,6 +188,8 @@ class LabelIndexBuilder:
                                    hist[li, k].astype(np.int64)))
         elif keys is not None:
             self._sparse_histogram(labels, keys)
+        if len(self._triplets) >= 8:  # keep memory flat however many slices the volume has
+            self._triplets = [self._combined_triplets()]
 
     def _keys(self, labels: np.ndarray, values: np.ndarray) -> tuple[np.ndarray | None, int, int]:
         """Histogram keys of a slab (integers), with their range."""
@@ -241,6 +243,19 @@ class LabelIndexBuilder:
         self._triplets.extend(other._triplets)
 
     # -- results ----------------------------------------------------------------------------
+    def _combined_triplets(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """All (label index, key, count) entries so far, summed per (label, key), sorted."""
+        if not any(len(t[0]) for t in self._triplets):
+            empty = np.zeros(0, np.int64)
+            return empty, empty, empty
+        li = np.concatenate([t[0] for t in self._triplets])
+        k = np.concatenate([t[1] for t in self._triplets])
+        c = np.concatenate([t[2] for t in self._triplets])
+        order = np.lexsort((k, li))
+        li, k, c = li[order], k[order], c[order]
+        starts = np.r_[0, np.nonzero((np.diff(li) != 0) | (np.diff(k) != 0))[0] + 1]
+        return li[starts], k[starts], np.add.reduceat(c, starts)
+
     def unknown_values(self) -> list[int]:
         """Label values seen in the data that the label map does not define."""
         return [int(v) for v in np.nonzero(self._unknown)[0]]
@@ -248,16 +263,7 @@ class LabelIndexBuilder:
     def finish(self, *, sparse_annotation: bool) -> LabelIndex:
         """Assemble the index of the labels present."""
         present = np.nonzero(self._cnt)[0]
-        if any(len(t[0]) for t in self._triplets):
-            li = np.concatenate([t[0] for t in self._triplets])
-            k = np.concatenate([t[1] for t in self._triplets])
-            c = np.concatenate([t[2] for t in self._triplets])
-            order = np.lexsort((k, li))
-            li, k, c = li[order], k[order], c[order]
-            starts = np.r_[0, np.nonzero((np.diff(li) != 0) | (np.diff(k) != 0))[0] + 1]
-            li, k, c = li[starts], k[starts], np.add.reduceat(c, starts) if len(c) else c
-        else:
-            li = k = c = np.zeros(0, np.int64)
+        li, k, c = self._combined_triplets()
         # every present label owns a (possibly empty: all non-finite) run of the histogram
         offsets = np.searchsorted(li, np.r_[present, len(self.values)]).astype(np.int64)
         offsets[-1] = len(li)

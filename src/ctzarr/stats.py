@@ -145,8 +145,12 @@ def _label_stats(idx: LabelIndex, i: int, res: float, dtype: np.dtype[Any], affi
     out: dict[str, Any] = {"voxel_count": n, "volume_ml": n * voxel_mm3 / 1000.0}
     m = int(counts.sum())  # == n unless non-finite voxels were set aside
     if m:
-        s1 = sum(int(k) * int(c) for k, c in zip(keys.tolist(), counts.tolist(), strict=True))
-        s2 = sum(int(k) * int(k) * int(c) for k, c in zip(keys.tolist(), counts.tolist(), strict=True))
+        if len(keys) and int(np.abs(keys).max()) <= 2**16 and m <= 2**30:  # int64 cannot overflow
+            s1 = int(np.dot(keys, counts))
+            s2 = int(np.dot(keys * keys, counts))
+        else:  # exact with Python integers
+            s1 = sum(int(k) * int(c) for k, c in zip(keys.tolist(), counts.tolist(), strict=True))
+            s2 = sum(int(k) * int(k) * int(c) for k, c in zip(keys.tolist(), counts.tolist(), strict=True))
         mean = (s1 / m) * res
         var = ((m * s2 - s1 * s1) / (m * m)) * res * res
         values = keys.astype(np.float64) * res if res != 1.0 else keys

@@ -21,6 +21,9 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+import queue
+import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import zip_longest
@@ -123,6 +126,49 @@ def label_dtype(label_map: LabelMap, source: NiftiSource) -> np.dtype[Any]:
     raise ValueError(f"{source.path}: label values up to {top} do not fit uint32")
 
 
+def _prefetch(items: Iterator[Any], depth: int = 1) -> Iterator[Any]:
+    """Produce items in a background thread, ``depth`` ahead of the consumer.
+
+    Inflating slab k+1 then overlaps with compressing and indexing slab k; errors raised by the
+    producer (a corrupt stream) surface in the consumer at the item where they happened.
+    """
+    q: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put(("item", item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(("done", None))
+        except BaseException as exc:  # handed to the consumer
+            q.put(("error", exc))
+
+    thread = threading.Thread(target=produce, name="ctzarr-read", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = q.get()
+            if kind == "done":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        while thread.is_alive():
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                thread.join(0.05)
+
+
 @dataclass
 class SegmentationSource:
     """One segmentation of a case: its file and its label map."""
@@ -180,22 +226,28 @@ class CaseWriter:
         streams = [self.image.iter_slabs(CHUNK, hashes["image"])] + [
             s.source.iter_slabs(CHUNK, hashes[s.name]) for s in self.segmentations
         ]
-        with ThreadPoolExecutor(1, thread_name_prefix="ctzarr-index") as pool:
-            for parts in zip_longest(*streams):
+        # Three overlapping stages: inflate (the prefetch thread), index (one thread, slabs in
+        # order), compress and write (two threads: image pyramid, label pyramids). One slab is
+        # in flight while the next is inflated, so memory stays at a few slabs.
+        with ThreadPoolExecutor(1, thread_name_prefix="ctzarr-index") as index_pool, \
+                ThreadPoolExecutor(2, thread_name_prefix="ctzarr-write") as write_pool:
+            pending: list[Any] = []
+            for parts in _prefetch(zip_longest(*streams)):
                 z0, raw = parts[0]
                 values = self.image.scale(raw)
-                labels = []
-                for seg, (_, lab) in zip(self.segmentations, parts[1:], strict=True):
-                    labels.append(self._as_labels(seg, lab, lab_arrays[seg.name][0].dtype))
-                futures = [pool.submit(builders[seg.name].update, z0, lab, values)
+                labels = [self._as_labels(seg, lab, lab_arrays[seg.name][0].dtype)
+                          for seg, (_, lab) in zip(self.segmentations, parts[1:], strict=True)]
+                futures = [index_pool.submit(builders[seg.name].update, z0, lab, values)
                            for seg, lab in zip(self.segmentations, labels, strict=True)]
-                self._write_pyramid(img_arrays, z0, raw, downsample_image)
-                for seg, lab in zip(self.segmentations, labels, strict=True):
-                    self._write_pyramid(lab_arrays[seg.name], z0, lab, downsample_labels)
-                for f in futures:
+                futures.append(write_pool.submit(self._write_pyramid, img_arrays, z0, raw, downsample_image))
+                futures.append(write_pool.submit(self._write_label_pyramids, lab_arrays, z0, labels))
+                for f in pending:
                     f.result()
+                pending = futures
                 if self.progress is not None:
                     self.progress(raw.shape[0])
+            for f in pending:
+                f.result()
         self.digests = {k: h.hexdigest() for k, h in hashes.items()}
         from .errors import UnknownLabelError
 
@@ -234,6 +286,11 @@ class CaseWriter:
             compressors=_compressors(), fill_value=0, dimension_names=("z", "y", "x"),
             overwrite=True, config={"write_empty_chunks": False},
         )
+
+    def _write_label_pyramids(self, lab_arrays: dict[str, list[zarr.Array]], z0: int,
+                              labels: list[np.ndarray]) -> None:
+        for seg, lab in zip(self.segmentations, labels, strict=True):
+            self._write_pyramid(lab_arrays[seg.name], z0, lab, downsample_labels)
 
     @staticmethod
     def _write_pyramid(arrays: list[zarr.Array], z0: int, slab: np.ndarray, down: Any) -> None:
