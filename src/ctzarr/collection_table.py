@@ -46,7 +46,10 @@ def read_table_columns(root: zarr.Group) -> tuple[dict[str, np.ndarray], dict[st
     attrs = grp.attrs.get("ctzarr")
     if not isinstance(attrs, dict) or attrs.get("format") != "stats-table-1":
         return None
-    cols = {name: np.asarray(grp[name][:]) for name in ("case", "segmentation", *TABLE_NUMERIC_COLUMNS)}  # type: ignore[index]
+    ints, floats = np.asarray(grp["int_columns"][:]), np.asarray(grp["float_columns"][:])  # type: ignore[index]
+    cols = {name: ints[:, i] for i, name in enumerate(attrs["int_columns"])}
+    cols |= {name: floats[:, i] for i, name in enumerate(attrs["float_columns"])}
+    cols["touches_border"] = cols["touches_border"].astype(bool)
     return cols, attrs
 
 
@@ -119,16 +122,25 @@ def update_collection_table(root: zarr.Group, changed: Iterable[str] | None = No
                 columns[col].append(row.get(col, -1) if col == "annotated_slices" else row[col])
     order = np.lexsort((np.asarray(columns["label"], np.int64), np.asarray(columns["segmentation"], np.int64),
                         np.asarray(columns["case"], np.int64))) if columns["case"] else np.zeros(0, np.int64)
+    # two arrays (integers, floats) rather than one per column: a table update is a handful of
+    # writes, and a cohort query two reads
+    int_names = ["case", "segmentation"] + [c for c in TABLE_NUMERIC_COLUMNS if _dtype(c) is not np.float64]
+    float_names = [c for c in TABLE_NUMERIC_COLUMNS if _dtype(c) is np.float64]
+    n = len(columns["case"])
+    ints = np.zeros((n, len(int_names)), np.int64)
+    floats = np.zeros((n, len(float_names)), np.float64)
+    for i, name in enumerate(int_names):
+        ints[:, i] = np.asarray(columns[name], dtype=np.int64)[order] if n else []
+    for i, name in enumerate(float_names):
+        floats[:, i] = np.asarray(columns[name], dtype=np.float64)[order] if n else []
     table = root.require_group("index")
-    for col, values in columns.items():
-        dt = np.int64 if col in ("case", "segmentation") else _dtype(col)
-        data = np.asarray(values, dtype=dt)[order] if len(values) else np.zeros(0, dt)
-        arr = table.create_array(col, shape=data.shape, dtype=dt, chunks=(max(len(data), 1),), overwrite=True,
-                                 compressors=_compressors(), dimension_names=("row",))
-        if len(data):
+    for name, data in (("int_columns", ints), ("float_columns", floats)):
+        arr = table.create_array(name, shape=data.shape, dtype=data.dtype, chunks=(max(n, 1), data.shape[1]),
+                                 overwrite=True, compressors=_compressors(), dimension_names=("row", "column"))
+        if n:
             arr[:] = data
     table.attrs.put({"ctzarr": {"format": "stats-table-1", "cases": committed, "segmentations": seg_names,
-                                "columns": ["case_id", "segmentation", *TABLE_NUMERIC_COLUMNS],
+                                "int_columns": int_names, "float_columns": float_names,
                                 "case_meta": geometry}})
     meta["cases"] = committed
     root.attrs.put({"ctzarr": meta})
