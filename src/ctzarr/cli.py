@@ -38,12 +38,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _client(args: argparse.Namespace) -> Any:
+    """A dask client from --scheduler ADDRESS or --workers N, else None (local threads)."""
+    from .distributed import connect, start_local_cluster
+
+    if getattr(args, "scheduler", None):
+        return connect(args.scheduler)
+    if getattr(args, "workers", None):
+        return start_local_cluster(args.workers)
+    return None
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from .convert import convert
 
-    report = convert(args.source, args.dest, layout=args.layout, cases=args.case or None,
-                     overwrite=args.overwrite, storage_options=_storage_options(args.storage_options),
-                     progress=not args.quiet, labels=args.labels or None)
+    client = _client(args)
+    try:
+        report = convert(args.source, args.dest, layout=args.layout, cases=args.case or None,
+                         overwrite=args.overwrite, storage_options=_storage_options(args.storage_options),
+                         progress=not args.quiet, labels=args.labels or None, client=client)
+    finally:
+        if client is not None:
+            client.close()
     print(report)
     return 0 if report.ok else 1
 
@@ -93,8 +109,13 @@ def cmd_stats(args: argparse.Namespace) -> int:
     from .collection import open_collection
 
     col = open_collection(args.store, storage_options=_storage_options(args.storage_options))
-    df = col.stats(structures=args.structure or None, cases=args.case or None, segmentation=args.segmentation,
-                   method="scan" if args.scan else "index")
+    client = _client(args)
+    try:
+        df = col.stats(structures=args.structure or None, cases=args.case or None, segmentation=args.segmentation,
+                       method="scan" if args.scan else "index", client=client)
+    finally:
+        if client is not None:
+            client.close()
     if args.output:
         out = str(args.output)
         if out.endswith(".parquet"):
@@ -174,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--labels", action="append", metavar="[NAME=]FILE", help="label map (JSON/YAML id -> name)")
     c.add_argument("--case", action="append", metavar="ID", help="convert only this case (repeatable)")
     c.add_argument("--overwrite", action="store_true", help="replace cases whose source changed")
+    c.add_argument("--scheduler", metavar="ADDRESS", help="run on this dask scheduler")
+    c.add_argument("--workers", type=int, metavar="N", help="start a local cluster of N worker processes")
     c.add_argument("--storage-options", metavar="JSON", help="fsspec options for remote URLs")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_convert)
@@ -204,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--segmentation")
     st.add_argument("--scan", action="store_true", help="recompute from the voxels instead of the index")
     st.add_argument("-o", "--output", metavar="OUT.csv|OUT.parquet")
+    st.add_argument("--scheduler", metavar="ADDRESS", help="run on this dask scheduler")
+    st.add_argument("--workers", type=int, metavar="N", help="start a local cluster of N worker processes")
     st.add_argument("--storage-options", metavar="JSON")
     st.set_defaults(func=cmd_stats)
 

@@ -56,7 +56,7 @@ def open_collection(
     """
     if isinstance(url_or_catalog_name, Store):
         store = make_store(url_or_catalog_name, storage_options=storage_options)
-        return _open_root(repr(url_or_catalog_name), store)
+        return _open_root(repr(url_or_catalog_name), store, None)
     target = os.fspath(url_or_catalog_name)
     so = dict(storage_options) if storage_options else None
     if "://" not in target and not os.path.exists(target) and "/" not in target:
@@ -66,10 +66,10 @@ def open_collection(
             raise StoreError(f"{target}: no collection store here, and no catalog entry of that name")
         target, entry_so = resolve_entry(target)
         so = {**(entry_so or {}), **(so or {})} or None
-    return _open_root(target, make_store(target, storage_options=so, read_only=True))
+    return _open_root(target, make_store(target, storage_options=so, read_only=True), so)
 
 
-def _open_root(target: str, store: Store) -> Collection:
+def _open_root(target: str, store: Store, storage_options: dict[str, Any] | None) -> Collection:
     """Open the root group of a collection store and check it is one."""
     try:
         with codec_pipeline():
@@ -79,15 +79,17 @@ def _open_root(target: str, store: Store) -> Collection:
     meta = root.attrs.get("ctzarr")
     if not isinstance(meta, dict) or meta.get("kind") != "collection":
         raise StoreError(f"{target}: not a ctzarr collection (no ctzarr collection attributes)")
-    return Collection(target, root)
+    return Collection(target, root, storage_options)
 
 
 class Collection:
     """A converted dataset: cases, label maps and the collection-wide index table."""
 
-    def __init__(self, url: str, root: zarr.Group) -> None:
+    def __init__(self, url: str, root: zarr.Group, storage_options: dict[str, Any] | None = None) -> None:
         self.url = url
         self.root = root
+        # kept to reopen the store on cluster workers; never shown (may hold credentials)
+        self._storage_options = storage_options
         self.meta: dict[str, Any] = dict(root.attrs["ctzarr"])
 
     def __repr__(self) -> str:

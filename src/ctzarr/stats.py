@@ -292,13 +292,17 @@ def _stats(col: Collection, ids: list[str], structures: Sequence[str | int] | No
         import dask
 
         case_objs = cases or [col[cid] for cid in ids]
-        jobs = [(case, seg, labels, scan_index_graph(case, seg)) for case in case_objs
-                for seg, labels in targets.items() if seg in case.segmentation_names]
-        graphs = [j[3] for j in jobs]
+        pairs = [(case, seg, labels) for case in case_objs for seg, labels in targets.items()
+                 if seg in case.segmentation_names]
         if client is not None:
-            results = client.gather(client.compute(graphs))
+            from .distributed import scan_on_cluster
+
+            # one task per case and segmentation; workers open the store from its URL
+            results = scan_on_cluster(client, col.url, col._storage_options,
+                                      [(case.case_id, seg) for case, seg, _ in pairs])
         else:
-            results = dask.compute(*graphs, scheduler="threads")
+            results = dask.compute(*[scan_index_graph(case, seg) for case, seg, _ in pairs], scheduler="threads")
+        jobs = [(case, seg, labels, None) for case, seg, labels in pairs]
         for (case, seg, labels, _), idx in zip(jobs, results, strict=True):
             rows += index_rows(CaseGeometry.of(case), seg, col.segmentations[seg], idx, labels)
     import pandas as pd
