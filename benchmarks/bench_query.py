@@ -143,16 +143,21 @@ def child_generate(data: str, tag: str) -> None:
     from ctzarr.phantom import make_phantom
 
     t0 = time.perf_counter()
-    ct, labels = make_phantom(geo.shape_zyx, geo.spacing_zyx, seed=geo.seed, n_structures=geo.n_structures)
+    ct, labels = make_phantom(
+        geo.shape_zyx, geo.spacing_zyx, seed=geo.seed, n_structures=geo.n_structures
+    )
     phantom_ids = int(np.count_nonzero(np.bincount(labels.ravel(), minlength=256)[1:]))
     valid = set(builtin_label_map("dap_atlas").values) - {0}
     free = sorted(valid - set(np.unique(labels).tolist()))
     split = bc.subdivide_labels(labels, free, geo.target_ids)
     counts = np.bincount(labels.ravel(), minlength=256)
-    extra = {"phantom_label_ids": phantom_ids, "label_ids": int(np.count_nonzero(counts[1:])),
-             "split": {str(k): v for k, v in split.items()},
-             "labelled_fraction": round(float(1 - counts[0] / labels.size), 4),
-             "generate_seconds": round(time.perf_counter() - t0, 1)}
+    extra = {
+        "phantom_label_ids": phantom_ids,
+        "label_ids": int(np.count_nonzero(counts[1:])),
+        "split": {str(k): v for k, v in split.items()},
+        "labelled_fraction": round(float(1 - counts[0] / labels.size), 4),
+        "generate_seconds": round(time.perf_counter() - t0, 1),
+    }
     bc._write_dataset(root, key, ct, labels, geo.spacing_zyx, extra)
     _emit({"generated": True})
 
@@ -181,7 +186,9 @@ def _pick_structure(case: Any) -> tuple[int, str, float]:
     return lab, lm[lab].name, vols[lab]
 
 
-def child_crop(store: str, case_id: str, ct_path: str, mask_path: str, margin: str, reps: str, nib_reps: str) -> None:
+def child_crop(
+    store: str, case_id: str, ct_path: str, mask_path: str, margin: str, reps: str, nib_reps: str
+) -> None:
     import dask
     import nibabel as nib
 
@@ -193,9 +200,13 @@ def child_crop(store: str, case_id: str, ct_path: str, mask_path: str, margin: s
     case = col[case_id]
     label, name, vol_ml = _pick_structure(case)
     _, _, box = case.crop_box(label, margin_mm)
-    out: dict[str, Any] = {"label": label, "structure": name, "volume_ml": vol_ml,
-                           "box_zyx": [[s.start, s.stop] for s in box],
-                           "box_shape": [s.stop - s.start for s in box]}
+    out: dict[str, Any] = {
+        "label": label,
+        "structure": name,
+        "volume_ml": vol_ml,
+        "box_zyx": [[s.start, s.stop] for s in box],
+        "box_shape": [s.stop - s.start for s in box],
+    }
     seg = case.segmentation_names[0]
 
     def ours_cold() -> tuple[np.ndarray, np.ndarray]:
@@ -218,8 +229,13 @@ def child_crop(store: str, case_id: str, ct_path: str, mask_path: str, margin: s
 
         out["tensorstore_version"] = ts.__version__ if hasattr(ts, "__version__") else "?"
         base = Path(store) / "cases" / case_id
-        specs = [{"driver": "zarr3", "kvstore": {"driver": "file", "path": str(base / "0") + "/"}},
-                 {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(base / "labels" / seg / "0") + "/"}}]
+        specs = [
+            {"driver": "zarr3", "kvstore": {"driver": "file", "path": str(base / "0") + "/"}},
+            {
+                "driver": "zarr3",
+                "kvstore": {"driver": "file", "path": str(base / "labels" / seg / "0") + "/"},
+            },
+        ]
 
         def ts_open() -> list[Any]:
             ctx = ts.Context({"cache_pool": {"total_bytes_limit": 0}})
@@ -242,18 +258,25 @@ def child_crop(store: str, case_id: str, ct_path: str, mask_path: str, margin: s
     def nib_full() -> tuple[np.ndarray, np.ndarray]:
         ct = np.asanyarray(nib.load(ct_path).dataobj)
         mk = np.asanyarray(nib.load(mask_path).dataobj)
-        return (np.ascontiguousarray(ct[xs, ys, zs].transpose(2, 1, 0)),
-                np.ascontiguousarray(mk[xs, ys, zs].transpose(2, 1, 0)))
+        return (
+            np.ascontiguousarray(ct[xs, ys, zs].transpose(2, 1, 0)),
+            np.ascontiguousarray(mk[xs, ys, zs].transpose(2, 1, 0)),
+        )
 
     def nib_proxy() -> tuple[np.ndarray, np.ndarray]:
-        return (np.asanyarray(nib.load(ct_path).dataobj[xs, ys, zs]).transpose(2, 1, 0),
-                np.asanyarray(nib.load(mask_path).dataobj[xs, ys, zs]).transpose(2, 1, 0))
+        return (
+            np.asanyarray(nib.load(ct_path).dataobj[xs, ys, zs]).transpose(2, 1, 0),
+            np.asanyarray(nib.load(mask_path).dataobj[xs, ys, zs]).transpose(2, 1, 0),
+        )
 
     out["nib_full"], nib_res = _timed(nib_full, n_nib)
     out["nib_proxy"], nib_p = _timed(nib_proxy, n_nib)
 
     def same(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> bool:
-        return all(x.dtype == y.dtype and x.shape == y.shape and np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+        return all(
+            x.dtype == y.dtype and x.shape == y.shape and np.array_equal(x, y)
+            for x, y in zip(a, b, strict=True)
+        )
 
     out["identical_nibabel"] = same(ours, nib_res) and same(ours, nib_p)
     out["identical_tensorstore"] = None if ts_res is None else same(ours, ts_res)
@@ -271,16 +294,37 @@ def child_scan(store: str, case_id: str, reps: str) -> None:
     case = col[case_id]
     idx_df = case.stats(method="index")
     rss0 = _status_mb("VmRSS")
-    times, df = _timed(lambda: ctzarr.open_collection(store)[case_id].stats(method="scan"), int(reps))
+    times, df = _timed(
+        lambda: ctzarr.open_collection(store)[case_id].stats(method="scan"), int(reps)
+    )
     equal, err = True, ""
     try:
         pd.testing.assert_frame_equal(df, idx_df, check_exact=True)
     except AssertionError as exc:
         equal, err = False, str(exc)[:2000]
-    cols = ["label", "voxel_count", "hu_mean", "hu_std", "hu_min", "hu_max",
-            "hu_p05", "hu_p25", "hu_median", "hu_p75", "hu_p95"]
-    _emit({"times": times, "rss_before_mb": rss0, "scan_equals_index": equal, "error": err,
-           "rows": len(df), "stats": df[cols].to_dict(orient="list")})
+    cols = [
+        "label",
+        "voxel_count",
+        "hu_mean",
+        "hu_std",
+        "hu_min",
+        "hu_max",
+        "hu_p05",
+        "hu_p25",
+        "hu_median",
+        "hu_p75",
+        "hu_p95",
+    ]
+    _emit(
+        {
+            "times": times,
+            "rss_before_mb": rss0,
+            "scan_equals_index": equal,
+            "error": err,
+            "rows": len(df),
+            "stats": df[cols].to_dict(orient="list"),
+        }
+    )
 
 
 def _dask_arrays(store: str, case_id: str, chunks: str) -> tuple[Any, Any, np.ndarray]:
@@ -292,7 +336,9 @@ def _dask_arrays(store: str, case_id: str, chunks: str) -> tuple[Any, Any, np.nd
 
     with codec_pipeline():
         ct = zarr.open_array(store, path=f"cases/{case_id}/0", mode="r", zarr_format=3)
-        lab = zarr.open_array(store, path=f"cases/{case_id}/labels/anatomy/0", mode="r", zarr_format=3)
+        lab = zarr.open_array(
+            store, path=f"cases/{case_id}/labels/anatomy/0", mode="r", zarr_format=3
+        )
     ch = ct.shards if chunks == "shard" else ct.chunks
     import ctzarr
 
@@ -307,15 +353,31 @@ def child_daskimage(store: str, case_id: str, chunks: str) -> None:
     ct, lab, ids = _dask_arrays(store, case_id, chunks)
     rss0 = _status_mb("VmRSS")
     t0 = time.perf_counter()
-    graphs = (ndmeasure.mean(ct, lab, ids), ndmeasure.sum_labels(ct, lab, ids), ndmeasure.area(ct, lab, ids))
+    graphs = (
+        ndmeasure.mean(ct, lab, ids),
+        ndmeasure.sum_labels(ct, lab, ids),
+        ndmeasure.area(ct, lab, ids),
+    )
     t_build = time.perf_counter() - t0
     n_tasks = sum(len(g.__dask_graph__()) for g in graphs)
     mean, total, area = dask.compute(*graphs, scheduler="threads")
     seconds = time.perf_counter() - t0
-    _emit({"times": [seconds], "build_s": t_build, "tasks": n_tasks, "rss_before_mb": rss0,
-           "labels": len(ids), "dask_chunks": list(ct.chunksize),
-           "stats": {"label": ids.tolist(), "hu_mean": np.asarray(mean).tolist(),
-                     "voxel_count": np.asarray(area).tolist(), "hu_sum": np.asarray(total).tolist()}})
+    _emit(
+        {
+            "times": [seconds],
+            "build_s": t_build,
+            "tasks": n_tasks,
+            "rss_before_mb": rss0,
+            "labels": len(ids),
+            "dask_chunks": list(ct.chunksize),
+            "stats": {
+                "label": ids.tolist(),
+                "hu_mean": np.asarray(mean).tolist(),
+                "voxel_count": np.asarray(area).tolist(),
+                "hu_sum": np.asarray(total).tolist(),
+            },
+        }
+    )
 
 
 def _read_both(store: str, case_id: str) -> tuple[np.ndarray, np.ndarray]:
@@ -325,7 +387,9 @@ def _read_both(store: str, case_id: str) -> tuple[np.ndarray, np.ndarray]:
 
     with codec_pipeline():
         ct = zarr.open_array(store, path=f"cases/{case_id}/0", mode="r", zarr_format=3)
-        lab = zarr.open_array(store, path=f"cases/{case_id}/labels/anatomy/0", mode="r", zarr_format=3)
+        lab = zarr.open_array(
+            store, path=f"cases/{case_id}/labels/anatomy/0", mode="r", zarr_format=3
+        )
     return ct[:], lab[:]
 
 
@@ -353,8 +417,22 @@ def child_loop(store: str, case_id: str, reps: str) -> None:
         t0 = time.perf_counter()
         ct, mask = _read_both(store, case_id)
         t_read = time.perf_counter() - t0
-        res: dict[str, list[float]] = {k: [] for k in ("label", "voxel_count", "hu_mean", "hu_std", "hu_min",
-                                                      "hu_max", "hu_p05", "hu_p25", "hu_median", "hu_p75", "hu_p95")}
+        res: dict[str, list[float]] = {
+            k: []
+            for k in (
+                "label",
+                "voxel_count",
+                "hu_mean",
+                "hu_std",
+                "hu_min",
+                "hu_max",
+                "hu_p05",
+                "hu_p25",
+                "hu_median",
+                "hu_p75",
+                "hu_p95",
+            )
+        }
         for i in ids:
             v = ct[mask == i]
             p = np.percentile(v, PERCENTILES)
@@ -363,8 +441,14 @@ def child_loop(store: str, case_id: str, reps: str) -> None:
         return t_read, time.perf_counter() - t0, res
 
     runs = [run() for _ in range(int(reps))]
-    _emit({"times": [r[1] for r in runs], "read_times": [r[0] for r in runs], "labels": len(ids),
-           "stats": runs[-1][2]})
+    _emit(
+        {
+            "times": [r[1] for r in runs],
+            "read_times": [r[0] for r in runs],
+            "labels": len(ids),
+            "stats": runs[-1][2],
+        }
+    )
 
 
 def child_cohort_build(store: str, case_id: str, cohort: str, n_cases: str) -> None:
@@ -417,9 +501,18 @@ def child_cohort_stats(cohort: str, reps: str) -> None:
     for c in cases:
         c.index()
     t_index = time.perf_counter() - t0
-    _emit({"stats": t_stats, "table": t_table, "rows": len(df), "table_rows": len(tab), "cases": len(col),
-           "open_all_cases_s": t_open, "read_all_case_indexes_s": t_index,
-           "profile": _profile(lambda: ctzarr.open_collection(cohort).stats(method="index"))})
+    _emit(
+        {
+            "stats": t_stats,
+            "table": t_table,
+            "rows": len(df),
+            "table_rows": len(tab),
+            "cases": len(col),
+            "open_all_cases_s": t_open,
+            "read_all_case_indexes_s": t_index,
+            "profile": _profile(lambda: ctzarr.open_collection(cohort).stats(method="index")),
+        }
+    )
 
 
 def _profile(fn: Any, top: int = 12) -> list[str]:
@@ -432,13 +525,19 @@ def _profile(fn: Any, top: int = 12) -> list[str]:
     prof.runcall(fn)
     buf = io.StringIO()
     pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(top)
-    return [ln for ln in buf.getvalue().splitlines() if ln.strip()][-top - 1:]
+    return [ln for ln in buf.getvalue().splitlines() if ln.strip()][-top - 1 :]
 
 
 CHILD_STEPS = {
-    "generate": child_generate, "convert": child_convert, "crop": child_crop, "scan": child_scan,
-    "daskimage": child_daskimage, "read": child_read, "loop": child_loop,
-    "cohort_build": child_cohort_build, "cohort_stats": child_cohort_stats,
+    "generate": child_generate,
+    "convert": child_convert,
+    "crop": child_crop,
+    "scan": child_scan,
+    "daskimage": child_daskimage,
+    "read": child_read,
+    "loop": child_loop,
+    "cohort_build": child_cohort_build,
+    "cohort_stats": child_cohort_stats,
 }
 
 
@@ -451,7 +550,9 @@ def med(xs: list[float]) -> float:
     return float(statistics.median(xs))
 
 
-def compare_stats(ours: dict[str, list[float]], other: dict[str, list[float]], keys: list[str]) -> dict[str, Any]:
+def compare_stats(
+    ours: dict[str, list[float]], other: dict[str, list[float]], keys: list[str]
+) -> dict[str, Any]:
     """Largest relative difference per column between two per-label tables (matched by label)."""
     pos = {int(lab): i for i, lab in enumerate(ours["label"])}
     out: dict[str, Any] = {}
@@ -475,79 +576,200 @@ def _fmt_s(s: float) -> str:
 def build_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, str, str]]:
     rows: list[tuple[str, str, str, str, str, str]] = []
 
-    def row(what: str, ours: str, base: str, ratio: float | None, target: str, ok: bool | None) -> None:
-        rows.append((what, ours, base, "—" if ratio is None else f"{ratio:.1f}x" if ratio >= 10 else f"{ratio:.2f}x",
-                     target, "—" if ok is None else ("pass" if ok else "**FAIL**")))
+    def row(
+        what: str, ours: str, base: str, ratio: float | None, target: str, ok: bool | None
+    ) -> None:
+        rows.append(
+            (
+                what,
+                ours,
+                base,
+                "—" if ratio is None else f"{ratio:.1f}x" if ratio >= 10 else f"{ratio:.2f}x",
+                target,
+                "—" if ok is None else ("pass" if ok else "**FAIL**"),
+            )
+        )
 
     c = r["crop"]
     crop_desc = f"{c['structure']} (label {c['label']}, {c['volume_ml']:.0f} ml), box {'x'.join(map(str, c['box_shape']))}"
     nib_t = med(c["nib_full"])
     for mode in ("cold", "warm"):
         o = med(c[f"ours_{mode}"])
-        row(f"1a Crop {crop_desc}, {mode}: ours vs nibabel load + slice", _fmt_s(o), _fmt_s(nib_t),
-            nib_t / o, f">= {TARGET_CROP_VS_NIB:.0f}x faster", nib_t / o >= TARGET_CROP_VS_NIB)
+        row(
+            f"1a Crop {crop_desc}, {mode}: ours vs nibabel load + slice",
+            _fmt_s(o),
+            _fmt_s(nib_t),
+            nib_t / o,
+            f">= {TARGET_CROP_VS_NIB:.0f}x faster",
+            nib_t / o >= TARGET_CROP_VS_NIB,
+        )
     o = med(c["ours_cold"])
     nib_p = med(c["nib_proxy"])
-    row("1a' (info) crop, cold: ours vs nibabel proxy slicing (`dataobj[box]`)", _fmt_s(o), _fmt_s(nib_p),
-        nib_p / o, "—", None)
+    row(
+        "1a' (info) crop, cold: ours vs nibabel proxy slicing (`dataobj[box]`)",
+        _fmt_s(o),
+        _fmt_s(nib_p),
+        nib_p / o,
+        "—",
+        None,
+    )
     if "ts_error" in c:
-        rows.append(("1b Crop vs TensorStore", "—", f"TensorStore failed: {c['ts_error']}", "—",
-                     f"<= {TARGET_CROP_VS_TS:.0f}x", "n/a"))
+        rows.append(
+            (
+                "1b Crop vs TensorStore",
+                "—",
+                f"TensorStore failed: {c['ts_error']}",
+                "—",
+                f"<= {TARGET_CROP_VS_TS:.0f}x",
+                "n/a",
+            )
+        )
     else:
         for mode in ("cold", "warm"):
             o, t = med(c[f"ours_{mode}"]), med(c[f"ts_{mode}"])
-            row(f"1b Crop, {mode}: ours vs TensorStore (same zarr arrays, same box)", _fmt_s(o), _fmt_s(t), o / t,
-                f"<= {TARGET_CROP_VS_TS:.0f}x its time", o / t <= TARGET_CROP_VS_TS)
+            row(
+                f"1b Crop, {mode}: ours vs TensorStore (same zarr arrays, same box)",
+                _fmt_s(o),
+                _fmt_s(t),
+                o / t,
+                f"<= {TARGET_CROP_VS_TS:.0f}x its time",
+                o / t <= TARGET_CROP_VS_TS,
+            )
     same = c["identical_nibabel"] and c["identical_tensorstore"] is not False
-    rows.append(("1c Crop arrays identical (ours = nibabel = TensorStore, image and labels, dtype and values)",
-                 "yes" if same else "NO", f"nibabel {c['identical_nibabel']}, TensorStore {c['identical_tensorstore']}",
-                 "—", "identical", "pass" if same else "**FAIL**"))
+    rows.append(
+        (
+            "1c Crop arrays identical (ours = nibabel = TensorStore, image and labels, dtype and values)",
+            "yes" if same else "NO",
+            f"nibabel {c['identical_nibabel']}, TensorStore {c['identical_tensorstore']}",
+            "—",
+            "identical",
+            "pass" if same else "**FAIL**",
+        )
+    )
 
     s = r["scan"]
     scan_t = med(s["times"])
     di = r.get("daskimage")
     if di and "times" in di:
         t = med(di["times"])
-        row(f"2a Stats of all {s['rows']} structures: `case.stats(method=\"scan\")` vs dask-image "
-            f"ndmeasure mean+sum_labels+area ({di['tasks']:,} tasks), time", _fmt_s(scan_t), _fmt_s(t), t / scan_t,
-            f">= {TARGET_SCAN_VS_DASKIMAGE_TIME:.0f}x faster", t / scan_t >= TARGET_SCAN_VS_DASKIMAGE_TIME)
-        row("2a Same, peak RSS of the process (fresh subprocess each)", f"{s['peak_mb']:.0f} MB",
-            f"{di['peak_mb']:.0f} MB", di["peak_mb"] / s["peak_mb"], f">= {TARGET_SCAN_VS_DASKIMAGE_MEM:.0f}x less",
-            di["peak_mb"] / s["peak_mb"] >= TARGET_SCAN_VS_DASKIMAGE_MEM)
+        row(
+            f'2a Stats of all {s["rows"]} structures: `case.stats(method="scan")` vs dask-image '
+            f"ndmeasure mean+sum_labels+area ({di['tasks']:,} tasks), time",
+            _fmt_s(scan_t),
+            _fmt_s(t),
+            t / scan_t,
+            f">= {TARGET_SCAN_VS_DASKIMAGE_TIME:.0f}x faster",
+            t / scan_t >= TARGET_SCAN_VS_DASKIMAGE_TIME,
+        )
+        row(
+            "2a Same, peak RSS of the process (fresh subprocess each)",
+            f"{s['peak_mb']:.0f} MB",
+            f"{di['peak_mb']:.0f} MB",
+            di["peak_mb"] / s["peak_mb"],
+            f">= {TARGET_SCAN_VS_DASKIMAGE_MEM:.0f}x less",
+            di["peak_mb"] / s["peak_mb"] >= TARGET_SCAN_VS_DASKIMAGE_MEM,
+        )
         g_o, g_d = s["peak_mb"] - s["rss_before_mb"], di["peak_mb"] - di["rss_before_mb"]
-        row("2a' (info) peak RSS above the RSS after imports and open", f"{g_o:.0f} MB", f"{g_d:.0f} MB",
-            g_d / max(g_o, 1e-9), "—", None)
+        row(
+            "2a' (info) peak RSS above the RSS after imports and open",
+            f"{g_o:.0f} MB",
+            f"{g_d:.0f} MB",
+            g_d / max(g_o, 1e-9),
+            "—",
+            None,
+        )
     else:
-        rows.append(("2a Stats vs dask-image ndmeasure", _fmt_s(scan_t), (di or {}).get("status", "not run"),
-                     "—", f">= {TARGET_SCAN_VS_DASKIMAGE_TIME:.0f}x", "n/a"))
+        rows.append(
+            (
+                "2a Stats vs dask-image ndmeasure",
+                _fmt_s(scan_t),
+                (di or {}).get("status", "not run"),
+                "—",
+                f">= {TARGET_SCAN_VS_DASKIMAGE_TIME:.0f}x",
+                "n/a",
+            )
+        )
     lp = r["loop"]
     t = med(lp["times"])
-    row(f"2b Stats vs per-label numpy loop (`ct[mask == i]`, {lp['labels']} labels; read from the store included)",
-        _fmt_s(scan_t), _fmt_s(t), t / scan_t, f">= {TARGET_SCAN_VS_LOOP:.0f}x faster", t / scan_t >= TARGET_SCAN_VS_LOOP)
-    row("2b' (info) same, peak RSS", f"{s['peak_mb']:.0f} MB", f"{lp['peak_mb']:.0f} MB",
-        lp["peak_mb"] / s["peak_mb"], "—", None)
+    row(
+        f"2b Stats vs per-label numpy loop (`ct[mask == i]`, {lp['labels']} labels; read from the store included)",
+        _fmt_s(scan_t),
+        _fmt_s(t),
+        t / scan_t,
+        f">= {TARGET_SCAN_VS_LOOP:.0f}x faster",
+        t / scan_t >= TARGET_SCAN_VS_LOOP,
+    )
+    row(
+        "2b' (info) same, peak RSS",
+        f"{s['peak_mb']:.0f} MB",
+        f"{lp['peak_mb']:.0f} MB",
+        lp["peak_mb"] / s["peak_mb"],
+        "—",
+        None,
+    )
     rd = r["read"]
     t_read = min(med(rd["zarr"]), med(rd["dask"]))
-    row("2c Stats vs reading CT + mask from the store into numpy (faster of zarr `[:]` and dask `.values`)",
-        _fmt_s(scan_t), _fmt_s(t_read), scan_t / t_read, f"<= {TARGET_SCAN_VS_READ:.0f}x its time",
-        scan_t / t_read <= TARGET_SCAN_VS_READ)
+    row(
+        "2c Stats vs reading CT + mask from the store into numpy (faster of zarr `[:]` and dask `.values`)",
+        _fmt_s(scan_t),
+        _fmt_s(t_read),
+        scan_t / t_read,
+        f"<= {TARGET_SCAN_VS_READ:.0f}x its time",
+        scan_t / t_read <= TARGET_SCAN_VS_READ,
+    )
     agree = r["agreement"]
     ok_eq = s["scan_equals_index"]
-    rows.append(("2d `method=\"scan\"` equals `method=\"index\"` (`assert_frame_equal`, exact)",
-                 "equal" if ok_eq else "DIFFERENT", "—", "—", "equal", "pass" if ok_eq else "**FAIL**"))
-    rows.append(("2e (info) agreement with the baselines (max relative difference)",
-                 ", ".join(f"loop {k} {v:.1e}" for k, v in agree["loop"].items() if v) or "loop: all identical",
-                 ", ".join(f"dask-image {k} {v:.1e}" for k, v in agree.get("daskimage", {}).items()) or "—",
-                 "—", "—", "—"))
+    rows.append(
+        (
+            '2d `method="scan"` equals `method="index"` (`assert_frame_equal`, exact)',
+            "equal" if ok_eq else "DIFFERENT",
+            "—",
+            "—",
+            "equal",
+            "pass" if ok_eq else "**FAIL**",
+        )
+    )
+    rows.append(
+        (
+            "2e (info) agreement with the baselines (max relative difference)",
+            ", ".join(f"loop {k} {v:.1e}" for k, v in agree["loop"].items() if v)
+            or "loop: all identical",
+            ", ".join(f"dask-image {k} {v:.1e}" for k, v in agree.get("daskimage", {}).items())
+            or "—",
+            "—",
+            "—",
+            "—",
+        )
+    )
 
     co = r["cohort"]
     t_st, t_tab = med(co["stats"]), med(co["table"])
-    row(f"3 Cohort of {co['cases']} cases ({co['rows']:,} rows): `col.stats(method=\"index\")` vs scan of one case",
-        _fmt_s(t_st), _fmt_s(scan_t), scan_t / t_st, "faster than the scan", t_st < scan_t)
-    row(f"3' Cohort `col.table()` ({co['table_rows']:,} rows) vs scan of one case", _fmt_s(t_tab), _fmt_s(scan_t),
-        scan_t / t_tab, "faster than the scan", t_tab < scan_t)
-    rows.append((f"3'' (info) per-case path, {co['cases']} cases: open every case + read its index",
-                 f"{_fmt_s(co['open_all_cases_s'])} + {_fmt_s(co['read_all_case_indexes_s'])}", "—", "—", "—", "—"))
+    row(
+        f'3 Cohort of {co["cases"]} cases ({co["rows"]:,} rows): `col.stats(method="index")` vs scan of one case',
+        _fmt_s(t_st),
+        _fmt_s(scan_t),
+        scan_t / t_st,
+        "faster than the scan",
+        t_st < scan_t,
+    )
+    row(
+        f"3' Cohort `col.table()` ({co['table_rows']:,} rows) vs scan of one case",
+        _fmt_s(t_tab),
+        _fmt_s(scan_t),
+        scan_t / t_tab,
+        "faster than the scan",
+        t_tab < scan_t,
+    )
+    rows.append(
+        (
+            f"3'' (info) per-case path, {co['cases']} cases: open every case + read its index",
+            f"{_fmt_s(co['open_all_cases_s'])} + {_fmt_s(co['read_all_case_indexes_s'])}",
+            "—",
+            "—",
+            "—",
+            "—",
+        )
+    )
     return rows
 
 
@@ -561,12 +783,14 @@ def render(r: dict[str, Any]) -> str:
 def describe(r: dict[str, Any]) -> str:
     d = r["data"]
     c = r["crop"]
-    return (f"Case: int16 CT {' x '.join(map(str, d['shape_zyx']))} (z, y, x) at "
-            f"{' x '.join(map(str, d['spacing_zyx']))} mm, uint8 mask with {d['label_ids']} label ids. "
-            f"Crop: {c['structure']} + {r['margin_mm']:g} mm. Times are medians (crop: {r['repeats']['crop']} repeats, "
-            f"nibabel {r['repeats']['nib']}; scan {r['repeats']['scan']}; loop {r['repeats']['loop']}; "
-            f"dask-image 1; cohort {r['repeats']['cohort']}); each group in a fresh subprocess, peak RSS = its VmHWM. "
-            f"{r['machine']}.")
+    return (
+        f"Case: int16 CT {' x '.join(map(str, d['shape_zyx']))} (z, y, x) at "
+        f"{' x '.join(map(str, d['spacing_zyx']))} mm, uint8 mask with {d['label_ids']} label ids. "
+        f"Crop: {c['structure']} + {r['margin_mm']:g} mm. Times are medians (crop: {r['repeats']['crop']} repeats, "
+        f"nibabel {r['repeats']['nib']}; scan {r['repeats']['scan']}; loop {r['repeats']['loop']}; "
+        f"dask-image 1; cohort {r['repeats']['cohort']}); each group in a fresh subprocess, peak RSS = its VmHWM. "
+        f"{r['machine']}."
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -576,21 +800,35 @@ def describe(r: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", type=Path, default=REPO / "bench-data", help="data directory (default bench-data/)")
-    ap.add_argument("--quick", action="store_true", help="100x256x256 case, 20-case cohort, few repeats")
+    ap.add_argument(
+        "--data",
+        type=Path,
+        default=REPO / "bench-data",
+        help="data directory (default bench-data/)",
+    )
+    ap.add_argument(
+        "--quick", action="store_true", help="100x256x256 case, 20-case cohort, few repeats"
+    )
     ap.add_argument("--cohort", type=int, default=None, help="cohort size (default 500, quick 20)")
     ap.add_argument("--margin-mm", type=float, default=10.0)
     ap.add_argument("--skip-daskimage", action="store_true", help="do not run dask-image (slow)")
-    ap.add_argument("--daskimage-chunks", choices=("shard", "chunk"), default="shard",
-                    help="dask chunks for dask-image: the stored shard (64 slices x plane, as Case.image) "
-                         "or the 64^3 inner chunk")
+    ap.add_argument(
+        "--daskimage-chunks",
+        choices=("shard", "chunk"),
+        default="shard",
+        help="dask chunks for dask-image: the stored shard (64 slices x plane, as Case.image) "
+        "or the 64^3 inner chunk",
+    )
     args = ap.parse_args(argv)
     data: Path = args.data.resolve()
     data.mkdir(parents=True, exist_ok=True)
     tag = "quick" if args.quick else "dap"
     n_cohort = args.cohort or (20 if args.quick else 500)
-    reps = ({"crop": 5, "nib": 1, "scan": 2, "loop": 1, "read": 3, "cohort": 2} if args.quick else
-            {"crop": 15, "nib": 3, "scan": 5, "loop": 2, "read": 5, "cohort": 3})
+    reps = (
+        {"crop": 5, "nib": 1, "scan": 2, "loop": 1, "read": 3, "cohort": 2}
+        if args.quick
+        else {"crop": 15, "nib": 3, "scan": 5, "loop": 2, "read": 5, "cohort": 3}
+    )
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -613,30 +851,59 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     r: dict[str, Any] = {
         "quick": args.quick,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
-        "data": {"shape_zyx": list(geo.shape_zyx), "spacing_zyx": list(geo.spacing_zyx),
-                 "label_ids": info.get("label_ids"), "source": str(src), "store": str(store)},
-        "convert": conv, "margin_mm": args.margin_mm, "repeats": reps,
+        "data": {
+            "shape_zyx": list(geo.shape_zyx),
+            "spacing_zyx": list(geo.spacing_zyx),
+            "label_ids": info.get("label_ids"),
+            "source": str(src),
+            "store": str(store),
+        },
+        "convert": conv,
+        "margin_mm": args.margin_mm,
+        "repeats": reps,
         "versions": _versions(),
     }
     log("1. crop (ours, TensorStore, nibabel) ...")
-    r["crop"] = run_child("crop", str(store), case_id, str(ct_path), str(mask_path), str(args.margin_mm),
-                          str(reps["crop"]), str(reps["nib"]))
+    r["crop"] = run_child(
+        "crop",
+        str(store),
+        case_id,
+        str(ct_path),
+        str(mask_path),
+        str(args.margin_mm),
+        str(reps["crop"]),
+        str(reps["nib"]),
+    )
     log("2. scan statistics (ours) ...")
     r["scan"] = run_child("scan", str(store), case_id, str(reps["scan"]))
     log("2c. read both arrays ...")
     r["read"] = run_child("read", str(store), case_id, str(reps["read"]))
     log("2b. per-label numpy loop ...")
     r["loop"] = run_child("loop", str(store), case_id, str(reps["loop"]))
-    keys = ["voxel_count", "hu_mean", "hu_std", "hu_min", "hu_max", "hu_p05", "hu_p25", "hu_median", "hu_p75", "hu_p95"]
+    keys = [
+        "voxel_count",
+        "hu_mean",
+        "hu_std",
+        "hu_min",
+        "hu_max",
+        "hu_p05",
+        "hu_p25",
+        "hu_median",
+        "hu_p75",
+        "hu_p95",
+    ]
     r["agreement"] = {"loop": compare_stats(r["scan"]["stats"], r["loop"]["stats"], keys)}
     if args.skip_daskimage:
         r["daskimage"] = {"status": "skipped (--skip-daskimage)"}
     else:
-        log(f"2a. dask-image ndmeasure (dask chunks = {args.daskimage_chunks}; minutes on the full case) ...")
+        log(
+            f"2a. dask-image ndmeasure (dask chunks = {args.daskimage_chunks}; minutes on the full case) ..."
+        )
         try:
             r["daskimage"] = run_child("daskimage", str(store), case_id, args.daskimage_chunks)
-            r["agreement"]["daskimage"] = compare_stats(r["scan"]["stats"], r["daskimage"]["stats"],
-                                                        ["voxel_count", "hu_mean"])
+            r["agreement"]["daskimage"] = compare_stats(
+                r["scan"]["stats"], r["daskimage"]["stats"], ["voxel_count", "hu_mean"]
+            )
         except (RuntimeError, subprocess.TimeoutExpired) as exc:
             r["daskimage"] = {"status": f"failed: {str(exc)[-300:]}"}
     cohort = qdir / f"cohort-{tag}-{n_cohort}.zarr"
@@ -659,7 +926,17 @@ def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for p in ("ctzarr", "zarr", "zarrs", "dask", "numpy", "nibabel", "tensorstore", "dask-image", "xarray"):
+    for p in (
+        "ctzarr",
+        "zarr",
+        "zarrs",
+        "dask",
+        "numpy",
+        "nibabel",
+        "tensorstore",
+        "dask-image",
+        "xarray",
+    ):
         try:
             out[p] = version(p)
         except PackageNotFoundError:

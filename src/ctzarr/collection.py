@@ -72,7 +72,7 @@ def open_collection(
 def _open_root(target: str, store: Store, storage_options: dict[str, Any] | None) -> Collection:
     """Open the root group of a collection store and check it is one."""
     try:
-        with codec_pipeline():
+        with codec_pipeline(store):
             root = zarr.open_group(store, mode="r", zarr_format=3)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
         raise StoreError(f"{target}: no collection store here") from exc
@@ -121,7 +121,7 @@ class Collection:
 
     def __getitem__(self, case_id: str) -> Case:
         try:
-            with codec_pipeline():
+            with codec_pipeline(self.root.store):
                 grp = zarr.open_group(self.root.store, path=f"cases/{case_id}", mode="r", zarr_format=3)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError) as exc:
             raise KeyError(f"no case {case_id!r} in {self.url}; cases: {self.case_ids[:10]}") from exc
@@ -164,7 +164,7 @@ class Collection:
         one small group of the store (no case is opened)."""
         from .collection_table import read_table_columns
 
-        with codec_pipeline():
+        with codec_pipeline(self.root.store):
             found = read_table_columns(self.root)
         if found is None:
             raise StoreError(f"{self.url}: no collection table (written by ctzarr convert; rebuild with "
@@ -197,6 +197,7 @@ class Case:
         self.case_id = case_id
         self.group = group
         self.meta = meta
+        self._arrays: dict[str, zarr.Array] = {}
 
     def __repr__(self) -> str:
         return f"<ctzarr.Case {self.case_id!r} shape(z,y,x)={tuple(self.shape)} segmentations={self.segmentation_names}>"
@@ -225,9 +226,14 @@ class Case:
         return dict(self.meta.get("attributes", {}))
 
     def _array(self, path: str) -> zarr.Array:
-        with codec_pipeline():
-            arr = self.group[path]
-        assert isinstance(arr, zarr.Array)
+        """An array of the case, opened once (from the consolidated metadata: no request)."""
+        arr = self._arrays.get(path)
+        if arr is None:
+            with codec_pipeline(self.group.store):
+                node = self.group[path]
+            if not isinstance(node, zarr.Array):
+                raise KeyError(f"case {self.case_id!r}: {path} is not an array")
+            arr = self._arrays[path] = node
         return arr
 
     def _coords(self, level: int = 0) -> dict[str, Any]:
@@ -307,12 +313,17 @@ class Case:
             raise KeyError(f"case {self.case_id!r} has no segmentation {segmentation!r}; it has {names}")
         return segmentation
 
-    def index(self, segmentation: str | None = None) -> LabelIndex:
-        """The per-label index written at conversion."""
-        name = self._segmentation_name(segmentation)
-        grp = self.group[f"labels/{name}/index"]
+    def _index_attributes(self, segmentation: str) -> dict[str, Any]:
+        """The per-label table of a segmentation's index (consolidated: no request)."""
+        grp = self.group[f"labels/{segmentation}/index"]
         assert isinstance(grp, zarr.Group)
-        return index_from_attributes(grp.attrs["ctzarr"], grp["histogram"][:])  # type: ignore[index]
+        return dict(grp.attrs["ctzarr"])
+
+    def index(self, segmentation: str | None = None) -> LabelIndex:
+        """The per-label index written at conversion (histograms included: one small read)."""
+        name = self._segmentation_name(segmentation)
+        hist = self._array(f"labels/{name}/index/histogram")[:]
+        return index_from_attributes(self._index_attributes(name), hist)  # type: ignore[arg-type]
 
     def stats(self, structures: Sequence[str | int] | None = None, segmentation: str | None = None,
               method: str = "index", client: Any = None) -> pd.DataFrame:
@@ -342,13 +353,12 @@ class Case:
         if margin_mm < 0 or not np.isfinite(margin_mm):
             raise ValueError(f"margin_mm must be a finite number >= 0, got {margin_mm}")
         seg, label = self.resolve(structure, segmentation)
-        idx = self.index(seg)
-        hits = np.nonzero(idx.labels == label.value)[0]
-        if not len(hits):
+        table = self._index_attributes(seg)  # the bounding boxes, without the histograms
+        if label.value not in table["labels"]:
             raise StructureNotFoundError(
                 f"case {self.case_id!r}: structure {label.name!r} (label {label.value}) is absent from "
                 f"segmentation {seg!r}")
-        b = idx.bbox[hits[0]]
+        b = table["bbox"][table["labels"].index(label.value)]
         box = []
         for ax in range(3):
             grow = math.ceil(margin_mm / self.spacing[ax] - 1e-9) if margin_mm else 0

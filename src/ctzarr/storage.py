@@ -20,11 +20,19 @@ _ZARRS_PIPELINE = "zarrs.ZarrsCodecPipeline"
 
 
 @contextlib.contextmanager
-def codec_pipeline() -> Iterator[None]:
-    """Open arrays inside this block to give them the fast codec pipeline (when installed)."""
+def codec_pipeline(store: Store | None = None) -> Iterator[None]:
+    """Open arrays inside this block to give them the fast codec pipeline.
+
+    Only for local stores: with fsspec's HTTP filesystem the Rust pipeline deadlocks on
+    zarr-python's event loop (observed with zarrs 0.2.3), and remote reads are bound by
+    requests, not decoding.
+    """
     try:
         import zarrs  # noqa: F401
     except ImportError:  # pragma: no cover - zarrs is a dependency, but stay usable without it
+        yield
+        return
+    if store is not None and not isinstance(store, LocalStore):
         yield
         return
     with zarr.config.set({"codec_pipeline.path": _ZARRS_PIPELINE}):

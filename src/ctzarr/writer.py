@@ -23,6 +23,7 @@ import datetime as _dt
 import logging
 import queue
 import threading
+import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -231,7 +232,7 @@ class CaseWriter:
         _tune_malloc()
         shape = self.image.shape_zyx
         levels = level_shapes(shape)
-        with codec_pipeline():
+        with codec_pipeline(self.root.store):
             case = self.root.require_group(self.path)
             img_arrays = [self._create(case, str(i), s, i, self.image.raw_dtype.newbyteorder("="))
                           for i, s in enumerate(levels)]
@@ -329,7 +330,7 @@ class CaseWriter:
     # -- metadata ---------------------------------------------------------------------------
     def write_index(self) -> None:
         """Store each segmentation's index: table in attributes, histogram as an array."""
-        with codec_pipeline():
+        with codec_pipeline(self.root.store):
             for seg in self.segmentations:
                 idx = self.indexes[seg.name]
                 grp = self.root.require_group(f"{self.path}/labels/{seg.name}/index")
@@ -346,7 +347,7 @@ class CaseWriter:
     def write_nifti_header(self) -> None:
         """The NIfTI-Zarr ``nifti`` array: the header bytes as one uint8 chunk."""
         header = np.frombuffer(self.image.header_bytes, dtype=np.uint8)
-        with codec_pipeline():
+        with codec_pipeline(self.root.store):
             case = self.root[self.path]
             assert isinstance(case, zarr.Group)
             arr = case.create_array("nifti", shape=header.shape, dtype=np.uint8, chunks=header.shape,
@@ -381,6 +382,13 @@ class CaseWriter:
             "ctzarr": {**case_attributes, "complete": True,
                        "committed_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")},
         }
+        # Consolidate the metadata of every array and group of the case into its zarr.json
+        # (one read opens a whole case: a cold crop over HTTP costs 6 requests, not 13), then
+        # write the commit marker into that same document, last.
+        with warnings.catch_warnings():  # zarr notes that v3 consolidation is not in the spec yet
+            warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+            zarr.consolidate_metadata(self.root.store, path=self.path, zarr_format=3)
+        case = zarr.open_group(self.root.store, path=self.path, mode="r+", zarr_format=3)
         case.attrs.put(attrs)
 
 
