@@ -221,3 +221,19 @@ def test_crop_reads_only_the_chunks_it_needs(tmp_path: Path) -> None:
     assert shards == {"cases/tall/0/c/2", "cases/tall/labels/seg/0/c/2"}, store.keys
     full_image_bytes = ct.nbytes
     assert store.nbytes < full_image_bytes / 10
+
+
+@pytest.mark.parametrize("store_fixture", ["dap_store", "saros_store"])
+def test_requested_structures_absent_from_a_case_agree_between_methods(store_fixture: str,
+                                                                        request: pytest.FixtureRequest) -> None:
+    col = ctzarr.open_collection(request.getfixturevalue(store_fixture))
+    seg, lm = next(iter(col.segmentations.items()))
+    present = set(col.table().label)
+    missing = next(lab.value for lab in lm.structures() if lab.value not in present)
+    some = sorted(present)[:2]
+    wanted = [missing, *some][::-1]
+    by_index = col.stats(structures=wanted, segmentation=seg)
+    pd.testing.assert_frame_equal(by_index, col.stats(structures=wanted, segmentation=seg, method="scan"))
+    absent = by_index[by_index.label == missing]
+    assert len(absent) == len(col.case_ids) and (absent.voxel_count == 0).all() and absent.hu_mean.isna().all()
+    assert by_index.label.tolist()[: len(wanted)] == wanted

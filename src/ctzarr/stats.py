@@ -126,6 +126,42 @@ def index_rows(geom: CaseGeometry, segmentation: str, label_map: LabelMap, idx: 
     return rows
 
 
+def _from_table(col: Collection, ids: list[str], targets: dict[str, list[int] | None]) -> pd.DataFrame:
+    """Cohort statistics straight from the collection table, vectorised (no per-row Python)."""
+    import pandas as pd
+
+    table = col.table()
+    table = table[table.case_id.isin(ids) & table.segmentation.isin(list(targets))]
+    case_pos = {cid: i for i, cid in enumerate(ids)}
+    seg_pos = {seg: i for i, seg in enumerate(targets)}
+    if all(labels is None for labels in targets.values()):
+        order = np.lexsort((table.label.to_numpy(), table.segmentation.map(seg_pos).to_numpy(),
+                            table.case_id.map(case_pos).to_numpy()))
+        return table.iloc[order].reset_index(drop=True)
+    wanted = pd.MultiIndex.from_tuples(
+        [(cid, seg, label) for cid in ids for seg, labels in targets.items() for label in (labels or [])],
+        names=["case_id", "segmentation", "label"])
+    out = table.set_index(["case_id", "segmentation", "label"]).reindex(wanted)
+    absent = out.voxel_count.isna().to_numpy()
+    if absent.any():
+        names = [col.segmentations[seg][label].name for _, seg, label in wanted[absent]]
+        out.loc[absent, "structure"] = names
+        out.loc[absent, ["voxel_count"]] = 0
+        out.loc[absent, ["volume_ml"]] = 0.0
+        out.loc[absent, ["z_start", "z_stop", "y_start", "y_stop", "x_start", "x_stop"]] = -1
+        out.loc[absent, "touches_border"] = False
+    out = out.reset_index()
+    for c in ("label", "voxel_count", "z_start", "z_stop", "y_start", "y_stop", "x_start", "x_stop"):
+        out[c] = out[c].astype(np.int64)
+    out["touches_border"] = out["touches_border"].astype(bool)
+    if "annotated_slices" in out:
+        # a case without the structure still has its annotated-slice count
+        counts = table.groupby(["case_id", "segmentation"]).annotated_slices.first()
+        keys = list(zip(out.case_id, out.segmentation, strict=True))
+        out["annotated_slices"] = [int(counts.get(k, -1)) for k in keys]
+    return out[list(table.columns)]
+
+
 def _absent_row(case_id: str, segmentation: str, label_map: LabelMap, label: int) -> dict[str, Any]:
     """The row of a requested structure that the case does not contain."""
     row: dict[str, Any] = {"case_id": case_id, "segmentation": segmentation, "label": int(label),
@@ -272,16 +308,7 @@ def _stats(col: Collection, ids: list[str], structures: Sequence[str | int] | No
     if method == "index":
         if cases is None:
             # the collection table answers a cohort with one small read, whatever its size
-            table = col.table()
-            by_key = {(r["case_id"], r["segmentation"], r["label"]): r for r in table.to_dict("records")}
-            present: dict[tuple[str, str], list[int]] = {}
-            for cid, seg, label in by_key:
-                present.setdefault((cid, seg), []).append(label)
-            for cid in ids:
-                for seg, labels in targets.items():
-                    for label in (present.get((cid, seg), []) if labels is None else labels):
-                        row = by_key.get((cid, seg, label))
-                        rows.append(row if row is not None else _absent_row(cid, seg, col.segmentations[seg], label))
+            return _from_table(col, ids, targets)
         else:
             for case in cases:
                 geom = CaseGeometry.of(case)
