@@ -371,7 +371,7 @@ class CaseWriter:
                     "image-label": image_label(seg.label_map),
                 },
                 "ctzarr": {
-                    "label_map": seg.label_map.to_dict(),
+                    "label_map": seg.label_map.name,  # the full map is in the collection attributes
                     "ignore_value": seg.label_map.ignore_value,
                     "sparse": seg.sparse,
                     "source_file": case_attributes["source"]["files"].get(seg.name, {}).get("path"),
