@@ -116,3 +116,22 @@ def test_sigkill_at_any_moment_then_rerun(tmp_path: Path, delay_s: float) -> Non
         np.testing.assert_array_equal(col[cid].image.values, nifti_zyx(src / "images" / f"{cid}.nii.gz"))
         np.testing.assert_array_equal(col[cid].labels().values, nifti_zyx(src / "masks" / f"{cid}.nii.gz"))
     assert ctzarr.convert(src, dest, progress=False).skipped == col.case_ids
+
+
+def test_verify_reports_and_repair_removes_leftovers(dap_copy: Path, tmp_path: Path) -> None:
+    from ctzarr.verify import verify
+
+    dest = tmp_path / "s.zarr"
+    assert ctzarr.convert(dap_copy, dest, progress=False).ok
+    cid = ctzarr.open_collection(dest).case_ids[0]
+    # a leftover of an interrupted run of another case id, next to the committed ones
+    shutil.copytree(dest / "cases" / cid, dest / "cases" / "interrupted_case")
+    grp = zarr.open_group(dest / "cases" / "interrupted_case", mode="r+")
+    grp.attrs.put({})
+    report = verify(dest)
+    assert not report.ok and any("interrupted_case" in p for p in report.problems)
+    assert "interrupted_case" not in ctzarr.open_collection(dest).case_ids
+    repaired = verify(dest, repair=True)
+    assert repaired.repaired == ["interrupted_case"]
+    assert not (dest / "cases" / "interrupted_case").exists()
+    assert verify(dest).ok
