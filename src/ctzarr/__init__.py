@@ -49,6 +49,7 @@ def __getattr__(name: str) -> Any:
         return importlib.import_module(".stats", __name__)
     raise AttributeError(f"module 'ctzarr' has no attribute {name!r}")
 
+
 __all__ = [
     "Case",
     "CaseExistsError",

@@ -20,7 +20,9 @@ _ENV = re.compile(r"\{\{\s*env\(\s*([A-Za-z_][A-Za-z0-9_]*)\s*\)\s*\}\}")
 
 def catalog_path() -> str:
     """The catalog in use: $CTZARR_CATALOG, else the one shipped with the package."""
-    return os.environ.get("CTZARR_CATALOG") or str(resources.files("ctzarr") / "data" / "catalog.yaml")
+    return os.environ.get("CTZARR_CATALOG") or str(
+        resources.files("ctzarr") / "data" / "catalog.yaml"
+    )
 
 
 def load_catalog(path: str | None = None) -> dict[str, Any]:
@@ -40,7 +42,9 @@ def _expand(value: str, name: str) -> str:
     def sub(m: re.Match[str]) -> str:
         var = m.group(1)
         if var not in os.environ:
-            raise CatalogError(f"catalog entry {name!r} needs the environment variable {var} (where its store lives)")
+            raise CatalogError(
+                f"catalog entry {name!r} needs the environment variable {var} (where its store lives)"
+            )
         return os.environ[var].rstrip("/")
 
     return _ENV.sub(sub, value)

@@ -54,9 +54,17 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     client = _client(args)
     try:
-        report = convert(args.source, args.dest, layout=args.layout, cases=args.case or None,
-                         overwrite=args.overwrite, storage_options=_storage_options(args.storage_options),
-                         progress=not args.quiet, labels=args.labels or None, client=client)
+        report = convert(
+            args.source,
+            args.dest,
+            layout=args.layout,
+            cases=args.case or None,
+            overwrite=args.overwrite,
+            storage_options=_storage_options(args.storage_options),
+            progress=not args.quiet,
+            labels=args.labels or None,
+            client=client,
+        )
     finally:
         if client is not None:
             client.close()
@@ -71,13 +79,17 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(col)
     for name, lm in col.segmentations.items():
         extra = f", ignore value {lm.ignore_value}" if lm.ignore_value is not None else ""
-        print(f"  segmentation {name}: label map {lm.name!r}, {len(lm.structures())} structures{extra}")
+        print(
+            f"  segmentation {name}: label map {lm.name!r}, {len(lm.structures())} structures{extra}"
+        )
     cases = [args.case] if args.case else col.case_ids
     for cid in cases:
         case = col[cid]
         spacing = " x ".join(f"{s:g}" for s in case.spacing)
-        print(f"  {cid}: (z, y, x) {case.shape}, spacing {spacing} mm, {case.levels} levels, "
-              f"image {case.meta['nifti']['value_dtype']}")
+        print(
+            f"  {cid}: (z, y, x) {case.shape}, spacing {spacing} mm, {case.levels} levels, "
+            f"image {case.meta['nifti']['value_dtype']}"
+        )
         if args.case:
             for seg in case.segmentation_names:
                 idx = case.index(seg)
@@ -100,7 +112,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from .verify import verify
 
-    report = verify(args.store, storage_options=_storage_options(args.storage_options), repair=args.repair)
+    report = verify(
+        args.store, storage_options=_storage_options(args.storage_options), repair=args.repair
+    )
     print(report)
     return 0 if report.ok or (args.repair and len(report.problems) == len(report.repaired)) else 1
 
@@ -111,8 +125,13 @@ def cmd_stats(args: argparse.Namespace) -> int:
     col = open_collection(args.store, storage_options=_storage_options(args.storage_options))
     client = _client(args)
     try:
-        df = col.stats(structures=args.structure or None, cases=args.case or None, segmentation=args.segmentation,
-                       method="scan" if args.scan else "index", client=client)
+        df = col.stats(
+            structures=args.structure or None,
+            cases=args.case or None,
+            segmentation=args.segmentation,
+            method="scan" if args.scan else "index",
+            client=client,
+        )
     finally:
         if client is not None:
             client.close()
@@ -128,10 +147,25 @@ def cmd_stats(args: argparse.Namespace) -> int:
     else:
         import pandas as pd
 
-        cols = ["case_id", "segmentation", "label", "structure", "voxel_count", "volume_ml", "hu_mean",
-                "hu_std", "hu_median", "centroid_x", "centroid_y", "centroid_z", "touches_border"]
+        cols = [
+            "case_id",
+            "segmentation",
+            "label",
+            "structure",
+            "voxel_count",
+            "volume_ml",
+            "hu_mean",
+            "hu_std",
+            "hu_median",
+            "centroid_x",
+            "centroid_y",
+            "centroid_z",
+            "touches_border",
+        ]
         cols += ["annotated_slices"] if "annotated_slices" in df else []
-        with pd.option_context("display.max_rows", None, "display.width", 200, "display.precision", 2):
+        with pd.option_context(
+            "display.max_rows", None, "display.width", 200, "display.precision", 2
+        ):
             print(df[cols].to_string(index=False))
     return 0
 
@@ -140,8 +174,12 @@ def cmd_crop(args: argparse.Namespace) -> int:
     from .collection import open_collection
 
     col = open_collection(args.store, storage_options=_storage_options(args.storage_options))
-    written = col[args.case].crop_to_nifti(_structure(args.structure), args.output, margin_mm=args.margin_mm,
-                                           segmentation=args.segmentation)
+    written = col[args.case].crop_to_nifti(
+        _structure(args.structure),
+        args.output,
+        margin_mm=args.margin_mm,
+        segmentation=args.segmentation,
+    )
     for role, path in written.items():
         print(f"{role}: {path}")
     return 0
@@ -152,8 +190,13 @@ def cmd_show(args: argparse.Namespace) -> int:
     from .show import render_structure
 
     col = open_collection(args.store, storage_options=_storage_options(args.storage_options))
-    path = render_structure(col[args.case], _structure(args.structure), args.output, segmentation=args.segmentation,
-                            margin_mm=args.margin_mm)
+    path = render_structure(
+        col[args.case],
+        _structure(args.structure),
+        args.output,
+        segmentation=args.segmentation,
+        margin_mm=args.margin_mm,
+    )
     print(path)
     return 0
 
@@ -178,25 +221,37 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every command."""
     from . import __version__
 
-    p = argparse.ArgumentParser(prog="ctzarr", description=__doc__.split("\n")[0] if __doc__ else None)
+    p = argparse.ArgumentParser(
+        prog="ctzarr", description=__doc__.split("\n")[0] if __doc__ else None
+    )
     p.add_argument("--version", action="version", version=f"ctzarr {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log what happens")
     sub = p.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("demo", help="generate phantom DAP Atlas and SAROS datasets, convert and query them")
+    d = sub.add_parser(
+        "demo", help="generate phantom DAP Atlas and SAROS datasets, convert and query them"
+    )
     d.add_argument("directory", nargs="?", default="ctzarr-demo")
     d.add_argument("-q", "--quiet", action="store_true")
     d.set_defaults(func=cmd_demo)
 
-    c = sub.add_parser("convert", help="convert a dataset (dap_atlas, saros or pairs layout) into a store")
+    c = sub.add_parser(
+        "convert", help="convert a dataset (dap_atlas, saros or pairs layout) into a store"
+    )
     c.add_argument("source", help="dataset directory or manifest CSV (path or fsspec URL)")
     c.add_argument("dest", help="collection store (.zarr path or fsspec URL)")
     c.add_argument("--layout", choices=["dap_atlas", "saros", "pairs"])
-    c.add_argument("--labels", action="append", metavar="[NAME=]FILE", help="label map (JSON/YAML id -> name)")
-    c.add_argument("--case", action="append", metavar="ID", help="convert only this case (repeatable)")
+    c.add_argument(
+        "--labels", action="append", metavar="[NAME=]FILE", help="label map (JSON/YAML id -> name)"
+    )
+    c.add_argument(
+        "--case", action="append", metavar="ID", help="convert only this case (repeatable)"
+    )
     c.add_argument("--overwrite", action="store_true", help="replace cases whose source changed")
     c.add_argument("--scheduler", metavar="ADDRESS", help="run on this dask scheduler")
-    c.add_argument("--workers", type=int, metavar="N", help="start a local cluster of N worker processes")
+    c.add_argument(
+        "--workers", type=int, metavar="N", help="start a local cluster of N worker processes"
+    )
     c.add_argument("--storage-options", metavar="JSON", help="fsspec options for remote URLs")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_convert)
@@ -216,19 +271,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("verify", help="check completeness, checksums and index of a store")
     v.add_argument("store")
-    v.add_argument("--repair", action="store_true", help="remove leftovers of interrupted conversions")
+    v.add_argument(
+        "--repair", action="store_true", help="remove leftovers of interrupted conversions"
+    )
     v.add_argument("--storage-options", metavar="JSON")
     v.set_defaults(func=cmd_verify)
 
-    st = sub.add_parser("stats", help="per-structure statistics (volume, HU, centroid, bounding box)")
+    st = sub.add_parser(
+        "stats", help="per-structure statistics (volume, HU, centroid, bounding box)"
+    )
     st.add_argument("store")
-    st.add_argument("--structure", action="append", metavar="NAME", help="structure name or id (repeatable)")
+    st.add_argument(
+        "--structure", action="append", metavar="NAME", help="structure name or id (repeatable)"
+    )
     st.add_argument("--case", action="append", metavar="ID", help="only this case (repeatable)")
     st.add_argument("--segmentation")
-    st.add_argument("--scan", action="store_true", help="recompute from the voxels instead of the index")
+    st.add_argument(
+        "--scan", action="store_true", help="recompute from the voxels instead of the index"
+    )
     st.add_argument("-o", "--output", metavar="OUT.csv|OUT.parquet")
     st.add_argument("--scheduler", metavar="ADDRESS", help="run on this dask scheduler")
-    st.add_argument("--workers", type=int, metavar="N", help="start a local cluster of N worker processes")
+    st.add_argument(
+        "--workers", type=int, metavar="N", help="start a local cluster of N worker processes"
+    )
     st.add_argument("--storage-options", metavar="JSON")
     st.set_defaults(func=cmd_stats)
 
@@ -262,8 +327,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     try:
         return int(args.func(args))
     except KeyboardInterrupt:

@@ -20,8 +20,8 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 import zarr
-from zarr.abc.store import Store
 from nibabel.volumeutils import apply_read_scaling
+from zarr.abc.store import Store
 
 from .errors import IncompleteCaseError, StoreError
 from .label_index import LabelIndex
@@ -63,7 +63,9 @@ def open_collection(
         from .catalog import load_catalog, resolve_entry
 
         if target not in load_catalog():
-            raise StoreError(f"{target}: no collection store here, and no catalog entry of that name")
+            raise StoreError(
+                f"{target}: no collection store here, and no catalog entry of that name"
+            )
         target, entry_so = resolve_entry(target)
         so = {**(entry_so or {}), **(so or {})} or None
     return _open_root(target, make_store(target, storage_options=so, read_only=True), so)
@@ -85,7 +87,9 @@ def _open_root(target: str, store: Store, storage_options: dict[str, Any] | None
 class Collection:
     """A converted dataset: cases, label maps and the collection-wide index table."""
 
-    def __init__(self, url: str, root: zarr.Group, storage_options: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, url: str, root: zarr.Group, storage_options: dict[str, Any] | None = None
+    ) -> None:
         self.url = url
         self.root = root
         # kept to reopen the store on cluster workers; never shown (may hold credentials)
@@ -122,16 +126,28 @@ class Collection:
     def __getitem__(self, case_id: str) -> Case:
         try:
             with codec_pipeline(self.root.store):
-                grp = zarr.open_group(self.root.store, path=f"cases/{case_id}", mode="r", zarr_format=3)
+                grp = zarr.open_group(
+                    self.root.store, path=f"cases/{case_id}", mode="r", zarr_format=3
+                )
         except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError) as exc:
-            raise KeyError(f"no case {case_id!r} in {self.url}; cases: {self.case_ids[:10]}") from exc
+            raise KeyError(
+                f"no case {case_id!r} in {self.url}; cases: {self.case_ids[:10]}"
+            ) from exc
         meta = grp.attrs.get("ctzarr")
         if not isinstance(meta, dict) or meta.get("complete") is not True:
-            raise IncompleteCaseError(f"case {case_id!r} in {self.url} is incomplete (an interrupted conversion)")
+            raise IncompleteCaseError(
+                f"case {case_id!r} in {self.url} is incomplete (an interrupted conversion)"
+            )
         return Case(self, case_id, grp, meta)
 
-    def stats(self, structures: Sequence[str | int] | None = None, cases: Sequence[str] | None = None,
-              segmentation: str | None = None, method: str = "index", client: Any = None) -> pd.DataFrame:
+    def stats(
+        self,
+        structures: Sequence[str | int] | None = None,
+        cases: Sequence[str] | None = None,
+        segmentation: str | None = None,
+        method: str = "index",
+        client: Any = None,
+    ) -> pd.DataFrame:
         """Per-structure statistics for a cohort, one row per (case, segmentation, structure).
 
         Parameters
@@ -167,17 +183,25 @@ class Collection:
         with codec_pipeline(self.root.store):
             found = read_table_columns(self.root)
         if found is None:
-            raise StoreError(f"{self.url}: no collection table (written by ctzarr convert; rebuild with "
-                             "ctzarr verify --repair)")
+            raise StoreError(
+                f"{self.url}: no collection table (written by ctzarr convert; rebuild with "
+                "ctzarr verify --repair)"
+            )
         cols, attrs = found
         lms = self.segmentations
         seg_names = attrs["segmentations"]
         data: dict[str, Any] = {
-            "case_id": np.asarray(attrs["cases"], dtype=object)[cols["case"]] if len(cols["case"]) else [],
-            "segmentation": np.asarray(seg_names, dtype=object)[cols["segmentation"]] if len(cols["case"]) else [],
+            "case_id": np.asarray(attrs["cases"], dtype=object)[cols["case"]]
+            if len(cols["case"])
+            else [],
+            "segmentation": np.asarray(seg_names, dtype=object)[cols["segmentation"]]
+            if len(cols["case"])
+            else [],
             "label": cols["label"],
-            "structure": [lms[seg_names[s]][int(v)].name for s, v in zip(cols["segmentation"].tolist(),
-                                                                          cols["label"].tolist(), strict=True)],
+            "structure": [
+                lms[seg_names[s]][int(v)].name
+                for s, v in zip(cols["segmentation"].tolist(), cols["label"].tolist(), strict=True)
+            ],
         }
         from .stats import STATS_COLUMNS
 
@@ -192,7 +216,9 @@ class Collection:
 class Case:
     """One case: the CT image and its segmentations as lazy xarray objects."""
 
-    def __init__(self, collection: Collection, case_id: str, group: zarr.Group, meta: dict[str, Any]) -> None:
+    def __init__(
+        self, collection: Collection, case_id: str, group: zarr.Group, meta: dict[str, Any]
+    ) -> None:
         self.collection = collection
         self.case_id = case_id
         self.group = group
@@ -252,13 +278,32 @@ class Case:
                 coords[dim] = idx * self.spacing[ax]
         return coords
 
-    def _dataarray(self, arr: zarr.Array, name: str, level: int, attrs: dict[str, Any]) -> xr.DataArray:
+    def _dataarray(
+        self, arr: zarr.Array, name: str, level: int, attrs: dict[str, Any]
+    ) -> xr.DataArray:
         shard = arr.shards or arr.chunks
-        data = da.from_array(arr, chunks=shard, name=f"ctzarr-{self.case_id}-{name}-{level}-{id(arr)}",
-                             lock=False, asarray=True, inline_array=True)
-        return xr.DataArray(data, dims=("z", "y", "x"), coords=self._coords(level), name=name,
-                            attrs={"affine": self.level_affine(level), "spacing_mm": tuple(s * 2**level for s in self.spacing),
-                                   "units": "mm", "case_id": self.case_id, "coordinates": self.coordinate_kind, **attrs})
+        data = da.from_array(
+            arr,
+            chunks=shard,
+            name=f"ctzarr-{self.case_id}-{name}-{level}-{id(arr)}",
+            lock=False,
+            asarray=True,
+            inline_array=True,
+        )
+        return xr.DataArray(
+            data,
+            dims=("z", "y", "x"),
+            coords=self._coords(level),
+            name=name,
+            attrs={
+                "affine": self.level_affine(level),
+                "spacing_mm": tuple(s * 2**level for s in self.spacing),
+                "units": "mm",
+                "case_id": self.case_id,
+                "coordinates": self.coordinate_kind,
+                **attrs,
+            },
+        )
 
     @property
     def coordinate_kind(self) -> str:
@@ -300,8 +345,12 @@ class Case:
         name = self._segmentation_name(segmentation)
         lm = self.collection.segmentations.get(name)
         arr = self._array(f"labels/{name}/{level}")
-        return self._dataarray(arr, name, level, {"segmentation": name,
-                                                  "ignore_value": None if lm is None else lm.ignore_value})
+        return self._dataarray(
+            arr,
+            name,
+            level,
+            {"segmentation": name, "ignore_value": None if lm is None else lm.ignore_value},
+        )
 
     def _segmentation_name(self, segmentation: str | None) -> str:
         names = self.segmentation_names
@@ -310,7 +359,9 @@ class Case:
                 raise KeyError(f"case {self.case_id!r} has segmentations {names}: name one")
             return names[0]
         if segmentation not in names:
-            raise KeyError(f"case {self.case_id!r} has no segmentation {segmentation!r}; it has {names}")
+            raise KeyError(
+                f"case {self.case_id!r} has no segmentation {segmentation!r}; it has {names}"
+            )
         return segmentation
 
     def _index_attributes(self, segmentation: str) -> dict[str, Any]:
@@ -325,8 +376,13 @@ class Case:
         hist = self._array(f"labels/{name}/index/histogram")[:]
         return index_from_attributes(self._index_attributes(name), hist)  # type: ignore[arg-type]
 
-    def stats(self, structures: Sequence[str | int] | None = None, segmentation: str | None = None,
-              method: str = "index", client: Any = None) -> pd.DataFrame:
+    def stats(
+        self,
+        structures: Sequence[str | int] | None = None,
+        segmentation: str | None = None,
+        method: str = "index",
+        client: Any = None,
+    ) -> pd.DataFrame:
         """Per-structure statistics of this case (see :meth:`Collection.stats`)."""
         from .stats import case_stats
 
@@ -345,8 +401,9 @@ class Case:
                 errors.append(str(exc))
         raise StructureNotFoundError(f"case {self.case_id!r}: " + "; ".join(errors))
 
-    def crop_box(self, structure: str | int, margin_mm: float = 0.0,
-                 segmentation: str | None = None) -> tuple[str, Label, tuple[slice, slice, slice]]:
+    def crop_box(
+        self, structure: str | int, margin_mm: float = 0.0, segmentation: str | None = None
+    ) -> tuple[str, Label, tuple[slice, slice, slice]]:
         """Bounding box of a structure (from the index) grown by a margin, clipped to the volume."""
         from .errors import StructureNotFoundError
 
@@ -357,15 +414,20 @@ class Case:
         if label.value not in table["labels"]:
             raise StructureNotFoundError(
                 f"case {self.case_id!r}: structure {label.name!r} (label {label.value}) is absent from "
-                f"segmentation {seg!r}")
+                f"segmentation {seg!r}"
+            )
         b = table["bbox"][table["labels"].index(label.value)]
         box = []
         for ax in range(3):
             grow = math.ceil(margin_mm / self.spacing[ax] - 1e-9) if margin_mm else 0
-            box.append(slice(max(int(b[2 * ax]) - grow, 0), min(int(b[2 * ax + 1]) + grow, self.shape[ax])))
+            box.append(
+                slice(max(int(b[2 * ax]) - grow, 0), min(int(b[2 * ax + 1]) + grow, self.shape[ax]))
+            )
         return seg, label, (box[0], box[1], box[2])
 
-    def crop(self, structure: str | int, margin_mm: float = 0.0, segmentation: str | None = None) -> xr.Dataset:
+    def crop(
+        self, structure: str | int, margin_mm: float = 0.0, segmentation: str | None = None
+    ) -> xr.Dataset:
         """A lazy crop around a structure: ``image`` and ``labels`` over its bounding box.
 
         The box comes from the index (no voxel is scanned), grown by ``ceil(margin_mm /
@@ -382,29 +444,59 @@ class Case:
         shift = np.eye(4)
         shift[:3, 3] = [xs.start, ys.start, zs.start]
         affine = self.affine @ shift
-        coords = {dim: values[sl] for (dim, values), sl in zip(self._coords(0).items(), box, strict=True)}
-        common = {"affine": affine, "spacing_mm": self.spacing, "units": "mm", "case_id": self.case_id,
-                  "coordinates": self.coordinate_kind}
+        coords = {
+            dim: values[sl] for (dim, values), sl in zip(self._coords(0).items(), box, strict=True)
+        }
+        common = {
+            "affine": affine,
+            "spacing_mm": self.spacing,
+            "units": "mm",
+            "case_id": self.case_id,
+            "coordinates": self.coordinate_kind,
+        }
         nifti = self.meta["nifti"]
         image_data = _region(self._array("0"), box, f"ctzarr-crop-image-{self.case_id}")
         if (nifti["scl_slope"], nifti["scl_inter"]) != (1.0, 0.0):
-            image_data = image_data.map_blocks(apply_read_scaling, *_typed_scaling(nifti["scl_slope"], nifti["scl_inter"]),
-                                               dtype=np.dtype(nifti["value_dtype"]))
+            image_data = image_data.map_blocks(
+                apply_read_scaling,
+                *_typed_scaling(nifti["scl_slope"], nifti["scl_inter"]),
+                dtype=np.dtype(nifti["value_dtype"]),
+            )
         lm = self.collection.segmentations.get(seg)
-        image = xr.DataArray(image_data, dims=("z", "y", "x"), coords=coords, name="image", attrs=dict(common))
-        labels = xr.DataArray(_region(self._array(f"labels/{seg}/0"), box, f"ctzarr-crop-{seg}-{self.case_id}"),
-                              dims=("z", "y", "x"), coords=coords, name=seg,
-                              attrs={**common, "segmentation": seg,
-                                     "ignore_value": None if lm is None else lm.ignore_value})
+        image = xr.DataArray(
+            image_data, dims=("z", "y", "x"), coords=coords, name="image", attrs=dict(common)
+        )
+        labels = xr.DataArray(
+            _region(self._array(f"labels/{seg}/0"), box, f"ctzarr-crop-{seg}-{self.case_id}"),
+            dims=("z", "y", "x"),
+            coords=coords,
+            name=seg,
+            attrs={
+                **common,
+                "segmentation": seg,
+                "ignore_value": None if lm is None else lm.ignore_value,
+            },
+        )
         return xr.Dataset(
             {"image": image, "labels": labels},
-            attrs={"affine": affine, "case_id": self.case_id, "segmentation": seg, "structure": label.name,
-                   "label": label.value, "margin_mm": margin_mm,
-                   "box_zyx": [zs.start, zs.stop, ys.start, ys.stop, xs.start, xs.stop]},
+            attrs={
+                "affine": affine,
+                "case_id": self.case_id,
+                "segmentation": seg,
+                "structure": label.name,
+                "label": label.value,
+                "margin_mm": margin_mm,
+                "box_zyx": [zs.start, zs.stop, ys.start, ys.stop, xs.start, xs.stop],
+            },
         )
 
-    def crop_to_nifti(self, structure: str | int, out_path: str | os.PathLike[str], margin_mm: float = 0.0,
-                      segmentation: str | None = None) -> dict[str, Path]:
+    def crop_to_nifti(
+        self,
+        structure: str | int,
+        out_path: str | os.PathLike[str],
+        margin_mm: float = 0.0,
+        segmentation: str | None = None,
+    ) -> dict[str, Path]:
         """Write a structure crop as ``.nii.gz``: the image to ``out_path``, the labels beside it.
 
         Both carry the crop's affine (qform and sform, codes of the source), so they overlay the
@@ -468,7 +560,11 @@ class Case:
             f.write(hdr_bytes)
             f.write(b"\x00\x00\x00\x00")  # no extensions
             for z0 in range(0, arr.shape[0], step):
-                f.write(np.ascontiguousarray(arr[z0 : z0 + step]).astype(disk_dtype, copy=False).tobytes())
+                f.write(
+                    np.ascontiguousarray(arr[z0 : z0 + step])
+                    .astype(disk_dtype, copy=False)
+                    .tobytes()
+                )
         tmp.replace(path)
         written["image"] = path
         for name in self.segmentation_names:
@@ -477,7 +573,8 @@ class Case:
             seg_hdr.set_data_dtype(lab.dtype)
             seg_hdr.set_slope_inter(1.0, 0.0)
             img = (nib.Nifti2Image if isinstance(hdr, nib.Nifti2Header) else nib.Nifti1Image)(
-                np.asarray(lab[:]).transpose(2, 1, 0), None, header=seg_hdr)
+                np.asarray(lab[:]).transpose(2, 1, 0), None, header=seg_hdr
+            )
             p = out / f"{self.case_id}_{name}.nii.gz"
             img.to_filename(p)
             written[name] = p
@@ -515,5 +612,12 @@ def _region(arr: zarr.Array, box: tuple[slice, slice, slice], name: str) -> da.A
     """A one-chunk dask array over a box of a zarr array."""
     region = _Region(arr, box)
     token = "-".join(f"{sl.start}:{sl.stop}" for sl in box)
-    return da.from_array(region, chunks=region.shape, name=f"{name}-{token}-{id(arr)}", asarray=False,
-                         lock=False, inline_array=True, meta=np.empty((0, 0, 0), dtype=arr.dtype))
+    return da.from_array(
+        region,
+        chunks=region.shape,
+        name=f"{name}-{token}-{id(arr)}",
+        asarray=False,
+        lock=False,
+        inline_array=True,
+        meta=np.empty((0, 0, 0), dtype=arr.dtype),
+    )

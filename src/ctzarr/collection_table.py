@@ -22,11 +22,20 @@ from .writer import _compressors, index_from_attributes
 __all__ = ["TABLE_NUMERIC_COLUMNS", "read_table_columns", "update_collection_table"]
 
 #: numeric columns stored as arrays (case_id, segmentation and structure are stored as codes)
-TABLE_NUMERIC_COLUMNS = tuple(c for c in STATS_COLUMNS if c not in ("case_id", "segmentation", "structure")) + (
+TABLE_NUMERIC_COLUMNS = tuple(
+    c for c in STATS_COLUMNS if c not in ("case_id", "segmentation", "structure")
+) + ("annotated_slices",)
+_INT_COLUMNS = {
+    "label",
+    "voxel_count",
+    "z_start",
+    "z_stop",
+    "y_start",
+    "y_stop",
+    "x_start",
+    "x_stop",
     "annotated_slices",
-)
-_INT_COLUMNS = {"label", "voxel_count", "z_start", "z_stop", "y_start", "y_stop", "x_start", "x_stop",
-                "annotated_slices"}
+}
 
 
 def _dtype(col: str) -> type:
@@ -53,12 +62,19 @@ def read_table_columns(root: zarr.Group) -> tuple[dict[str, np.ndarray], dict[st
     return cols, attrs
 
 
-def _case_rows(root: zarr.Group, case_id: str, label_maps: dict[str, LabelMap]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def _case_rows(
+    root: zarr.Group, case_id: str, label_maps: dict[str, LabelMap]
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Statistics rows and geometry of one committed case, from its own index."""
     grp = zarr.open_group(root.store, path=f"cases/{case_id}", mode="r", zarr_format=3)
     meta = grp.attrs["ctzarr"]
-    geom = {"affine": meta["affine"], "spacing_zyx": meta["spacing_zyx"], "shape_zyx": meta["shape_zyx"],
-            "value_dtype": meta["nifti"]["value_dtype"], "segmentations": meta["segmentations"]}
+    geom = {
+        "affine": meta["affine"],
+        "spacing_zyx": meta["spacing_zyx"],
+        "shape_zyx": meta["shape_zyx"],
+        "value_dtype": meta["nifti"]["value_dtype"],
+        "segmentations": meta["segmentations"],
+    }
     rows = []
     for seg in meta.get("segmentations", []):
         igrp = grp[f"labels/{seg}/index"]
@@ -95,8 +111,11 @@ def update_collection_table(root: zarr.Group, changed: Iterable[str] | None = No
         keep = {cid: i for i, cid in enumerate(old_cases) if cid not in changed_set}
         recompute = sorted(changed_set)
     new_rows: dict[str, list[dict[str, Any]]] = {}
-    geometry: dict[str, Any] = {} if previous is None else {
-        cid: g for cid, g in previous[1]["case_meta"].items() if cid in keep}
+    geometry: dict[str, Any] = (
+        {}
+        if previous is None
+        else {cid: g for cid, g in previous[1]["case_meta"].items() if cid in keep}
+    )
     for cid in recompute:
         state, _ = case_state(root, cid)
         if state == "complete":
@@ -104,7 +123,9 @@ def update_collection_table(root: zarr.Group, changed: Iterable[str] | None = No
     committed = sorted(set(keep) | set(new_rows))
     position = {cid: i for i, cid in enumerate(committed)}
 
-    columns: dict[str, list[Any]] = {c: [] for c in ("case", "segmentation", *TABLE_NUMERIC_COLUMNS)}
+    columns: dict[str, list[Any]] = {
+        c: [] for c in ("case", "segmentation", *TABLE_NUMERIC_COLUMNS)
+    }
     if previous is not None:
         old_cols, old_attrs = previous
         old_cases = old_attrs["cases"]
@@ -113,18 +134,31 @@ def update_collection_table(root: zarr.Group, changed: Iterable[str] | None = No
         for col in TABLE_NUMERIC_COLUMNS:
             columns[col] = old_cols[col][rows_kept].tolist()
         columns["case"] = [position[old_cases[c]] for c in old_cols["case"][rows_kept].tolist()]
-        columns["segmentation"] = [seg_names.index(old_segs[s]) for s in old_cols["segmentation"][rows_kept].tolist()]
+        columns["segmentation"] = [
+            seg_names.index(old_segs[s]) for s in old_cols["segmentation"][rows_kept].tolist()
+        ]
     for cid in sorted(new_rows):
         for row in new_rows[cid]:
             columns["case"].append(position[cid])
             columns["segmentation"].append(seg_names.index(row["segmentation"]))
             for col in TABLE_NUMERIC_COLUMNS:
                 columns[col].append(row.get(col, -1) if col == "annotated_slices" else row[col])
-    order = np.lexsort((np.asarray(columns["label"], np.int64), np.asarray(columns["segmentation"], np.int64),
-                        np.asarray(columns["case"], np.int64))) if columns["case"] else np.zeros(0, np.int64)
+    order = (
+        np.lexsort(
+            (
+                np.asarray(columns["label"], np.int64),
+                np.asarray(columns["segmentation"], np.int64),
+                np.asarray(columns["case"], np.int64),
+            )
+        )
+        if columns["case"]
+        else np.zeros(0, np.int64)
+    )
     # two arrays (integers, floats) rather than one per column: a table update is a handful of
     # writes, and a cohort query two reads
-    int_names = ["case", "segmentation"] + [c for c in TABLE_NUMERIC_COLUMNS if _dtype(c) is not np.float64]
+    int_names = ["case", "segmentation"] + [
+        c for c in TABLE_NUMERIC_COLUMNS if _dtype(c) is not np.float64
+    ]
     float_names = [c for c in TABLE_NUMERIC_COLUMNS if _dtype(c) is np.float64]
     n = len(columns["case"])
     ints = np.zeros((n, len(int_names)), np.int64)
@@ -135,13 +169,29 @@ def update_collection_table(root: zarr.Group, changed: Iterable[str] | None = No
         floats[:, i] = np.asarray(columns[name], dtype=np.float64)[order] if n else []
     table = root.require_group("index")
     for name, data in (("int_columns", ints), ("float_columns", floats)):
-        arr = table.create_array(name, shape=data.shape, dtype=data.dtype, chunks=(max(n, 1), data.shape[1]),
-                                 overwrite=True, compressors=_compressors(), dimension_names=("row", "column"))
+        arr = table.create_array(
+            name,
+            shape=data.shape,
+            dtype=data.dtype,
+            chunks=(max(n, 1), data.shape[1]),
+            overwrite=True,
+            compressors=_compressors(),
+            dimension_names=("row", "column"),
+        )
         if n:
             arr[:] = data
-    table.attrs.put({"ctzarr": {"format": "stats-table-1", "cases": committed, "segmentations": seg_names,
-                                "int_columns": int_names, "float_columns": float_names,
-                                "case_meta": geometry}})
+    table.attrs.put(
+        {
+            "ctzarr": {
+                "format": "stats-table-1",
+                "cases": committed,
+                "segmentations": seg_names,
+                "int_columns": int_names,
+                "float_columns": float_names,
+                "case_meta": geometry,
+            }
+        }
+    )
     meta["cases"] = committed
     root.attrs.put({"ctzarr": meta})
     return committed

@@ -20,7 +20,6 @@ from zarr.core.sync import sync
 
 from . import __version__
 from .errors import CaseExistsError, CaseMismatchError, CtzarrError, LayoutError, StoreError
-from .labelmaps import LabelMap
 from .layouts import CaseSpec, DatasetSource, load_source
 from .nifti import NiftiSource, open_nifti
 from .storage import is_remote, make_store
@@ -69,8 +68,10 @@ class ConversionReport:
         return [r for r in self.results if r.status == "failed"]
 
     def __str__(self) -> str:
-        lines = [f"{self.dest}: {len(self.converted)} converted, {len(self.skipped)} skipped (unchanged), "
-                 f"{len(self.failed)} failed"]
+        lines = [
+            f"{self.dest}: {len(self.converted)} converted, {len(self.skipped)} skipped (unchanged), "
+            f"{len(self.failed)} failed"
+        ]
         lines += [f"  FAILED {r.case_id}: {r.error}" for r in self.failed]
         return "\n".join(lines)
 
@@ -119,7 +120,9 @@ def convert(
     so = dict(storage_options or {})
     if so and not (is_remote(source) or is_remote(dest)):
         raise TypeError("storage_options are only for remote URLs; source and dest are local")
-    ds = load_source(source, layout=layout, labels=labels, storage_options=so if is_remote(source) else None)
+    ds = load_source(
+        source, layout=layout, labels=labels, storage_options=so if is_remote(source) else None
+    )
     specs = list(ds.cases)
     if cases is not None:
         wanted = set(cases)
@@ -133,13 +136,18 @@ def convert(
     if client is not None:
         from .distributed import convert_cases_on_cluster
 
-        report.results.extend(convert_cases_on_cluster(client, ds, specs, dest, dest_so, overwrite, progress))
+        report.results.extend(
+            convert_cases_on_cluster(client, ds, specs, dest, dest_so, overwrite, progress)
+        )
     else:
         bar = _progress_bar(specs, progress)
         try:
             for spec in specs:
-                report.results.append(convert_case(root, ds, spec, overwrite=overwrite,
-                                                   on_slices=bar.update if bar else None))
+                report.results.append(
+                    convert_case(
+                        root, ds, spec, overwrite=overwrite, on_slices=bar.update if bar else None
+                    )
+                )
         finally:
             if bar:
                 bar.close()
@@ -155,7 +163,9 @@ def _progress_bar(specs: Sequence[CaseSpec], enabled: bool) -> Any:
     return tqdm(total=len(specs), unit="case", desc="convert", leave=False)
 
 
-def open_or_create_collection(dest: str, ds: DatasetSource, storage_options: Mapping[str, Any] | None) -> zarr.Group:
+def open_or_create_collection(
+    dest: str, ds: DatasetSource, storage_options: Mapping[str, Any] | None
+) -> zarr.Group:
     """Open the collection at dest, creating it when absent; refuse foreign stores."""
     store = make_store(dest, storage_options=dict(storage_options) if storage_options else None)
     try:
@@ -164,22 +174,28 @@ def open_or_create_collection(dest: str, ds: DatasetSource, storage_options: Map
         root = None
     if root is None:
         root = zarr.open_group(store, mode="w-", zarr_format=3)
-        root.attrs.put({"ctzarr": {
-            "kind": "collection",
-            "format_version": FORMAT_VERSION,
-            "dataset_id": ds.dataset_id,
-            "layout": ds.layout,
-            "segmentations": {k: v.to_dict() for k, v in ds.label_maps.items()},
-            "sparse": dict(ds.sparse),
-            "cases": [],
-            "writer": f"ctzarr {__version__}",
-        }})
+        root.attrs.put(
+            {
+                "ctzarr": {
+                    "kind": "collection",
+                    "format_version": FORMAT_VERSION,
+                    "dataset_id": ds.dataset_id,
+                    "layout": ds.layout,
+                    "segmentations": {k: v.to_dict() for k, v in ds.label_maps.items()},
+                    "sparse": dict(ds.sparse),
+                    "cases": [],
+                    "writer": f"ctzarr {__version__}",
+                }
+            }
+        )
         root.require_group("cases")
         return root
     meta = root.attrs.get("ctzarr")
     if not isinstance(meta, dict) or meta.get("kind") != "collection":
         raise StoreError(f"{dest}: exists and is not a ctzarr collection")
-    if meta.get("dataset_id") != ds.dataset_id or set(meta.get("segmentations", {})) != set(ds.label_maps):
+    if meta.get("dataset_id") != ds.dataset_id or set(meta.get("segmentations", {})) != set(
+        ds.label_maps
+    ):
         raise StoreError(
             f"{dest}: holds dataset {meta.get('dataset_id')!r} with segmentations "
             f"{sorted(meta.get('segmentations', {}))}, not {ds.dataset_id!r} with {sorted(ds.label_maps)}"
@@ -196,7 +212,11 @@ def _file_record(path: str, storage_options: Mapping[str, Any]) -> dict[str, Any
     mtime = info.get("mtime") or info.get("LastModified") or info.get("last_modified")
     if hasattr(mtime, "timestamp"):
         mtime = mtime.timestamp()
-    return {"path": path, "size": int(info["size"]), "mtime": float(mtime) if mtime is not None else None}
+    return {
+        "path": path,
+        "size": int(info["size"]),
+        "mtime": float(mtime) if mtime is not None else None,
+    }
 
 
 def _source_files(ds: DatasetSource, spec: CaseSpec) -> dict[str, dict[str, Any]]:
@@ -209,7 +229,7 @@ def _source_files(ds: DatasetSource, spec: CaseSpec) -> dict[str, dict[str, Any]
 
 def _relative(path: str, root: str) -> str:
     root = root.rstrip("/") + "/"
-    return path[len(root):] if path.startswith(root) else os.path.basename(path)
+    return path[len(root) :] if path.startswith(root) else os.path.basename(path)
 
 
 def _same_source(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
@@ -239,7 +259,9 @@ def case_state(root: zarr.Group, case_id: str) -> tuple[str, dict[str, Any] | No
     try:
         grp = zarr.open_group(root.store, path=f"cases/{case_id}", mode="r", zarr_format=3)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
-        if sync(root.store.exists(f"cases/{case_id}/0/zarr.json")) or _has_keys(root, f"cases/{case_id}/"):
+        if sync(root.store.exists(f"cases/{case_id}/0/zarr.json")) or _has_keys(
+            root, f"cases/{case_id}/"
+        ):
             return "partial", None
         return "absent", None
     meta = grp.attrs.get("ctzarr")
@@ -270,7 +292,9 @@ def check_same_grid(case_id: str, image: NiftiSource, seg: NiftiSource) -> None:
             f"{image.shape_zyx} ({image.path})"
         )
     nz, ny, nx = image.shape_zyx
-    corners = np.array([[i, j, k, 1] for i in (0, nx - 1) for j in (0, ny - 1) for k in (0, nz - 1)], float).T
+    corners = np.array(
+        [[i, j, k, 1] for i in (0, nx - 1) for j in (0, ny - 1) for k in (0, nz - 1)], float
+    ).T
     gap = float(np.max(np.linalg.norm(((image.affine - seg.affine) @ corners)[:3], axis=0)))
     if gap > AFFINE_TOLERANCE_MM:
         raise CaseMismatchError(
@@ -312,7 +336,9 @@ def convert_case(
         for name, path in spec.segmentations.items():
             src = open_nifti(path, case_id=cid, storage_options=so)
             check_same_grid(cid, image, src)
-            segs.append(SegmentationSource(name, src, ds.label_maps[name], ds.sparse.get(name, False)))
+            segs.append(
+                SegmentationSource(name, src, ds.label_maps[name], ds.sparse.get(name, False))
+            )
         writer = CaseWriter(root, cid, image, segs)
         try:
             writer.write()
@@ -338,8 +364,9 @@ def convert_case(
         return CaseResult(cid, "failed", error=str(exc), seconds=time.perf_counter() - t0)
 
 
-def case_attributes(spec: CaseSpec, image: NiftiSource, segs: Iterable[SegmentationSource],
-                    files: Mapping[str, Any]) -> dict[str, Any]:
+def case_attributes(
+    spec: CaseSpec, image: NiftiSource, segs: Iterable[SegmentationSource], files: Mapping[str, Any]
+) -> dict[str, Any]:
     """The ``ctzarr`` attributes of a committed case."""
     return {
         "format_version": FORMAT_VERSION,

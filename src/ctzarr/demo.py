@@ -19,7 +19,9 @@ def _store_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def run_demo(directory: str | os.PathLike[str] = "ctzarr-demo", *, progress: bool = True) -> dict[str, Path]:
+def run_demo(
+    directory: str | os.PathLike[str] = "ctzarr-demo", *, progress: bool = True
+) -> dict[str, Path]:
     """Generate phantom datasets, convert them and print what was stored and how to query it.
 
     Returns
@@ -42,7 +44,9 @@ def run_demo(directory: str | os.PathLike[str] = "ctzarr-demo", *, progress: boo
         report = convert(src, stores[name], progress=progress)
         dt = time.perf_counter() - t0
         print(f"\n{name}: {report}")
-        print(f"  {src_bytes / 1e6:.2f} MB of .nii.gz -> {_store_size(stores[name]) / 1e6:.2f} MB store in {dt:.1f} s")
+        print(
+            f"  {src_bytes / 1e6:.2f} MB of .nii.gz -> {_store_size(stores[name]) / 1e6:.2f} MB store in {dt:.1f} s"
+        )
         _summarise(stores[name])
     print(
         "\nQuery it:\n"
@@ -64,8 +68,14 @@ def _summarise(store: Path) -> None:
             idx = case.index(seg)
             lm = col.segmentations[seg]
             top = np.argsort(idx.voxel_count)[::-1][:3]
-            names = ", ".join(f"{lm[int(idx.labels[i])].normalized_name} {idx.voxel_count[i] * voxel_ml:.1f} ml"
-                              for i in top)
-            sparse = "" if idx.annotated_slices is None else f" ({len(idx.annotated_slices)} annotated slices)"
+            names = ", ".join(
+                f"{lm[int(idx.labels[i])].normalized_name} {idx.voxel_count[i] * voxel_ml:.1f} ml"
+                for i in top
+            )
+            sparse = (
+                ""
+                if idx.annotated_slices is None
+                else f" ({len(idx.annotated_slices)} annotated slices)"
+            )
             parts.append(f"{seg}: {len(idx.labels)} labels{sparse}; largest {names}")
         print(f"  {case.case_id} {case.shape}: " + "; ".join(parts))

@@ -19,11 +19,26 @@ __all__ = ["SECRET_OPTION_NAMES", "check_no_secrets", "start_local_cluster"]
 logger = logging.getLogger(__name__)
 
 #: storage option names that carry credentials (s3fs, gcsfs, adlfs, fsspec http auth)
-SECRET_OPTION_NAMES = frozenset({
-    "key", "secret", "token", "password", "session_token", "access_key", "secret_key",
-    "aws_access_key_id", "aws_secret_access_key", "aws_session_token", "account_key", "sas_token",
-    "client_secret", "credentials", "auth", "headers",
-})
+SECRET_OPTION_NAMES = frozenset(
+    {
+        "key",
+        "secret",
+        "token",
+        "password",
+        "session_token",
+        "access_key",
+        "secret_key",
+        "aws_access_key_id",
+        "aws_secret_access_key",
+        "aws_session_token",
+        "account_key",
+        "sas_token",
+        "client_secret",
+        "credentials",
+        "auth",
+        "headers",
+    }
+)
 
 
 def _secret_paths(options: Any, prefix: str = "") -> list[str]:
@@ -54,7 +69,9 @@ def start_local_cluster(n_workers: int) -> Any:
     """Start a local cluster of worker processes (one thread each) and return its client."""
     from distributed import Client, LocalCluster
 
-    cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=":0")
+    cluster = LocalCluster(
+        n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=":0"
+    )
     client = Client(cluster)
     print(f"dask dashboard: {client.dashboard_link}")
     return client
@@ -69,7 +86,9 @@ def connect(address: str) -> Any:
     return client
 
 
-def _convert_task(spec: Any, ds: Any, dest: str, dest_options: dict[str, Any], overwrite: bool) -> Any:
+def _convert_task(
+    spec: Any, ds: Any, dest: str, dest_options: dict[str, Any], overwrite: bool
+) -> Any:
     """Worker side: open the store from its URL and convert one case."""
     import zarr
 
@@ -81,8 +100,15 @@ def _convert_task(spec: Any, ds: Any, dest: str, dest_options: dict[str, Any], o
     return convert_case(root, ds, spec, overwrite=overwrite)
 
 
-def convert_cases_on_cluster(client: Any, ds: Any, specs: Sequence[Any], dest: str,
-                             dest_options: Mapping[str, Any] | None, overwrite: bool, progress: bool) -> list[Any]:
+def convert_cases_on_cluster(
+    client: Any,
+    ds: Any,
+    specs: Sequence[Any],
+    dest: str,
+    dest_options: Mapping[str, Any] | None,
+    overwrite: bool,
+    progress: bool,
+) -> list[Any]:
     """Convert cases as one task each; a task that keeps killing workers fails its case only."""
     from dataclasses import replace
 
@@ -94,8 +120,16 @@ def convert_cases_on_cluster(client: Any, ds: Any, specs: Sequence[Any], dest: s
     src_opts = check_no_secrets(ds.storage_options)
     ds = replace(ds, storage_options=src_opts)
     futures = {
-        client.submit(_convert_task, spec, ds, dest, dest_opts, overwrite, pure=False,
-                      key=f"ctzarr-convert-{spec.case_id}-{id(ds)}"): spec.case_id
+        client.submit(
+            _convert_task,
+            spec,
+            ds,
+            dest,
+            dest_opts,
+            overwrite,
+            pure=False,
+            key=f"ctzarr-convert-{spec.case_id}-{id(ds)}",
+        ): spec.case_id
         for spec in specs
     }
     bar = None
@@ -133,8 +167,9 @@ def _scan_task(url: str, options: dict[str, Any], case_id: str, segmentation: st
     return idx
 
 
-def scan_on_cluster(client: Any, url: str, options: Mapping[str, Any] | None,
-                    jobs: Sequence[tuple[str, str]]) -> list[Any]:
+def scan_on_cluster(
+    client: Any, url: str, options: Mapping[str, Any] | None, jobs: Sequence[tuple[str, str]]
+) -> list[Any]:
     """Scan indexes of (case, segmentation) pairs, one task each."""
     opts = check_no_secrets(options)
     futures = [client.submit(_scan_task, url, opts, cid, seg, pure=False) for cid, seg in jobs]

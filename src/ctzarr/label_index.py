@@ -38,8 +38,26 @@ _UNKNOWN = -1  # a value the label map does not define
 
 
 @numba.njit(nogil=True, cache=True)
-def _scan_runs(lab, keys, kmin, lut, z0, cz, cy, cx, hist, cnt, sums, bmin, bmax, chunks,
-               unknown, ignored_per_z, ignore_value, use_hist):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+def _scan_runs(
+    lab,
+    keys,
+    kmin,
+    lut,
+    z0,
+    cz,
+    cy,
+    cx,
+    hist,
+    cnt,
+    sums,
+    bmin,
+    bmax,
+    chunks,
+    unknown,
+    ignored_per_z,
+    ignore_value,
+    use_hist,
+):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
     nz, ny, nx = lab.shape
     for z in range(nz):
         zz = z + z0
@@ -145,8 +163,11 @@ class LabelIndexBuilder:
     ) -> None:
         values = sorted(int(v) for v in label_values if v != background and v != ignore_value)
         self.values = np.array(values, dtype=np.int64)
-        lut_size = int(np.iinfo(label_dtype).max) + 1 if label_dtype.itemsize <= 2 else max(
-            [*values, ignore_value or 0, background or 0]) + 1
+        lut_size = (
+            int(np.iinfo(label_dtype).max) + 1
+            if label_dtype.itemsize <= 2
+            else max([*values, ignore_value or 0, background or 0]) + 1
+        )
         self._lut = np.full(lut_size, _UNKNOWN, dtype=np.int32)
         for i, v in enumerate(values):
             self._lut[v] = i
@@ -179,13 +200,31 @@ class LabelIndexBuilder:
         dense = keys is not None and n * bins <= _DENSE_BINS_MAX
         hist = np.zeros((n, bins if dense else 1), np.int32 if labels.size < 2**31 else np.int64)
         cz, cy, cx = self.chunk_shape
-        _scan_runs(labels, keys if dense else labels, kmin if dense else 0, self._lut, z0, cz, cy,
-                   cx, hist, self._cnt, self._sums, self._bmin, self._bmax, self._chunks,
-                   self._unknown, self._ignored_per_z, self.ignore_value, dense)
+        _scan_runs(
+            labels,
+            keys if dense else labels,
+            kmin if dense else 0,
+            self._lut,
+            z0,
+            cz,
+            cy,
+            cx,
+            hist,
+            self._cnt,
+            self._sums,
+            self._bmin,
+            self._bmax,
+            self._chunks,
+            self._unknown,
+            self._ignored_per_z,
+            self.ignore_value,
+            dense,
+        )
         if dense:
             li, k = np.nonzero(hist)
-            self._triplets.append((li.astype(np.int64), k.astype(np.int64) + kmin,
-                                   hist[li, k].astype(np.int64)))
+            self._triplets.append(
+                (li.astype(np.int64), k.astype(np.int64) + kmin, hist[li, k].astype(np.int64))
+            )
         elif keys is not None:
             self._sparse_histogram(labels, keys)
         if len(self._triplets) >= 8:  # keep memory flat however many slices the volume has

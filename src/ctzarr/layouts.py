@@ -32,8 +32,12 @@ _NII = (".nii.gz", ".nii")
 
 def validate_case_id(case_id: str, *, where: str = "") -> str:
     """Return the case id, or raise if it could escape the store or is not a plain name."""
-    if (not isinstance(case_id, str) or not _CASE_ID.match(case_id) or ".." in case_id
-            or case_id.lower() == "zarr.json"):  # would collide with the cases group's metadata
+    if (
+        not isinstance(case_id, str)
+        or not _CASE_ID.match(case_id)
+        or ".." in case_id
+        or case_id.lower() == "zarr.json"
+    ):  # would collide with the cases group's metadata
         raise InvalidCaseIdError(
             f"{where + ': ' if where else ''}invalid case id {case_id!r}: use letters, digits, '.', '_' "
             "and '-' (no path separators, no '..', at most 128 characters)"
@@ -70,7 +74,11 @@ def _fs(url: str, storage_options: Mapping[str, Any]) -> tuple[fsspec.AbstractFi
 
 
 def _join(root_url: str, *parts: str) -> str:
-    return posixpath.join(root_url.rstrip("/"), *parts) if "://" in root_url else "/".join([root_url.rstrip("/"), *parts])
+    return (
+        posixpath.join(root_url.rstrip("/"), *parts)
+        if "://" in root_url
+        else "/".join([root_url.rstrip("/"), *parts])
+    )
 
 
 def _strip_nii(name: str) -> str | None:
@@ -93,8 +101,11 @@ def detect_layout(source: str, storage_options: Mapping[str, Any] | None = None)
     if fs.isdir(f"{path}/images") and fs.isdir(f"{path}/masks"):
         return "dap_atlas"
     names = [posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)]
-    if any(fs.isfile(f"{path}/{n}/body-regions.nii.gz") or fs.isfile(f"{path}/{n}/body-parts.nii.gz")
-           for n in names if n.startswith("case_")):
+    if any(
+        fs.isfile(f"{path}/{n}/body-regions.nii.gz") or fs.isfile(f"{path}/{n}/body-parts.nii.gz")
+        for n in names
+        if n.startswith("case_")
+    ):
         return "saros"
     if "manifest.csv" in names:
         return "pairs"
@@ -145,16 +156,22 @@ def _label_args(labels: Sequence[str] | str | None) -> dict[str | None, str]:
     return out
 
 
-def _label_map_for(name: str, label_files: Mapping[str | None, str], default: LabelMap | None) -> LabelMap:
+def _label_map_for(
+    name: str, label_files: Mapping[str | None, str], default: LabelMap | None
+) -> LabelMap:
     path = label_files.get(name) or label_files.get(None)
     if path:
         return load_label_map_file(path, name=name)
     if default is None:
-        raise LayoutError(f"segmentation {name!r} needs a label map: pass --labels {name}=FILE (JSON or YAML id -> name)")
+        raise LayoutError(
+            f"segmentation {name!r} needs a label map: pass --labels {name}=FILE (JSON or YAML id -> name)"
+        )
     return default
 
 
-def _dap_atlas(source: str, so: dict[str, Any], label_files: Mapping[str | None, str]) -> DatasetSource:
+def _dap_atlas(
+    source: str, so: dict[str, Any], label_files: Mapping[str | None, str]
+) -> DatasetSource:
     fs, root = _fs(source, so)
     images = {}
     for p in fs.ls(f"{root}/images", detail=False):
@@ -170,7 +187,11 @@ def _dap_atlas(source: str, so: dict[str, Any], label_files: Mapping[str | None,
     cases = []
     for name in sorted(set(images) & set(masks)):
         validate_case_id(name, where=f"{source}/images")
-        cases.append(CaseSpec(name, _url(source, fs, images[name]), {"anatomy": _url(source, fs, masks[name])}))
+        cases.append(
+            CaseSpec(
+                name, _url(source, fs, images[name]), {"anatomy": _url(source, fs, masks[name])}
+            )
+        )
     if missing:
         raise LayoutError(f"{source}: images without masks or masks without images: {missing[:10]}")
     if not cases:
@@ -179,7 +200,9 @@ def _dap_atlas(source: str, so: dict[str, Any], label_files: Mapping[str | None,
     if "anatomy" not in label_files and None not in label_files and fs.isfile(labels_json):
         label_files = {"anatomy": _url(source, fs, labels_json)}
     lm = _label_map_for("anatomy", label_files, builtin_label_map("dap_atlas"))
-    return DatasetSource("dap_atlas", source, tuple(cases), {"anatomy": lm}, {"anatomy": False}, "dap_atlas", so)
+    return DatasetSource(
+        "dap_atlas", source, tuple(cases), {"anatomy": lm}, {"anatomy": False}, "dap_atlas", so
+    )
 
 
 def _url(source: str, fs: fsspec.AbstractFileSystem, path: str) -> str:
@@ -205,12 +228,23 @@ def _saros(source: str, so: dict[str, Any], label_files: Mapping[str | None, str
         image = f"{p}/image.nii.gz"
         if not fs.isfile(image):
             raise LayoutError(f"{source}: case {name!r} has no image.nii.gz")
-        cases.append(CaseSpec(name, _url(source, fs, image), {k: _url(source, fs, v) for k, v in segs.items()},
-                              rows.get(name, {})))
+        cases.append(
+            CaseSpec(
+                name,
+                _url(source, fs, image),
+                {k: _url(source, fs, v) for k, v in segs.items()},
+                rows.get(name, {}),
+            )
+        )
     if not cases:
         raise LayoutError(f"{source}: no case_XXX directories found")
-    maps = {seg: _label_map_for(seg, label_files, builtin_label_map(f"saros_{seg}")) for seg in _SAROS_FILES}
-    return DatasetSource("saros", source, tuple(cases), maps, dict.fromkeys(_SAROS_FILES, True), "saros", so)
+    maps = {
+        seg: _label_map_for(seg, label_files, builtin_label_map(f"saros_{seg}"))
+        for seg in _SAROS_FILES
+    }
+    return DatasetSource(
+        "saros", source, tuple(cases), maps, dict.fromkeys(_SAROS_FILES, True), "saros", so
+    )
 
 
 def _saros_csv(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, dict[str, str]]:
@@ -220,7 +254,9 @@ def _saros_csv(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, dict[str, 
             text = fs.cat_file(p).decode("utf-8-sig")
             reader = csv.DictReader(io.StringIO(text))
             if reader.fieldnames and "id" in reader.fieldnames:
-                return {row["id"]: {k: v for k, v in row.items() if k and k != "id"} for row in reader}
+                return {
+                    row["id"]: {k: v for k, v in row.items() if k and k != "id"} for row in reader
+                }
     return {}
 
 
@@ -239,7 +275,9 @@ def _pairs(source: str, so: dict[str, Any], label_files: Mapping[str | None, str
         raise LayoutError(f"{manifest}: manifest needs columns case_id and image (has {cols})")
     seg_cols = [c for c in cols if c not in ("case_id", "image")]
     if not seg_cols:
-        raise LayoutError(f"{manifest}: no segmentation columns (one column per segmentation, named after it)")
+        raise LayoutError(
+            f"{manifest}: no segmentation columns (one column per segmentation, named after it)"
+        )
     for c in seg_cols:
         if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_-]*$", c):
             raise LayoutError(f"{manifest}: segmentation column {c!r} is not a plain name")

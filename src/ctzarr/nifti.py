@@ -158,8 +158,12 @@ class NiftiSource:
             except EOFError as exc:
                 raise self.error(f"truncated: the compressed stream ends early ({exc})") from exc
             except (OSError, ValueError) as exc:  # gzip CRC/length/deflate faults
-                if "ended before" in str(exc):  # the threaded reader re-raises EOFError as is or wrapped
-                    raise self.error(f"truncated: the compressed stream ends early ({exc})") from exc
+                if "ended before" in str(
+                    exc
+                ):  # the threaded reader re-raises EOFError as is or wrapped
+                    raise self.error(
+                        f"truncated: the compressed stream ends early ({exc})"
+                    ) from exc
                 raise self.error(f"corrupt compressed stream: {exc}") from exc
             finally:
                 if stream is not counted:
@@ -238,7 +242,9 @@ def _file_size(path: str, storage_options: dict[str, Any]) -> int:
     return os.path.getsize(path)
 
 
-def _read_head(path: str, storage_options: dict[str, Any], case_id: str | None) -> tuple[bytes, bool]:
+def _read_head(
+    path: str, storage_options: dict[str, Any], case_id: str | None
+) -> tuple[bytes, bool]:
     """First bytes of the (decompressed) file, and whether it is gzip-compressed."""
     try:
         with _open_binary(path, storage_options) as f:
@@ -319,7 +325,9 @@ def open_nifti(
         notes.append("4D with a single volume: squeezed to 3D")
         shape = shape[:3]
     elif ndim > 3:
-        raise fail(f"{ndim}D image with shape {tuple(shape)}: only 3D volumes (or 4D with one volume) are supported")
+        raise fail(
+            f"{ndim}D image with shape {tuple(shape)}: only 3D volumes (or 4D with one volume) are supported"
+        )
     while len(shape) < 3:
         shape.append(1)
     nx, ny, nz = shape
@@ -345,7 +353,9 @@ def open_nifti(
         raise fail(f"header declares {nbytes} bytes of voxels, over the {MAX_VOXEL_BYTES} byte cap")
     if nbytes > limit:
         what = "can inflate to at most" if compressed else "holds only"
-        raise fail(f"header declares {nbytes} bytes of voxels but the {file_size}-byte file {what} {limit}")
+        raise fail(
+            f"header declares {nbytes} bytes of voxels but the {file_size}-byte file {what} {limit}"
+        )
 
     zooms = [float(z) for z in hdr["pixdim"][1:4]]
     zooms = [z if i < ndim else (z if z > 0 else 1.0) for i, z in enumerate(zooms)]
@@ -422,7 +432,9 @@ def _parse_header(head: bytes, fail: Any) -> nib.Nifti1Header | nib.Nifti2Header
     if magic not in (b"n+1", b"ni1", b"n+2", b"ni2"):
         raise fail(f"bad NIfTI magic {bytes(hdr['magic'])!r}")
     if magic.startswith(b"ni"):
-        raise fail("header/image pairs (.hdr/.img) are not supported: the header says the data is in a separate file")
+        raise fail(
+            "header/image pairs (.hdr/.img) are not supported: the header says the data is in a separate file"
+        )
     return hdr
 
 
@@ -440,13 +452,20 @@ def _qform_sform_gap_mm(hdr: nib.Nifti1Header, shape_xyz: tuple[int, int, int]) 
     """Largest distance between qform and sform positions of the volume's corners."""
     q, s = hdr.get_qform(), hdr.get_sform()
     corners = np.array(
-        [[i, j, k, 1] for i in (0, shape_xyz[0] - 1) for j in (0, shape_xyz[1] - 1) for k in (0, shape_xyz[2] - 1)],
+        [
+            [i, j, k, 1]
+            for i in (0, shape_xyz[0] - 1)
+            for j in (0, shape_xyz[1] - 1)
+            for k in (0, shape_xyz[2] - 1)
+        ],
         dtype=np.float64,
     ).T
     return float(np.max(np.linalg.norm((q @ corners - s @ corners)[:3], axis=0)))
 
 
-def _sanitised_header(hdr: nib.Nifti1Header, shape_xyz: tuple[int, int, int], version: int) -> bytes:
+def _sanitised_header(
+    hdr: nib.Nifti1Header, shape_xyz: tuple[int, int, int], version: int
+) -> bytes:
     """Header bytes for the store: 3D dims, data right after the header, free text blanked."""
     out = hdr.copy()
     dim = np.array(out["dim"])

@@ -182,8 +182,9 @@ def _world_axes(affine: np.ndarray) -> tuple[dict[int, int], dict[int, float]]:
     return dim_of, sign_of
 
 
-def _orient(arr: np.ndarray, normal_dim: int, row_dim: int, flip_rows: bool,
-            flip_cols: bool) -> np.ndarray:
+def _orient(
+    arr: np.ndarray, normal_dim: int, row_dim: int, flip_rows: bool, flip_cols: bool
+) -> np.ndarray:
     """Transpose a 2-D slice across stored dimension ``normal_dim`` (its axes are the other two
     dimensions in stored order) so ``row_dim`` runs down, and flip it into display orientation."""
     if min(d for d in range(3) if d != normal_dim) != row_dim:
@@ -195,8 +196,9 @@ def _orient(arr: np.ndarray, normal_dim: int, row_dim: int, flip_rows: bool,
     return np.ascontiguousarray(arr)
 
 
-def structure_panels(case: Case, structure: str | int, *, segmentation: str | None = None,
-                     margin_mm: float = 20.0) -> tuple[str, Label, list[Panel]]:
+def structure_panels(
+    case: Case, structure: str | int, *, segmentation: str | None = None, margin_mm: float = 20.0
+) -> tuple[str, Label, list[Panel]]:
     """Axial, coronal and sagittal slices through a structure's centroid, display-oriented.
 
     Parameters
@@ -252,7 +254,8 @@ def structure_panels(case: Case, structure: str | int, *, segmentation: str | No
             sel = list(box)
             sel[dn] = k
             img2d, lab2d = dask_compute(  # type: ignore[no-untyped-call]
-                image[tuple(sel)].data, labels[tuple(sel)].data)
+                image[tuple(sel)].data, labels[tuple(sel)].data
+            )
         rd, cd = dim_of[row_world], dim_of[col_world]
         # display axes run towards negative world: flip where the stored index runs positive
         flips = (sign_of[row_world] > 0, sign_of[col_world] > 0)
@@ -262,11 +265,19 @@ def structure_panels(case: Case, structure: str | int, *, segmentation: str | No
         left, right = _AXIS_LETTERS[col_world]
         dim_name = str(image.dims[dn])
         coord = float(image[dim_name].values[k])
-        panels.append(Panel(
-            key=key, title=f"{title} {dim_name}={k} ({coord:+.1f} mm)", image=img, labels=lab,
-            mask=lab == label.value, pixel_mm=(float(spacing[rd]), float(spacing[cd])),
-            letters=(top, bottom, left, right), dim=dim_name, index=k,
-        ))
+        panels.append(
+            Panel(
+                key=key,
+                title=f"{title} {dim_name}={k} ({coord:+.1f} mm)",
+                image=img,
+                labels=lab,
+                mask=lab == label.value,
+                pixel_mm=(float(spacing[rd]), float(spacing[cd])),
+                letters=(top, bottom, left, right),
+                dim=dim_name,
+                index=k,
+            )
+        )
     return seg, label, panels
 
 
@@ -288,8 +299,9 @@ def _outline_colour(rgba: Sequence[int]) -> tuple[float, float, float, float]:
     return (r, g, b, 1.0)
 
 
-def _draw_panel(ax: Axes, panel: Panel, window: Window,
-                colour: tuple[float, float, float, float]) -> None:
+def _draw_panel(
+    ax: Axes, panel: Panel, window: Window, colour: tuple[float, float, float, float]
+) -> None:
     from matplotlib import patheffects
 
     height_mm, width_mm = panel.size_mm
@@ -297,8 +309,15 @@ def _draw_panel(ax: Axes, panel: Panel, window: Window,
     dy, dx = panel.pixel_mm
     lo, hi = window.limits
     # extent in millimetres from the top-left corner: square millimetres whatever the spacing
-    ax.imshow(panel.image, cmap="gray", vmin=lo, vmax=hi, extent=(0, width_mm, height_mm, 0),
-              origin="upper", interpolation="bilinear")
+    ax.imshow(
+        panel.image,
+        cmap="gray",
+        vmin=lo,
+        vmax=hi,
+        extent=(0, width_mm, height_mm, 0),
+        origin="upper",
+        interpolation="bilinear",
+    )
     # pad the mask with background so the outline closes along a structure cut by the panel edge
     # (and so a one-voxel-thin mask still has a 2-D grid to contour); contour coordinates are
     # voxel centres, so the 0.5 level falls on voxel edges
@@ -320,26 +339,59 @@ def _draw_panel(ax: Axes, panel: Panel, window: Window,
 
     halo = [patheffects.withStroke(linewidth=2.5, foreground="black")]
     top, bottom, left, right = panel.letters
-    for text, x, y, ha, va in ((top, 0.5, 0.985, "center", "top"),
-                               (bottom, 0.5, 0.015, "center", "bottom"),
-                               (left, 0.012, 0.5, "left", "center"),
-                               (right, 0.988, 0.5, "right", "center")):
-        ax.text(x, y, text, transform=ax.transAxes, ha=ha, va=va, color="white", fontsize=10,
-                fontweight="bold", path_effects=halo)
+    for text, x, y, ha, va in (
+        (top, 0.5, 0.985, "center", "top"),
+        (bottom, 0.5, 0.015, "center", "bottom"),
+        (left, 0.012, 0.5, "left", "center"),
+        (right, 0.988, 0.5, "right", "center"),
+    ):
+        ax.text(
+            x,
+            y,
+            text,
+            transform=ax.transAxes,
+            ha=ha,
+            va=va,
+            color="white",
+            fontsize=10,
+            fontweight="bold",
+            path_effects=halo,
+        )
 
     # scale bar in data (mm) coordinates at the lower left, clear of the edge-centre letters
     bar = scale_bar_mm(width_mm)
     x0 = 0.06 * width_mm
     y0 = height_mm * 0.94
-    ax.plot([x0, x0 + bar], [y0, y0], color="white", linewidth=2.5, solid_capstyle="butt",
-            path_effects=[patheffects.withStroke(linewidth=4.5, foreground="black")])
-    ax.text(x0 + bar / 2, y0 - 0.02 * height_mm, f"{bar:g} mm", ha="center", va="bottom",
-            color="white", fontsize=8, path_effects=halo)
+    ax.plot(
+        [x0, x0 + bar],
+        [y0, y0],
+        color="white",
+        linewidth=2.5,
+        solid_capstyle="butt",
+        path_effects=[patheffects.withStroke(linewidth=4.5, foreground="black")],
+    )
+    ax.text(
+        x0 + bar / 2,
+        y0 - 0.02 * height_mm,
+        f"{bar:g} mm",
+        ha="center",
+        va="bottom",
+        color="white",
+        fontsize=8,
+        path_effects=halo,
+    )
 
 
-def render_structure(case: Case, structure: str | int, out_png: str | os.PathLike[str], *,
-                     segmentation: str | None = None, margin_mm: float = 20.0,
-                     window: tuple[float, float] | None = None, dpi: int = 150) -> Path:
+def render_structure(
+    case: Case,
+    structure: str | int,
+    out_png: str | os.PathLike[str],
+    *,
+    segmentation: str | None = None,
+    margin_mm: float = 20.0,
+    window: tuple[float, float] | None = None,
+    dpi: int = 150,
+) -> Path:
     """Write a PNG of a structure: axial, coronal and sagittal slices with its outline.
 
     Slices pass through the structure's centroid (from the stored index) and show its bounding
@@ -394,8 +446,9 @@ def render_structure(case: Case, structure: str | int, out_png: str | os.PathLik
         win = Window(float(window[0]), float(window[1]))
     out = Path(out_png)
 
-    seg, label, panels = structure_panels(case, structure, segmentation=segmentation,
-                                          margin_mm=margin_mm)
+    seg, label, panels = structure_panels(
+        case, structure, segmentation=segmentation, margin_mm=margin_mm
+    )
     median = float("nan")
     if window is None:
         st = case.stats(structures=[label.value], segmentation=seg)
@@ -409,8 +462,9 @@ def render_structure(case: Case, structure: str | int, out_png: str | os.PathLik
     # panel widths follow their physical aspect so each fills its cell; clamped so a long thin
     # box (a spine in coronal view) cannot squeeze the others to nothing
     ratios = [min(max(p.size_mm[1] / p.size_mm[0], 0.25), 3.0) for p in panels]
-    grid = fig.add_gridspec(1, 3, width_ratios=ratios, left=0.01, right=0.99, bottom=0.02,
-                            top=0.80, wspace=0.05)
+    grid = fig.add_gridspec(
+        1, 3, width_ratios=ratios, left=0.01, right=0.99, bottom=0.02, top=0.80, wspace=0.05
+    )
     for cell, panel in enumerate(panels):
         _draw_panel(fig.add_subplot(grid[0, cell]), panel, win, colour)
     median_txt = f", median {median:.0f} HU" if np.isfinite(median) else ""
@@ -418,7 +472,9 @@ def render_structure(case: Case, structure: str | int, out_png: str | os.PathLik
         f"{case.case_id} \u2014 {label.name} (label {label.value}, segmentation {seg})\n"
         f"window W{win.width:g} L{win.level:g} ({window_name(win)}{median_txt}), "
         f"margin {margin_mm:g} mm",
-        color="white", fontsize=11, y=0.975,
+        color="white",
+        fontsize=11,
+        y=0.975,
     )
 
     # atomic: a temporary name in the target directory, renamed over the target; O_EXCL with

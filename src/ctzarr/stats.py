@@ -36,13 +36,40 @@ if TYPE_CHECKING:
 
     from .collection import Case, Collection
 
-__all__ = ["STATS_COLUMNS", "case_stats", "collection_stats", "index_rows", "percentiles_from_histogram"]
+__all__ = [
+    "STATS_COLUMNS",
+    "case_stats",
+    "collection_stats",
+    "index_rows",
+    "percentiles_from_histogram",
+]
 
 STATS_COLUMNS = [
-    "case_id", "segmentation", "label", "structure", "voxel_count", "volume_ml",
-    "hu_mean", "hu_std", "hu_min", "hu_max", "hu_median", "hu_p05", "hu_p25", "hu_p75", "hu_p95",
-    "centroid_x", "centroid_y", "centroid_z",
-    "z_start", "z_stop", "y_start", "y_stop", "x_start", "x_stop", "touches_border",
+    "case_id",
+    "segmentation",
+    "label",
+    "structure",
+    "voxel_count",
+    "volume_ml",
+    "hu_mean",
+    "hu_std",
+    "hu_min",
+    "hu_max",
+    "hu_median",
+    "hu_p05",
+    "hu_p25",
+    "hu_p75",
+    "hu_p95",
+    "centroid_x",
+    "centroid_y",
+    "centroid_z",
+    "z_start",
+    "z_stop",
+    "y_start",
+    "y_stop",
+    "x_start",
+    "x_stop",
+    "touches_border",
 ]
 _PERCENTILES = (50.0, 5.0, 25.0, 75.0, 95.0)
 
@@ -51,12 +78,15 @@ def _lerp(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
     """numpy's own linear interpolation (numpy/lib/_function_base_impl.py, _lerp)."""
     diff_b_a = b - a
     out = np.add(a, diff_b_a * t)
-    np.subtract(b, diff_b_a * (1 - t), out=out, where=t >= 0.5, casting="unsafe", dtype=type(out.dtype))
+    np.subtract(
+        b, diff_b_a * (1 - t), out=out, where=t >= 0.5, casting="unsafe", dtype=type(out.dtype)
+    )
     return out
 
 
-def percentiles_from_histogram(values: np.ndarray, counts: np.ndarray, q: Sequence[float],
-                               dtype: np.dtype[Any]) -> np.ndarray:
+def percentiles_from_histogram(
+    values: np.ndarray, counts: np.ndarray, q: Sequence[float], dtype: np.dtype[Any]
+) -> np.ndarray:
     """``numpy.percentile(np.repeat(values, counts).astype(dtype), q)`` without the repeat.
 
     Written by hand because numpy has no weighted percentile with the "linear" method; the
@@ -94,16 +124,33 @@ class CaseGeometry:
 
     @classmethod
     def of(cls, case: Case) -> CaseGeometry:
-        return cls(case.case_id, case.affine, case.spacing, case.shape, np.dtype(case.meta["nifti"]["value_dtype"]))
+        return cls(
+            case.case_id,
+            case.affine,
+            case.spacing,
+            case.shape,
+            np.dtype(case.meta["nifti"]["value_dtype"]),
+        )
 
     @classmethod
     def from_dict(cls, case_id: str, d: dict[str, Any]) -> CaseGeometry:
-        return cls(case_id, np.asarray(d["affine"], np.float64), tuple(d["spacing_zyx"]),  # type: ignore[arg-type]
-                   tuple(d["shape_zyx"]), np.dtype(d["value_dtype"]))  # type: ignore[arg-type]
+        return cls(
+            case_id,
+            np.asarray(d["affine"], np.float64),
+            tuple(d["spacing_zyx"]),  # type: ignore[arg-type]
+            tuple(d["shape_zyx"]),
+            np.dtype(d["value_dtype"]),
+        )  # type: ignore[arg-type]
 
 
-def index_rows(geom: CaseGeometry, segmentation: str, label_map: LabelMap, idx: LabelIndex,
-               labels: Iterable[int] | None = None, annotated: int | None = None) -> list[dict[str, Any]]:
+def index_rows(
+    geom: CaseGeometry,
+    segmentation: str,
+    label_map: LabelMap,
+    idx: LabelIndex,
+    labels: Iterable[int] | None = None,
+    annotated: int | None = None,
+) -> list[dict[str, Any]]:
     """Statistics rows of one case and segmentation from an index (present or requested labels)."""
     voxel_mm3 = float(np.prod(geom.spacing))
     res = idx.histogram_resolution
@@ -113,20 +160,28 @@ def index_rows(geom: CaseGeometry, segmentation: str, label_map: LabelMap, idx: 
         annotated = len(idx.annotated_slices)
     rows = []
     for label in wanted:
-        row: dict[str, Any] = {"case_id": geom.case_id, "segmentation": segmentation, "label": int(label),
-                               "structure": label_map[int(label)].name if int(label) in label_map else str(label)}
+        row: dict[str, Any] = {
+            "case_id": geom.case_id,
+            "segmentation": segmentation,
+            "label": int(label),
+            "structure": label_map[int(label)].name if int(label) in label_map else str(label),
+        }
         i = pos.get(int(label))
         if i is None:
             row = _absent_row(geom.case_id, segmentation, label_map, int(label))
         else:
-            row.update(_label_stats(idx, i, res, geom.value_dtype, geom.affine, voxel_mm3, geom.shape))
+            row.update(
+                _label_stats(idx, i, res, geom.value_dtype, geom.affine, voxel_mm3, geom.shape)
+            )
         if annotated is not None:
             row["annotated_slices"] = annotated
         rows.append(row)
     return rows
 
 
-def _from_table(col: Collection, ids: list[str], targets: dict[str, list[int] | None]) -> pd.DataFrame:
+def _from_table(
+    col: Collection, ids: list[str], targets: dict[str, list[int] | None]
+) -> pd.DataFrame:
     """Cohort statistics straight from the collection table, vectorised (no per-row Python)."""
     import pandas as pd
 
@@ -135,12 +190,23 @@ def _from_table(col: Collection, ids: list[str], targets: dict[str, list[int] | 
     case_pos = {cid: i for i, cid in enumerate(ids)}
     seg_pos = {seg: i for i, seg in enumerate(targets)}
     if all(labels is None for labels in targets.values()):
-        order = np.lexsort((table.label.to_numpy(), table.segmentation.map(seg_pos).to_numpy(),
-                            table.case_id.map(case_pos).to_numpy()))
+        order = np.lexsort(
+            (
+                table.label.to_numpy(),
+                table.segmentation.map(seg_pos).to_numpy(),
+                table.case_id.map(case_pos).to_numpy(),
+            )
+        )
         return table.iloc[order].reset_index(drop=True)
     wanted = pd.MultiIndex.from_tuples(
-        [(cid, seg, label) for cid in ids for seg, labels in targets.items() for label in (labels or [])],
-        names=["case_id", "segmentation", "label"])
+        [
+            (cid, seg, label)
+            for cid in ids
+            for seg, labels in targets.items()
+            for label in (labels or [])
+        ],
+        names=["case_id", "segmentation", "label"],
+    )
     out = table.set_index(["case_id", "segmentation", "label"]).reindex(wanted)
     absent = out.voxel_count.isna().to_numpy()
     if absent.any():
@@ -151,7 +217,16 @@ def _from_table(col: Collection, ids: list[str], targets: dict[str, list[int] | 
         out.loc[absent, ["z_start", "z_stop", "y_start", "y_stop", "x_start", "x_stop"]] = -1
         out.loc[absent, "touches_border"] = False
     out = out.reset_index()
-    for c in ("label", "voxel_count", "z_start", "z_stop", "y_start", "y_stop", "x_start", "x_stop"):
+    for c in (
+        "label",
+        "voxel_count",
+        "z_start",
+        "z_stop",
+        "y_start",
+        "y_stop",
+        "x_start",
+        "x_stop",
+    ):
         out[c] = out[c].astype(np.int64)
     out["touches_border"] = out["touches_border"].astype(bool)
     if "annotated_slices" in out:
@@ -164,17 +239,30 @@ def _from_table(col: Collection, ids: list[str], targets: dict[str, list[int] | 
 
 def _absent_row(case_id: str, segmentation: str, label_map: LabelMap, label: int) -> dict[str, Any]:
     """The row of a requested structure that the case does not contain."""
-    row: dict[str, Any] = {"case_id": case_id, "segmentation": segmentation, "label": int(label),
-                           "structure": label_map[int(label)].name if int(label) in label_map else str(label),
-                           "voxel_count": 0, "volume_ml": 0.0, "touches_border": False}
+    row: dict[str, Any] = {
+        "case_id": case_id,
+        "segmentation": segmentation,
+        "label": int(label),
+        "structure": label_map[int(label)].name if int(label) in label_map else str(label),
+        "voxel_count": 0,
+        "volume_ml": 0.0,
+        "touches_border": False,
+    }
     row.update({c: np.nan for c in STATS_COLUMNS if c not in row})
     for c in ("z_start", "z_stop", "y_start", "y_stop", "x_start", "x_stop"):
         row[c] = -1
     return row
 
 
-def _label_stats(idx: LabelIndex, i: int, res: float, dtype: np.dtype[Any], affine: np.ndarray,
-                 voxel_mm3: float, shape: tuple[int, int, int]) -> dict[str, Any]:
+def _label_stats(
+    idx: LabelIndex,
+    i: int,
+    res: float,
+    dtype: np.dtype[Any],
+    affine: np.ndarray,
+    voxel_mm3: float,
+    shape: tuple[int, int, int],
+) -> dict[str, Any]:
     n = int(idx.voxel_count[i])
     sl = slice(int(idx.hist_offsets[i]), int(idx.hist_offsets[i + 1]))
     keys, counts = idx.hist_keys[sl], idx.hist_counts[sl]
@@ -186,34 +274,60 @@ def _label_stats(idx: LabelIndex, i: int, res: float, dtype: np.dtype[Any], affi
             s2 = int(np.dot(keys * keys, counts))
         else:  # exact with Python integers
             s1 = sum(int(k) * int(c) for k, c in zip(keys.tolist(), counts.tolist(), strict=True))
-            s2 = sum(int(k) * int(k) * int(c) for k, c in zip(keys.tolist(), counts.tolist(), strict=True))
+            s2 = sum(
+                int(k) * int(k) * int(c)
+                for k, c in zip(keys.tolist(), counts.tolist(), strict=True)
+            )
         mean = (s1 / m) * res
         var = ((m * s2 - s1 * s1) / (m * m)) * res * res
         values = keys.astype(np.float64) * res if res != 1.0 else keys
         pct = percentiles_from_histogram(values, counts, _PERCENTILES, dtype)
         vmin = float(np.asarray(values[0]).astype(dtype))
         vmax = float(np.asarray(values[-1]).astype(dtype))
-        out.update(hu_mean=float(mean), hu_std=math.sqrt(var), hu_min=vmin, hu_max=vmax,
-                   hu_median=float(pct[0]), hu_p05=float(pct[1]), hu_p25=float(pct[2]),
-                   hu_p75=float(pct[3]), hu_p95=float(pct[4]))
+        out.update(
+            hu_mean=float(mean),
+            hu_std=math.sqrt(var),
+            hu_min=vmin,
+            hu_max=vmax,
+            hu_median=float(pct[0]),
+            hu_p05=float(pct[1]),
+            hu_p25=float(pct[2]),
+            hu_p75=float(pct[3]),
+            hu_p95=float(pct[4]),
+        )
     else:
-        out.update({k: np.nan for k in ("hu_mean", "hu_std", "hu_min", "hu_max", "hu_median",
-                                          "hu_p05", "hu_p25", "hu_p75", "hu_p95")})
+        out.update(
+            dict.fromkeys(("hu_mean", "hu_std", "hu_min", "hu_max", "hu_median", "hu_p05", "hu_p25", "hu_p75", "hu_p95"), np.nan)
+        )
     mean_zyx = idx.coord_sum[i].astype(np.float64) / n
     world = affine @ np.array([mean_zyx[2], mean_zyx[1], mean_zyx[0], 1.0])
     out.update(centroid_x=float(world[0]), centroid_y=float(world[1]), centroid_z=float(world[2]))
     b = idx.bbox[i].tolist()
     out.update(z_start=b[0], z_stop=b[1], y_start=b[2], y_stop=b[3], x_start=b[4], x_stop=b[5])
-    out["touches_border"] = bool(b[0] == 0 or b[2] == 0 or b[4] == 0 or b[1] == shape[0]
-                                 or b[3] == shape[1] or b[5] == shape[2])
+    out["touches_border"] = bool(
+        b[0] == 0
+        or b[2] == 0
+        or b[4] == 0
+        or b[1] == shape[0]
+        or b[3] == shape[1]
+        or b[5] == shape[2]
+    )
     return out
 
 
 # -- scan -------------------------------------------------------------------------------------
-def _partial(z0: int, labels: np.ndarray, values: np.ndarray, config: dict[str, Any]) -> LabelIndexBuilder:
+def _partial(
+    z0: int, labels: np.ndarray, values: np.ndarray, config: dict[str, Any]
+) -> LabelIndexBuilder:
     """Index accumulators of one block (a whole-plane slab starting at z0)."""
-    b = LabelIndexBuilder(config["values"], config["shape"], config["chunk"], background=config["background"],
-                          ignore_value=config["ignore"], label_dtype=labels.dtype)
+    b = LabelIndexBuilder(
+        config["values"],
+        config["shape"],
+        config["chunk"],
+        background=config["background"],
+        ignore_value=config["ignore"],
+        label_dtype=labels.dtype,
+    )
     b.update(z0, labels, values)
     return b
 
@@ -236,8 +350,13 @@ def scan_index_graph(case: Case, segmentation: str) -> Any:
     image = case.image.data
     if image.chunks != labels.chunks:
         image = image.rechunk(labels.chunks)
-    config = {"values": lm.values, "shape": case.shape, "chunk": stored.chunk_shape,
-              "background": lm.background, "ignore": lm.ignore_value}
+    config = {
+        "values": lm.values,
+        "shape": case.shape,
+        "chunk": stored.chunk_shape,
+        "background": lm.background,
+        "ignore": lm.ignore_value,
+    }
     starts = np.r_[0, np.cumsum(labels.chunks[0])[:-1]].tolist()
     lab_blocks = labels.to_delayed()
     img_blocks = image.to_delayed()
@@ -248,18 +367,29 @@ def scan_index_graph(case: Case, segmentation: str) -> Any:
         parts.append(partial(z0, lab_blocks[zi, 0, 0], img_blocks[zi, 0, 0], config))
     merge = dask.delayed(_merge, pure=True)
     while len(parts) > 1:  # tree reduction, fan-in 4
-        parts = [merge(*parts[i : i + 4]) if len(parts[i : i + 4]) > 1 else parts[i] for i in range(0, len(parts), 4)]
+        parts = [
+            merge(*parts[i : i + 4]) if len(parts[i : i + 4]) > 1 else parts[i]
+            for i in range(0, len(parts), 4)
+        ]
     sparse = lm.ignore_value is not None
     return dask.delayed(lambda b: b.finish(sparse_annotation=sparse), pure=True)(parts[0])
 
 
 # -- public entry points ----------------------------------------------------------------------
-def _resolve_targets(col: Collection, case: Case | None, structures: Sequence[str | int] | None,
-                     segmentation: str | None) -> dict[str, list[int] | None]:
+def _resolve_targets(
+    col: Collection,
+    case: Case | None,
+    structures: Sequence[str | int] | None,
+    segmentation: str | None,
+) -> dict[str, list[int] | None]:
     """Segmentation -> label ids to report (None: every label present)."""
     from .errors import StructureNotFoundError
 
-    segs = [segmentation] if segmentation else (case.segmentation_names if case else list(col.segmentations))
+    segs = (
+        [segmentation]
+        if segmentation
+        else (case.segmentation_names if case else list(col.segmentations))
+    )
     for s in segs:
         if s not in col.segmentations:
             raise KeyError(f"no segmentation {s!r} in {col.url}; it has {list(col.segmentations)}")
@@ -282,15 +412,27 @@ def _resolve_targets(col: Collection, case: Case | None, structures: Sequence[st
     return {s: v for s, v in targets.items() if v}
 
 
-def case_stats(case: Case, structures: Sequence[str | int] | None = None, segmentation: str | None = None,
-               method: str = "index", client: Any = None) -> pd.DataFrame:
+def case_stats(
+    case: Case,
+    structures: Sequence[str | int] | None = None,
+    segmentation: str | None = None,
+    method: str = "index",
+    client: Any = None,
+) -> pd.DataFrame:
     """Statistics of one case (see :meth:`ctzarr.Case.stats`)."""
-    return _stats(case.collection, [case.case_id], structures, segmentation, method, client, cases=[case])
+    return _stats(
+        case.collection, [case.case_id], structures, segmentation, method, client, cases=[case]
+    )
 
 
-def collection_stats(col: Collection, structures: Sequence[str | int] | None = None,
-                     cases: Sequence[str] | None = None, segmentation: str | None = None,
-                     method: str = "index", client: Any = None) -> pd.DataFrame:
+def collection_stats(
+    col: Collection,
+    structures: Sequence[str | int] | None = None,
+    cases: Sequence[str] | None = None,
+    segmentation: str | None = None,
+    method: str = "index",
+    client: Any = None,
+) -> pd.DataFrame:
     """Statistics of a cohort (see :meth:`ctzarr.Collection.stats`)."""
     ids = list(cases) if cases is not None else col.case_ids
     missing = sorted(set(ids) - set(col.case_ids))
@@ -299,8 +441,15 @@ def collection_stats(col: Collection, structures: Sequence[str | int] | None = N
     return _stats(col, ids, structures, segmentation, method, client)
 
 
-def _stats(col: Collection, ids: list[str], structures: Sequence[str | int] | None, segmentation: str | None,
-           method: str, client: Any, cases: list[Case] | None = None) -> pd.DataFrame:
+def _stats(
+    col: Collection,
+    ids: list[str],
+    structures: Sequence[str | int] | None,
+    segmentation: str | None,
+    method: str,
+    client: Any,
+    cases: list[Case] | None = None,
+) -> pd.DataFrame:
     if method not in ("index", "scan"):
         raise ValueError(f"method must be 'index' or 'scan', not {method!r}")
     targets = _resolve_targets(col, cases[0] if cases else None, structures, segmentation)
@@ -309,30 +458,43 @@ def _stats(col: Collection, ids: list[str], structures: Sequence[str | int] | No
         if cases is None:
             # the collection table answers a cohort with one small read, whatever its size
             return _from_table(col, ids, targets)
-        else:
-            for case in cases:
-                geom = CaseGeometry.of(case)
-                for seg, labels in targets.items():
-                    if seg in case.segmentation_names:
-                        rows += index_rows(geom, seg, col.segmentations[seg], case.index(seg), labels)
+        for case in cases:
+            geom = CaseGeometry.of(case)
+            for seg, labels in targets.items():
+                if seg in case.segmentation_names:
+                    rows += index_rows(
+                        geom, seg, col.segmentations[seg], case.index(seg), labels
+                    )
     else:
         import dask
 
         case_objs = cases or [col[cid] for cid in ids]
-        pairs = [(case, seg, labels) for case in case_objs for seg, labels in targets.items()
-                 if seg in case.segmentation_names]
+        pairs = [
+            (case, seg, labels)
+            for case in case_objs
+            for seg, labels in targets.items()
+            if seg in case.segmentation_names
+        ]
         if client is not None:
             from .distributed import scan_on_cluster
 
             # one task per case and segmentation; workers open the store from its URL
-            results = scan_on_cluster(client, col.url, col._storage_options,
-                                      [(case.case_id, seg) for case, seg, _ in pairs])
+            results = scan_on_cluster(
+                client,
+                col.url,
+                col._storage_options,
+                [(case.case_id, seg) for case, seg, _ in pairs],
+            )
         else:
-            results = dask.compute(*[scan_index_graph(case, seg) for case, seg, _ in pairs], scheduler="threads")
+            results = dask.compute(
+                *[scan_index_graph(case, seg) for case, seg, _ in pairs], scheduler="threads"
+            )
         jobs = [(case, seg, labels, None) for case, seg, labels in pairs]
         for (case, seg, labels, _), idx in zip(jobs, results, strict=True):
             rows += index_rows(CaseGeometry.of(case), seg, col.segmentations[seg], idx, labels)
     import pandas as pd
 
-    columns = STATS_COLUMNS + (["annotated_slices"] if any("annotated_slices" in r for r in rows) else [])
+    columns = STATS_COLUMNS + (
+        ["annotated_slices"] if any("annotated_slices" in r for r in rows) else []
+    )
     return pd.DataFrame(rows, columns=columns)

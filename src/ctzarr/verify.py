@@ -31,7 +31,11 @@ class VerifyReport:
 
     def __str__(self) -> str:
         head = f"{self.url}: {len(self.checked)} cases checked, {len(self.problems)} problems"
-        lines = [head] + [f"  {p}" for p in self.problems] + [f"  repaired: removed {r}" for r in self.repaired]
+        lines = (
+            [head]
+            + [f"  {p}" for p in self.problems]
+            + [f"  repaired: removed {r}" for r in self.repaired]
+        )
         return "\n".join(lines)
 
 
@@ -68,12 +72,16 @@ def verify(
         if state != "complete":
             report.problems.append(f"case {cid!r}: incomplete (left by an interrupted conversion)")
             if repair:
-                writable = zarr.open_group(_writable_store(col, storage_options), mode="r+", zarr_format=3)
+                writable = zarr.open_group(
+                    _writable_store(col, storage_options), mode="r+", zarr_format=3
+                )
                 remove_case(writable, cid)
                 report.repaired.append(cid)
     for cid in col.case_ids:
         if cid not in on_disk:
-            report.problems.append(f"case {cid!r}: listed in the collection but missing from cases/")
+            report.problems.append(
+                f"case {cid!r}: listed in the collection but missing from cases/"
+            )
             continue
         report.checked.append(cid)
         try:
@@ -81,7 +89,9 @@ def verify(
         except Exception as exc:  # a decode failure names the array and chunk
             report.problems.append(f"case {cid!r}: {type(exc).__name__}: {exc}")
     if repair and report.repaired:
-        finalize_collection(zarr.open_group(_writable_store(col, storage_options), mode="r+", zarr_format=3))
+        finalize_collection(
+            zarr.open_group(_writable_store(col, storage_options), mode="r+", zarr_format=3)
+        )
     return report
 
 

@@ -67,11 +67,17 @@ def level_shapes(shape_zyx: tuple[int, int, int]) -> list[tuple[int, int, int]]:
     return shapes
 
 
-def chunk_layout(shape_zyx: tuple[int, int, int], level: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+def chunk_layout(
+    shape_zyx: tuple[int, int, int], level: int
+) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
     """(inner chunk, shard) shapes of a level: shards are whole-plane slabs of one stream slab."""
     depth = max(CHUNK >> level, 1)
     chunk = (depth, min(CHUNK, shape_zyx[1]), min(CHUNK, shape_zyx[2]))
-    shard = (depth, -(-shape_zyx[1] // chunk[1]) * chunk[1], -(-shape_zyx[2] // chunk[2]) * chunk[2])
+    shard = (
+        depth,
+        -(-shape_zyx[1] // chunk[1]) * chunk[1],
+        -(-shape_zyx[2] // chunk[2]) * chunk[2],
+    )
     return chunk, shard
 
 
@@ -234,40 +240,59 @@ class CaseWriter:
         levels = level_shapes(shape)
         with codec_pipeline(self.root.store):
             case = self.root.require_group(self.path)
-            img_arrays = [self._create(case, str(i), s, i, self.image.raw_dtype.newbyteorder("="))
-                          for i, s in enumerate(levels)]
+            img_arrays = [
+                self._create(case, str(i), s, i, self.image.raw_dtype.newbyteorder("="))
+                for i, s in enumerate(levels)
+            ]
             lab_arrays: dict[str, list[zarr.Array]] = {}
             for seg in self.segmentations:
                 dt = label_dtype(seg.label_map, seg.source)
                 grp = case.require_group(f"labels/{seg.name}")
-                lab_arrays[seg.name] = [self._create(grp, str(i), s, i, dt) for i, s in enumerate(levels)]
+                lab_arrays[seg.name] = [
+                    self._create(grp, str(i), s, i, dt) for i, s in enumerate(levels)
+                ]
         builders = {
             seg.name: LabelIndexBuilder(
-                seg.label_map.values, shape, chunk_layout(shape, 0)[0],
-                background=seg.label_map.background, ignore_value=seg.label_map.ignore_value,
+                seg.label_map.values,
+                shape,
+                chunk_layout(shape, 0)[0],
+                background=seg.label_map.background,
+                ignore_value=seg.label_map.ignore_value,
                 label_dtype=lab_arrays[seg.name][0].dtype,
             )
             for seg in self.segmentations
         }
-        hashes = {"image": hashlib.sha256()} | {s.name: hashlib.sha256() for s in self.segmentations}
+        hashes = {"image": hashlib.sha256()} | {
+            s.name: hashlib.sha256() for s in self.segmentations
+        }
         streams = [self.image.iter_slabs(CHUNK, hashes["image"])] + [
             s.source.iter_slabs(CHUNK, hashes[s.name]) for s in self.segmentations
         ]
         # Three overlapping stages: inflate (the prefetch thread), index (one thread, slabs in
         # order), compress and write (two threads: image pyramid, label pyramids). One slab is
         # in flight while the next is inflated, so memory stays at a few slabs.
-        with ThreadPoolExecutor(1, thread_name_prefix="ctzarr-index") as index_pool, \
-                ThreadPoolExecutor(2, thread_name_prefix="ctzarr-write") as write_pool:
+        with (
+            ThreadPoolExecutor(1, thread_name_prefix="ctzarr-index") as index_pool,
+            ThreadPoolExecutor(2, thread_name_prefix="ctzarr-write") as write_pool,
+        ):
             pending: list[Any] = []
             for parts in _prefetch(zip_longest(*streams)):
                 z0, raw = parts[0]
                 values = self.image.scale(raw)
-                labels = [self._as_labels(seg, lab, lab_arrays[seg.name][0].dtype)
-                          for seg, (_, lab) in zip(self.segmentations, parts[1:], strict=True)]
-                futures = [index_pool.submit(builders[seg.name].update, z0, lab, values)
-                           for seg, lab in zip(self.segmentations, labels, strict=True)]
-                futures.append(write_pool.submit(self._write_pyramid, img_arrays, z0, raw, downsample_image))
-                futures.append(write_pool.submit(self._write_label_pyramids, lab_arrays, z0, labels))
+                labels = [
+                    self._as_labels(seg, lab, lab_arrays[seg.name][0].dtype)
+                    for seg, (_, lab) in zip(self.segmentations, parts[1:], strict=True)
+                ]
+                futures = [
+                    index_pool.submit(builders[seg.name].update, z0, lab, values)
+                    for seg, lab in zip(self.segmentations, labels, strict=True)
+                ]
+                futures.append(
+                    write_pool.submit(self._write_pyramid, img_arrays, z0, raw, downsample_image)
+                )
+                futures.append(
+                    write_pool.submit(self._write_label_pyramids, lab_arrays, z0, labels)
+                )
                 for f in pending:
                     f.result()
                 pending = futures
@@ -287,7 +312,9 @@ class CaseWriter:
                 )
             self.indexes[seg.name] = builders[seg.name].finish(sparse_annotation=seg.sparse)
 
-    def _as_labels(self, seg: SegmentationSource, slab: np.ndarray, dtype: np.dtype[Any]) -> np.ndarray:
+    def _as_labels(
+        self, seg: SegmentationSource, slab: np.ndarray, dtype: np.dtype[Any]
+    ) -> np.ndarray:
         """Label slab in the stored dtype; non-integral or out-of-range values are an error."""
         from .errors import UnknownLabelError
 
@@ -295,27 +322,45 @@ class CaseWriter:
         if values.dtype == dtype:
             return values
         if values.dtype.kind == "f" and not np.array_equal(values, np.floor(values)):
-            raise UnknownLabelError(f"case {self.case_id!r}: {seg.source.path}: non-integer label values")
+            raise UnknownLabelError(
+                f"case {self.case_id!r}: {seg.source.path}: non-integer label values"
+            )
         lo, hi = (values.min(), values.max()) if values.size else (0, 0)
         if lo < 0 or hi > np.iinfo(dtype).max:
-            bad = sorted({int(v) for v in np.unique(values) if v < 0 or v > np.iinfo(dtype).max})[:20]
+            bad = sorted({int(v) for v in np.unique(values) if v < 0 or v > np.iinfo(dtype).max})[
+                :20
+            ]
             raise UnknownLabelError(
                 f"case {self.case_id!r}: {seg.source.path}: label ids {bad} are not in label map "
                 f"{seg.label_map.name!r}"
             )
         return values.astype(dtype)
 
-    def _create(self, group: zarr.Group, name: str, shape: tuple[int, int, int], level: int,
-                dtype: np.dtype[Any]) -> zarr.Array:
+    def _create(
+        self,
+        group: zarr.Group,
+        name: str,
+        shape: tuple[int, int, int],
+        level: int,
+        dtype: np.dtype[Any],
+    ) -> zarr.Array:
         chunk, shard = chunk_layout(shape, level)
         return group.create_array(
-            name, shape=shape, dtype=dtype, chunks=chunk, shards=shard,
-            compressors=_compressors(), fill_value=0, dimension_names=("z", "y", "x"),
-            overwrite=True, config={"write_empty_chunks": False},
+            name,
+            shape=shape,
+            dtype=dtype,
+            chunks=chunk,
+            shards=shard,
+            compressors=_compressors(),
+            fill_value=0,
+            dimension_names=("z", "y", "x"),
+            overwrite=True,
+            config={"write_empty_chunks": False},
         )
 
-    def _write_label_pyramids(self, lab_arrays: dict[str, list[zarr.Array]], z0: int,
-                              labels: list[np.ndarray]) -> None:
+    def _write_label_pyramids(
+        self, lab_arrays: dict[str, list[zarr.Array]], z0: int, labels: list[np.ndarray]
+    ) -> None:
         for seg, lab in zip(self.segmentations, labels, strict=True):
             self._write_pyramid(lab_arrays[seg.name], z0, lab, downsample_labels)
 
@@ -334,10 +379,18 @@ class CaseWriter:
             for seg in self.segmentations:
                 idx = self.indexes[seg.name]
                 grp = self.root.require_group(f"{self.path}/labels/{seg.name}/index")
-                hist = np.stack([idx.hist_keys, idx.hist_counts], axis=1) if len(idx.hist_keys) else np.zeros((0, 2), np.int64)
+                hist = (
+                    np.stack([idx.hist_keys, idx.hist_counts], axis=1)
+                    if len(idx.hist_keys)
+                    else np.zeros((0, 2), np.int64)
+                )
                 arr = grp.create_array(
-                    "histogram", shape=hist.shape, dtype=np.int64,
-                    chunks=(max(len(hist), 1), 2), compressors=_compressors(), overwrite=True,
+                    "histogram",
+                    shape=hist.shape,
+                    dtype=np.int64,
+                    chunks=(max(len(hist), 1), 2),
+                    compressors=_compressors(),
+                    overwrite=True,
                     dimension_names=("entry", "key_count"),
                 )
                 if len(hist):
@@ -350,8 +403,15 @@ class CaseWriter:
         with codec_pipeline(self.root.store):
             case = self.root[self.path]
             assert isinstance(case, zarr.Group)
-            arr = case.create_array("nifti", shape=header.shape, dtype=np.uint8, chunks=header.shape,
-                                    compressors=[Crc32cCodec()], overwrite=True, fill_value=0)
+            arr = case.create_array(
+                "nifti",
+                shape=header.shape,
+                dtype=np.uint8,
+                chunks=header.shape,
+                compressors=[Crc32cCodec()],
+                overwrite=True,
+                fill_value=0,
+            )
             arr[:] = header
 
     def commit(self, case_attributes: dict[str, Any]) -> None:
@@ -361,26 +421,38 @@ class CaseWriter:
         assert isinstance(case, zarr.Group)
         names = [s.name for s in self.segmentations]
         if names:
-            case.require_group("labels").attrs.put({"ome": {"version": OME_VERSION, "labels": names}})
+            case.require_group("labels").attrs.put(
+                {"ome": {"version": OME_VERSION, "labels": names}}
+            )
         for seg in self.segmentations:
             grp = case[f"labels/{seg.name}"]
-            grp.attrs.put({
-                "ome": {
-                    "version": OME_VERSION,
-                    "multiscales": [multiscales(seg.name, self.image.spacing_zyx, levels)],
-                    "image-label": image_label(seg.label_map),
-                },
-                "ctzarr": {
-                    "label_map": seg.label_map.name,  # the full map is in the collection attributes
-                    "ignore_value": seg.label_map.ignore_value,
-                    "sparse": seg.sparse,
-                    "source_file": case_attributes["source"]["files"].get(seg.name, {}).get("path"),
-                },
-            })
+            grp.attrs.put(
+                {
+                    "ome": {
+                        "version": OME_VERSION,
+                        "multiscales": [multiscales(seg.name, self.image.spacing_zyx, levels)],
+                        "image-label": image_label(seg.label_map),
+                    },
+                    "ctzarr": {
+                        "label_map": seg.label_map.name,  # the full map is in the collection attributes
+                        "ignore_value": seg.label_map.ignore_value,
+                        "sparse": seg.sparse,
+                        "source_file": case_attributes["source"]["files"]
+                        .get(seg.name, {})
+                        .get("path"),
+                    },
+                }
+            )
         attrs = {
-            "ome": {"version": OME_VERSION, "multiscales": [multiscales(self.case_id, self.image.spacing_zyx, levels)]},
-            "ctzarr": {**case_attributes, "complete": True,
-                       "committed_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")},
+            "ome": {
+                "version": OME_VERSION,
+                "multiscales": [multiscales(self.case_id, self.image.spacing_zyx, levels)],
+            },
+            "ctzarr": {
+                **case_attributes,
+                "complete": True,
+                "committed_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+            },
         }
         # Consolidate the metadata of every array and group of the case into its zarr.json
         # (one read opens a whole case: a cold crop over HTTP costs 6 requests, not 13), then
@@ -392,7 +464,9 @@ class CaseWriter:
         case.attrs.put(attrs)
 
 
-def multiscales(name: str, spacing_zyx: tuple[float, float, float], levels: list[tuple[int, int, int]]) -> dict[str, Any]:
+def multiscales(
+    name: str, spacing_zyx: tuple[float, float, float], levels: list[tuple[int, int, int]]
+) -> dict[str, Any]:
     """OME 0.5 multiscales block: axes z, y, x in millimetres, one scale (+ shift) per level.
 
     OME 0.5 cannot express flips or rotations, so the OME transform maps voxels to a scaled
@@ -421,13 +495,22 @@ def image_label(label_map: LabelMap) -> dict[str, Any]:
     colors = [{"label-value": lab.value, "rgba": list(lab.rgba)} for lab in label_map]
     props = []
     for lab in label_map:
-        p: dict[str, Any] = {"label-value": lab.value, "name": lab.name, "normalized_name": lab.normalized_name}
+        p: dict[str, Any] = {
+            "label-value": lab.value,
+            "name": lab.name,
+            "normalized_name": lab.normalized_name,
+        }
         if lab.totalsegmentator_name:
             p["totalsegmentator_name"] = lab.totalsegmentator_name
         if lab.placeholder:
             p["placeholder"] = True
         props.append(p)
-    return {"version": OME_VERSION, "colors": colors, "properties": props, "source": {"image": "../../"}}
+    return {
+        "version": OME_VERSION,
+        "colors": colors,
+        "properties": props,
+        "source": {"image": "../../"},
+    }
 
 
 def index_attributes(idx: LabelIndex) -> dict[str, Any]:
@@ -461,7 +544,9 @@ def index_from_attributes(attrs: dict[str, Any], histogram: np.ndarray) -> Label
         hist_keys=hist[:, 0].copy(),
         hist_counts=hist[:, 1].copy(),
         histogram_resolution=float(attrs["histogram_resolution"]),
-        annotated_slices=None if attrs["annotated_slices"] is None else np.asarray(attrs["annotated_slices"], np.int64),
+        annotated_slices=None
+        if attrs["annotated_slices"] is None
+        else np.asarray(attrs["annotated_slices"], np.int64),
         chunk_grid=tuple(attrs["chunk_grid"]),  # type: ignore[arg-type]
         chunk_shape=tuple(attrs["chunk_shape"]),  # type: ignore[arg-type]
         nonfinite_count=np.asarray(attrs["nonfinite_count"], np.int64),
