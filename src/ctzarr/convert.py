@@ -131,6 +131,11 @@ def convert(
             raise LayoutError(f"{source}: no such cases: {unknown}")
         specs = [c for c in specs if c.case_id in wanted]
     dest_so = so if is_remote(dest) else None
+    if client is not None:  # refuse credentials bound for a task graph before writing anything
+        from .distributed import check_no_secrets
+
+        check_no_secrets(dest_so)
+        check_no_secrets(ds.storage_options)
     root = open_or_create_collection(dest, ds, dest_so)
     report = ConversionReport(dest)
     if client is not None:

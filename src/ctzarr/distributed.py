@@ -9,6 +9,7 @@ where the I/O happens: environment variables, profiles, instance roles.
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -128,7 +129,7 @@ def convert_cases_on_cluster(
             dest_opts,
             overwrite,
             pure=False,
-            key=f"ctzarr-convert-{spec.case_id}-{id(ds)}",
+            key=f"ctzarr-convert-{spec.case_id}-{uuid.uuid4().hex}",
         ): spec.case_id
         for spec in specs
     }

@@ -191,10 +191,14 @@ class LabelIndexBuilder:
         self._float_keys = False  # switched on by the first non-integral float value
 
     # -- accumulation -----------------------------------------------------------------------
-    def update(self, z0: int, labels: np.ndarray, values: np.ndarray) -> None:
-        """Add a slab: ``labels`` and ``values`` of shape (depth, ny, nx) starting at z0."""
+    def update(self, z0: int, labels: np.ndarray, values: np.ndarray | None) -> None:
+        """Add a slab: ``labels`` and ``values`` of shape (depth, ny, nx) starting at z0.
+
+        ``values`` may be None for a slab that holds no indexed label (background and ignore
+        only): counts of ignored voxels are still taken, no value is read.
+        """
         labels = np.ascontiguousarray(labels)
-        keys, kmin, kmax = self._keys(labels, values)
+        keys, kmin, kmax = self._keys(labels, values) if values is not None else (None, 0, 0)
         n = len(self.values)
         bins = (kmax - kmin + 1) if keys is not None else 0
         dense = keys is not None and n * bins <= _DENSE_BINS_MAX

@@ -316,10 +316,29 @@ def _label_stats(
 
 
 # -- scan -------------------------------------------------------------------------------------
-def _partial(
-    z0: int, labels: np.ndarray, values: np.ndarray, config: dict[str, Any]
-) -> LabelIndexBuilder:
-    """Index accumulators of one block (a whole-plane slab starting at z0)."""
+class _ImageSlab:
+    """Reads one z-slab of a case's image (scaled) when a scan block needs its values."""
+
+    def __init__(self, arr: Any, z0: int, z1: int, slope: float, inter: float) -> None:
+        self.arr, self.z0, self.z1, self.slope, self.inter = arr, z0, z1, slope, inter
+
+    def read(self) -> np.ndarray:
+        from nibabel.volumeutils import apply_read_scaling
+
+        from .nifti import _typed_scaling
+
+        raw = np.asarray(self.arr[self.z0 : self.z1])
+        if (self.slope, self.inter) == (1.0, 0.0):
+            return raw
+        return apply_read_scaling(raw, *_typed_scaling(self.slope, self.inter))
+
+
+def _partial(z0: int, labels: np.ndarray, image: _ImageSlab, config: dict[str, Any]) -> LabelIndexBuilder:
+    """Index accumulators of one block (a whole-plane slab starting at z0).
+
+    The image slab is read only when the block holds an indexed label: all-background blocks
+    cost no image read (and their label shards are not even stored).
+    """
     b = LabelIndexBuilder(
         config["values"],
         config["shape"],
@@ -328,7 +347,10 @@ def _partial(
         ignore_value=config["ignore"],
         label_dtype=labels.dtype,
     )
-    b.update(z0, labels, values)
+    indexed = labels != config["background"] if config["background"] is not None else np.ones(labels.shape, bool)
+    if config["ignore"] is not None:
+        indexed &= labels != config["ignore"]
+    b.update(z0, labels, image.read() if indexed.any() else None)
     return b
 
 
@@ -347,9 +369,8 @@ def scan_index_graph(case: Case, segmentation: str) -> Any:
     lm = case.collection.segmentations[segmentation]
     stored = case.index(segmentation)
     labels = case.labels(segmentation).data
-    image = case.image.data
-    if image.chunks != labels.chunks:
-        image = image.rechunk(labels.chunks)
+    image_array = case._array("0")
+    nifti = case.meta["nifti"]
     config = {
         "values": lm.values,
         "shape": case.shape,
@@ -359,12 +380,13 @@ def scan_index_graph(case: Case, segmentation: str) -> Any:
     }
     starts = np.r_[0, np.cumsum(labels.chunks[0])[:-1]].tolist()
     lab_blocks = labels.to_delayed()
-    img_blocks = image.to_delayed()
     parts = []
     partial = dask.delayed(_partial, pure=True)
     for zi, z0 in enumerate(starts):
         assert lab_blocks.shape[1:] == (1, 1), "scan blocks must be whole planes"
-        parts.append(partial(z0, lab_blocks[zi, 0, 0], img_blocks[zi, 0, 0], config))
+        z1 = z0 + labels.chunks[0][zi]
+        slab = _ImageSlab(image_array, z0, z1, nifti["scl_slope"], nifti["scl_inter"])
+        parts.append(partial(z0, lab_blocks[zi, 0, 0], slab, config))
     merge = dask.delayed(_merge, pure=True)
     while len(parts) > 1:  # tree reduction, fan-in 4
         parts = [
