@@ -115,13 +115,16 @@ class NiftiSource:
         return apply_read_scaling(raw, *_typed_scaling(self.slope, self.inter))
 
     def iter_slabs(
-        self, slab_z: int, digest: hashlib._Hash | None = None
+        self, slab_z: int, digest: hashlib._Hash | None = None, reuse_buffers: int = 0
     ) -> Iterator[tuple[int, np.ndarray]]:
         """Yield ``(z_start, raw_slab)`` with raw slabs of ``slab_z`` k-slices in (z, y, x).
 
         Slabs are native-endian copies. After the last slab the stream is read to its end,
         which makes gzip check its CRC and length; trailing data after the voxels is an error.
         ``digest`` is fed with the file's (compressed) bytes as they are read.
+        ``reuse_buffers=n`` recycles a ring of n slab buffers (a slab is overwritten n slabs
+        later): allocating a fresh 32 MB buffer per slab fragments glibc's heap across threads,
+        so that peak memory grew with the number of slices.
         """
         nz, ny, nx = self.shape_zyx
         native = self.raw_dtype.newbyteorder("=")
@@ -132,11 +135,19 @@ class NiftiSource:
                 if self.compressed
                 else counted  # type: ignore[assignment]
             )
+            ring: list[bytearray] = []
+            turn = 0
             try:
                 _skip(stream, self.vox_offset, self)
                 for z0 in range(0, nz, slab_z):
                     depth = min(slab_z, nz - z0)
-                    buf = bytearray(depth * self.slice_bytes)
+                    if reuse_buffers:
+                        if len(ring) < reuse_buffers:
+                            ring.append(bytearray(slab_z * self.slice_bytes))
+                        buf = memoryview(ring[turn % reuse_buffers])[: depth * self.slice_bytes]
+                        turn += 1
+                    else:
+                        buf = memoryview(bytearray(depth * self.slice_bytes))
                     got = _read_into(stream, buf)
                     if got != len(buf):
                         raise self.error(
@@ -211,9 +222,9 @@ def _open_binary(path: str, storage_options: dict[str, Any]) -> BinaryIO:
     return open(path, "rb")
 
 
-def _read_into(stream: BinaryIO, buf: bytearray) -> int:
+def _read_into(stream: BinaryIO, buf: memoryview) -> int:
     """Fill buf from stream; return how many bytes were read (short only at EOF)."""
-    view = memoryview(buf)
+    view = buf
     got = 0
     while got < len(buf):
         n = stream.readinto(view[got:])  # type: ignore[attr-defined]

@@ -137,12 +137,13 @@ _MALLOC_TUNED = False
 
 
 def _tune_malloc() -> None:
-    """Serve large buffers (slabs) from mmap so that memory returns to the OS after each slab.
+    """Keep glibc's heap from fragmenting across the converter's threads.
 
-    glibc raises its mmap threshold dynamically once a large block is freed; after that, slab
-    buffers allocated by several threads fragment the heap and peak memory grows with the number
-    of slices (measured: 713 MB instead of 488 MB for 1600 slices, benchmarks/README.md). A fixed
-    1 MiB threshold (what MALLOC_MMAP_THRESHOLD_ sets) keeps it flat. No-op off glibc.
+    With one arena per thread, buffers freed by one thread are reused poorly by the others and
+    peak memory grew with the number of slices (520 MB at 400 slices, 698 MB at 1600,
+    benchmarks/README.md). One arena plus the recycled slab buffers of ``iter_slabs`` keeps it
+    flat (~490 MB at both) and was also faster; a fixed mmap threshold kept memory flat too but
+    doubled the time (page faults and TLB shootdowns on every 32 MB slab). No-op off glibc.
     """
     global _MALLOC_TUNED
     if _MALLOC_TUNED:
@@ -153,9 +154,17 @@ def _tune_malloc() -> None:
         import ctypes.util
 
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-8, 1)  # M_ARENA_MAX
     except (OSError, AttributeError):  # not glibc
         pass
+
+
+def _warm_kernels(builders: dict[str, LabelIndexBuilder], lab_arrays: dict[str, list[zarr.Array]],
+                  value_dtype: np.dtype[Any]) -> None:
+    """Run the index kernel once on a tiny slab of each (label, value) dtype pair."""
+    for name, builder in builders.items():
+        tiny = LabelIndexBuilder(builder.values, (1, 1, 1), (1, 1, 1), label_dtype=lab_arrays[name][0].dtype)
+        tiny.update(0, np.zeros((1, 1, 1), lab_arrays[name][0].dtype), np.zeros((1, 1, 1), value_dtype))
 
 
 def _prefetch(items: Iterator[Any], depth: int = 1) -> Iterator[Any]:
@@ -265,8 +274,10 @@ class CaseWriter:
         hashes = {"image": hashlib.sha256()} | {
             s.name: hashlib.sha256() for s in self.segmentations
         }
-        streams = [self.image.iter_slabs(CHUNK, hashes["image"])] + [
-            s.source.iter_slabs(CHUNK, hashes[s.name]) for s in self.segmentations
+        # a ring of 4 slab buffers per stream: one being inflated, one queued, one being
+        # indexed and written, one whose writes are finishing
+        streams = [self.image.iter_slabs(CHUNK, hashes["image"], reuse_buffers=4)] + [
+            s.source.iter_slabs(CHUNK, hashes[s.name], reuse_buffers=4) for s in self.segmentations
         ]
         # Three overlapping stages: inflate (the prefetch thread), index (one thread, slabs in
         # order), compress and write (two threads: image pyramid, label pyramids). One slab is
@@ -275,7 +286,12 @@ class CaseWriter:
             ThreadPoolExecutor(1, thread_name_prefix="ctzarr-index") as index_pool,
             ThreadPoolExecutor(2, thread_name_prefix="ctzarr-write") as write_pool,
         ):
-            pending: list[Any] = []
+            # Load the compiled kernels while the first slab inflates (numba's first call in a
+            # process costs ~0.5 s even from its on-disk cache).
+            pending: list[Any] = [
+                index_pool.submit(_warm_kernels, builders, lab_arrays, self.image.value_dtype),
+                write_pool.submit(downsample_image, np.zeros((2, 2, 2), self.image.raw_dtype.newbyteorder("="))),
+            ]
             for parts in _prefetch(zip_longest(*streams)):
                 z0, raw = parts[0]
                 values = self.image.scale(raw)
