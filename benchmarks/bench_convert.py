@@ -324,7 +324,7 @@ def child_main(argv: list[str]) -> None:
         arrays = [np.asanyarray(nib.load(p).dataobj) for p in argv[1:]]
         extra: dict[str, Any] = {"shapes": [list(a.shape) for a in arrays],
                                  "second_seconds": time.perf_counter() - t2}
-    elif step == "convert":
+    elif step in ("convert", "convert_twice"):
         import ctzarr
 
         t_import = time.perf_counter() - t0
@@ -334,13 +334,16 @@ def child_main(argv: list[str]) -> None:
         seconds = time.perf_counter() - t1
         if not report.ok or len(report.converted) != 1:
             raise SystemExit(f"conversion failed: {report}")
-        # a second case in the same process (what each of a dataset's 533 cases costs once
-        # imports and numba's one-time kernel loading, ~0.7 s, are paid)
-        t2 = time.perf_counter()
-        again = ctzarr.convert(src, dest + "-second", layout="dap_atlas", progress=False)
-        extra = {"second_seconds": time.perf_counter() - t2}
-        if not again.ok:
-            raise SystemExit(f"conversion failed: {again}")
+        extra = {}
+        if step == "convert_twice":
+            # a second case in the same process (what each of a dataset's 533 cases costs once
+            # imports and numba's one-time kernel loading, ~0.7 s, are paid); its own child so
+            # that the peak-RSS rows stay those of one conversion
+            t2 = time.perf_counter()
+            again = ctzarr.convert(src, dest + "-second", layout="dap_atlas", progress=False)
+            extra = {"second_seconds": time.perf_counter() - t2}
+            if not again.ok:
+                raise SystemExit(f"conversion failed: {again}")
     else:
         raise SystemExit(f"unknown child step {step!r}")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -390,7 +393,7 @@ def bench_nib_load(ds: Dataset, n: int) -> Stat:
 def bench_convert(ds: Dataset, dest: Path, n: int) -> Stat:
     """Convert ds into a fresh store n times (the store is removed before each run)."""
     return repeat(lambda: _self_cmd("convert", str(ds.root), str(dest)), n,
-                  before=lambda: (shutil.rmtree(dest, ignore_errors=True), shutil.rmtree(str(dest) + "-second", ignore_errors=True)))
+                  before=lambda: shutil.rmtree(dest, ignore_errors=True))
 
 
 def ensure_niizarr_venv(data: Path) -> tuple[Path | None, str]:
@@ -504,8 +507,9 @@ def build_table(r: dict[str, Any]) -> str:
     def second(stat: dict[str, Any]) -> float:
         return statistics.median(run["second_seconds"] for run in stat["runs"])
 
-    s_ratio = second(conv) / second(nib)
-    row(f"Conversion per case in a running process (second case), {n0} slices", f"{second(conv):.2f} s",
+    twice = r["convert_twice"]
+    s_ratio = second(twice) / second(nib)
+    row(f"Conversion per case in a running process (second case), {n0} slices", f"{second(twice):.2f} s",
         f"nibabel second load {second(nib):.2f} s", s_ratio, f"<= {TARGET_TIME_RATIO}x", s_ratio <= TARGET_TIME_RATIO)
     rows.append((f"Where the child's wall time goes, {n0} slices", _breakdown(conv), _breakdown(nib),
                  "—", "—", "—"))
@@ -616,6 +620,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         dest = out / f"ctzarr-{tag}-{slices_n}.zarr"
         r["convert"][str(slices_n)] = asdict(bench_convert(ds, dest, n))
         if ds is base:
+            log(f"ctzarr.convert twice in one process, {slices_n} slices x{n} ...")
+            r["convert_twice"] = asdict(repeat(
+                lambda: _self_cmd("convert_twice", str(ds.root), str(dest)), n,
+                before=lambda: (shutil.rmtree(dest, ignore_errors=True),
+                                shutil.rmtree(str(dest) + "-second", ignore_errors=True))))
+            shutil.rmtree(str(dest) + "-second", ignore_errors=True)
+            bench_convert(ds, dest, 1)  # leave the store of a single conversion for the size rows
             r["sizes"] = store_sizes(dest)
             r["index"] = index_summary(dest)
 
