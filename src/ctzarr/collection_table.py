@@ -16,7 +16,7 @@ import numpy as np
 import zarr
 
 from .labelmaps import LabelMap
-from .stats import STATS_COLUMNS, CaseGeometry, index_rows
+from .stats import INTEGER_COLUMNS, STATS_COLUMNS, CaseGeometry, index_rows
 from .writer import _compressors, index_from_attributes
 
 __all__ = ["TABLE_NUMERIC_COLUMNS", "read_table_columns", "update_collection_table"]
@@ -25,17 +25,7 @@ __all__ = ["TABLE_NUMERIC_COLUMNS", "read_table_columns", "update_collection_tab
 TABLE_NUMERIC_COLUMNS = tuple(
     c for c in STATS_COLUMNS if c not in ("case_id", "segmentation", "structure")
 ) + ("annotated_slices",)
-_INT_COLUMNS = {
-    "label",
-    "voxel_count",
-    "z_start",
-    "z_stop",
-    "y_start",
-    "y_stop",
-    "x_start",
-    "x_stop",
-    "annotated_slices",
-}
+_INT_COLUMNS = INTEGER_COLUMNS
 
 
 def _dtype(col: str) -> type:

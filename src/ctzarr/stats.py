@@ -44,6 +44,21 @@ __all__ = [
     "percentiles_from_histogram",
 ]
 
+#: integer-valued statistics columns (the others are floats, touches_border is bool)
+INTEGER_COLUMNS = frozenset(
+    {
+        "label",
+        "voxel_count",
+        "z_start",
+        "z_stop",
+        "y_start",
+        "y_stop",
+        "x_start",
+        "x_stop",
+        "annotated_slices",
+    }
+)
+
 STATS_COLUMNS = [
     "case_id",
     "segmentation",
@@ -217,16 +232,7 @@ def _from_table(
         out.loc[absent, ["z_start", "z_stop", "y_start", "y_stop", "x_start", "x_stop"]] = -1
         out.loc[absent, "touches_border"] = False
     out = out.reset_index()
-    for c in (
-        "label",
-        "voxel_count",
-        "z_start",
-        "z_stop",
-        "y_start",
-        "y_stop",
-        "x_start",
-        "x_stop",
-    ):
+    for c in INTEGER_COLUMNS - {"annotated_slices"}:
         out[c] = out[c].astype(np.int64)
     out["touches_border"] = out["touches_border"].astype(bool)
     if "annotated_slices" in out:
@@ -297,7 +303,20 @@ def _label_stats(
         )
     else:
         out.update(
-            dict.fromkeys(("hu_mean", "hu_std", "hu_min", "hu_max", "hu_median", "hu_p05", "hu_p25", "hu_p75", "hu_p95"), np.nan)
+            dict.fromkeys(
+                (
+                    "hu_mean",
+                    "hu_std",
+                    "hu_min",
+                    "hu_max",
+                    "hu_median",
+                    "hu_p05",
+                    "hu_p25",
+                    "hu_p75",
+                    "hu_p95",
+                ),
+                np.nan,
+            )
         )
     mean_zyx = idx.coord_sum[i].astype(np.float64) / n
     world = affine @ np.array([mean_zyx[2], mean_zyx[1], mean_zyx[0], 1.0])
@@ -333,7 +352,9 @@ class _ImageSlab:
         return apply_read_scaling(raw, *_typed_scaling(self.slope, self.inter))
 
 
-def _partial(z0: int, labels: np.ndarray, image: _ImageSlab, config: dict[str, Any]) -> LabelIndexBuilder:
+def _partial(
+    z0: int, labels: np.ndarray, image: _ImageSlab, config: dict[str, Any]
+) -> LabelIndexBuilder:
     """Index accumulators of one block (a whole-plane slab starting at z0).
 
     The image slab is read only when the block holds an indexed label: all-background blocks
@@ -347,7 +368,11 @@ def _partial(z0: int, labels: np.ndarray, image: _ImageSlab, config: dict[str, A
         ignore_value=config["ignore"],
         label_dtype=labels.dtype,
     )
-    indexed = labels != config["background"] if config["background"] is not None else np.ones(labels.shape, bool)
+    indexed = (
+        labels != config["background"]
+        if config["background"] is not None
+        else np.ones(labels.shape, bool)
+    )
     if config["ignore"] is not None:
         indexed &= labels != config["ignore"]
     b.update(z0, labels, image.read() if indexed.any() else None)
@@ -484,9 +509,7 @@ def _stats(
             geom = CaseGeometry.of(case)
             for seg, labels in targets.items():
                 if seg in case.segmentation_names:
-                    rows += index_rows(
-                        geom, seg, col.segmentations[seg], case.index(seg), labels
-                    )
+                    rows += index_rows(geom, seg, col.segmentations[seg], case.index(seg), labels)
     else:
         import dask
 
