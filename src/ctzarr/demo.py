@@ -51,6 +51,12 @@ def run_demo(
     print(
         "\nQuery it:\n"
         f"  ctzarr info {stores['dap_atlas']} --case {open_collection(stores['dap_atlas']).case_ids[0]}\n"
+        f"  ctzarr stats {stores['dap_atlas']} --structure liver --structure 'kidney left'\n"
+        f"  ctzarr crop {stores['dap_atlas']} {open_collection(stores['dap_atlas']).case_ids[0]} liver "
+        f"--margin-mm 10 -o {out / 'liver.nii.gz'}\n"
+        f"  ctzarr show {stores['dap_atlas']} {open_collection(stores['dap_atlas']).case_ids[0]} 'kidney left' "
+        f"-o {out / 'kidney.png'}\n"
+        f"  ctzarr stats {stores['saros']} --segmentation body_regions\n"
         f"  ctzarr export {stores['saros']} case_000 {out / 'export'}\n"
         f"  ctzarr verify {stores['dap_atlas']}\n"
         "  python -c \"import ctzarr; col = ctzarr.open_collection('"
