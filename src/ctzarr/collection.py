@@ -59,7 +59,7 @@ def open_collection(
         return _open_root(repr(url_or_catalog_name), store, None)
     target = os.fspath(url_or_catalog_name)
     so = dict(storage_options) if storage_options else None
-    if "://" not in target and not os.path.exists(target) and "/" not in target:
+    if "://" not in target and not Path(target).exists() and "/" not in target:
         from .catalog import load_catalog, resolve_entry
 
         if target not in load_catalog():

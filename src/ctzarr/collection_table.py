@@ -22,9 +22,10 @@ from .writer import _compressors, index_from_attributes
 __all__ = ["TABLE_NUMERIC_COLUMNS", "read_table_columns", "update_collection_table"]
 
 #: numeric columns stored as arrays (case_id, segmentation and structure are stored as codes)
-TABLE_NUMERIC_COLUMNS = tuple(
-    c for c in STATS_COLUMNS if c not in ("case_id", "segmentation", "structure")
-) + ("annotated_slices",)
+TABLE_NUMERIC_COLUMNS = (
+    *(c for c in STATS_COLUMNS if c not in ("case_id", "segmentation", "structure")),
+    "annotated_slices",
+)
 _INT_COLUMNS = INTEGER_COLUMNS
 
 

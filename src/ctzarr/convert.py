@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import posixpath
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -234,7 +235,7 @@ def _source_files(ds: DatasetSource, spec: CaseSpec) -> dict[str, dict[str, Any]
 
 def _relative(path: str, root: str) -> str:
     root = root.rstrip("/") + "/"
-    return path[len(root) :] if path.startswith(root) else os.path.basename(path)
+    return path[len(root) :] if path.startswith(root) else posixpath.basename(path)
 
 
 def _same_source(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
@@ -321,7 +322,7 @@ def convert_case(
     cid = spec.case_id
     try:
         files = _source_files(ds, spec)
-        for role, rec in files.items():
+        for rec in files.values():
             rec["abs_path"] = rec["path"]
         state, meta = case_state(root, cid)
         if state == "complete" and meta is not None:

@@ -158,11 +158,10 @@ def convert_cases_on_cluster(
 def _scan_task(url: str, options: dict[str, Any], case_id: str, segmentation: str) -> Any:
     """Worker side: rebuild one case's index from its voxels (blockwise, local threads)."""
     import dask
+    from distributed import get_worker
 
     from .collection import open_collection
     from .stats import scan_index_graph
-
-    from distributed import get_worker
 
     col = open_collection(url, storage_options=options or None)
     graph = scan_index_graph(col[case_id], segmentation)

@@ -34,6 +34,7 @@ FLOAT_HISTOGRAM_RESOLUTION = 2.0**-8
 #: a slab histogram is dense while labels x value range stays under this many bins
 _DENSE_BINS_MAX = 1 << 24
 _SKIP = -2  # background and ignore value: never indexed
+_UINT8 = np.dtype(np.uint8)
 _UNKNOWN = -1  # a value the label map does not define
 
 
@@ -159,7 +160,7 @@ class LabelIndexBuilder:
         *,
         background: int | None = 0,
         ignore_value: int | None = None,
-        label_dtype: np.dtype[Any] = np.dtype(np.uint8),
+        label_dtype: np.dtype[Any] = _UINT8,
     ) -> None:
         values = sorted(int(v) for v in label_values if v != background and v != ignore_value)
         self.values = np.array(values, dtype=np.int64)
@@ -257,7 +258,7 @@ class LabelIndexBuilder:
     def _switch_to_float_keys(self) -> None:
         """Re-express integer keys seen so far at the float resolution (exact: power of two)."""
         self._float_keys = True
-        factor = int(round(1.0 / FLOAT_HISTOGRAM_RESOLUTION))
+        factor = round(1.0 / FLOAT_HISTOGRAM_RESOLUTION)
         self._triplets = [(li, k * factor, c) for li, k, c in self._triplets]
 
     def _sparse_histogram(self, labels: np.ndarray, keys: np.ndarray) -> None:

@@ -23,6 +23,7 @@ import warnings
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, BinaryIO
 
 import fsspec
@@ -248,9 +249,7 @@ def _file_size(path: str, storage_options: dict[str, Any]) -> int:
     if "://" in path:
         fs, p = fsspec.core.url_to_fs(path, **storage_options)
         return int(fs.size(p))
-    import os
-
-    return os.path.getsize(path)
+    return Path(path).stat().st_size
 
 
 def _read_head(
