@@ -75,6 +75,14 @@ def _case_rows(
 
 
 def update_collection_table(root: zarr.Group, changed: Iterable[str] | None = None) -> list[str]:
+    """Refresh the table and the collection's case list (compact JSON); see _update_table."""
+    from .storage import compact_json
+
+    with compact_json():
+        return _update_table(root, changed)
+
+
+def _update_table(root: zarr.Group, changed: Iterable[str] | None = None) -> list[str]:
     """Refresh the table and the collection's case list; return the committed case ids.
 
     Parameters

@@ -38,7 +38,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 from .label_index import LabelIndex, LabelIndexBuilder
 from .labelmaps import LabelMap
 from .nifti import NiftiSource
-from .storage import codec_pipeline
+from .storage import codec_pipeline, compact_json
 
 __all__ = ["CHUNK", "FORMAT_VERSION", "CaseWriter", "SegmentationSource"]
 
@@ -473,11 +473,11 @@ class CaseWriter:
         # Consolidate the metadata of every array and group of the case into its zarr.json
         # (one read opens a whole case: a cold crop over HTTP costs 6 requests, not 13), then
         # write the commit marker into that same document, last.
-        with warnings.catch_warnings():  # zarr notes that v3 consolidation is not in the spec yet
+        with warnings.catch_warnings(), compact_json():  # zarr: v3 consolidation is not in the spec yet
             warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
             zarr.consolidate_metadata(self.root.store, path=self.path, zarr_format=3)
-        case = zarr.open_group(self.root.store, path=self.path, mode="r+", zarr_format=3)
-        case.attrs.put(attrs)
+            case = zarr.open_group(self.root.store, path=self.path, mode="r+", zarr_format=3)
+            case.attrs.put(attrs)
 
 
 def multiscales(
