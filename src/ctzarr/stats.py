@@ -302,22 +302,7 @@ def _label_stats(
             hu_p95=float(pct[4]),
         )
     else:
-        out.update(
-            dict.fromkeys(
-                (
-                    "hu_mean",
-                    "hu_std",
-                    "hu_min",
-                    "hu_max",
-                    "hu_median",
-                    "hu_p05",
-                    "hu_p25",
-                    "hu_p75",
-                    "hu_p95",
-                ),
-                np.nan,
-            )
-        )
+        out.update(dict.fromkeys((c for c in STATS_COLUMNS if c.startswith("hu_")), np.nan))
     mean_zyx = idx.coord_sum[i].astype(np.float64) / n
     world = affine @ np.array([mean_zyx[2], mean_zyx[1], mean_zyx[0], 1.0])
     out.update(centroid_x=float(world[0]), centroid_y=float(world[1]), centroid_z=float(world[2]))
