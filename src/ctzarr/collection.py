@@ -269,7 +269,7 @@ class Case:
         f = 2**level
         coords = {}
         lin = aff[:3, :3]
-        aligned = np.allclose(lin, np.diag(np.diag(lin)))
+        aligned = self.coordinate_kind == "world_ras_mm"
         for ax, (dim, world_row) in enumerate(zip("zyx", (2, 1, 0), strict=True)):
             idx = np.arange(shape[ax]) * f + (f - 1) / 2
             if aligned:

@@ -73,14 +73,6 @@ def _fs(url: str, storage_options: Mapping[str, Any]) -> tuple[fsspec.AbstractFi
     return fs, path.rstrip("/")
 
 
-def _join(root_url: str, *parts: str) -> str:
-    return (
-        posixpath.join(root_url.rstrip("/"), *parts)
-        if "://" in root_url
-        else "/".join([root_url.rstrip("/"), *parts])
-    )
-
-
 def _strip_nii(name: str) -> str | None:
     for ext in _NII:
         if name.endswith(ext):
