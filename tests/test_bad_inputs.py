@@ -13,9 +13,11 @@ Bad files are made from valid nibabel output by editing bytes: the header throug
 
 from __future__ import annotations
 
+import collections
 import csv
 import gzip
 import io
+import logging
 import shutil
 import time
 import tracemalloc
@@ -855,3 +857,474 @@ def test_dap_file_name_that_is_not_a_plain_id(ds: Dataset) -> None:
     with pytest.raises(InvalidCaseIdError, match="'bad name'"):
         ds.convert()
     assert not ds.dest.exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Reliability rows A1-A18 (../shared/background/reliability.md section 7.A) not covered above:
+# uncompressed .nii files, vox_offset, scaling, float CT with NaN, geometry codes, PHI
+# --------------------------------------------------------------------------------------------
+
+
+def _raw_nii(gz: bytes) -> bytes:
+    return gzip.decompress(gz)
+
+
+def _raw_edit(edit: Callable[[nib.Nifti1Header], None]) -> Callable[[bytes], bytes]:
+    """A maker of an uncompressed .nii with header fields edited, voxel bytes kept."""
+    return lambda gz: gzip.decompress(with_header(edit)(gz))
+
+
+def _raw_set(*edits: tuple[str, int | None, object]) -> Callable[[bytes], bytes]:
+    return lambda gz: gzip.decompress(_set(*edits)(gz))
+
+
+def _with_extension(gz: bytes, text: bytes = b"PatientName=DOE^JOHN") -> bytes:
+    img = nib.Nifti1Image.from_bytes(gzip.decompress(gz))
+    img.header.extensions.append(nib.nifti1.Nifti1Extension("comment", text))
+    return gzip.compress(img.to_bytes())
+
+
+# (id, role, maker, suffix of the bad file, keywords the message must contain)
+MORE_BAD_FILES: list[tuple[str, str, Callable[[bytes], bytes], str, tuple[str, ...]]] = [
+    # A1: not a NIfTI file at all
+    ("a1-empty-nii", "image", lambda gz: b"", ".nii", ("empty file", "not a nifti file")),
+    (
+        "a1-gz-header-cut-at-60",
+        "image",
+        lambda gz: gzip.compress(gzip.decompress(gz)[:60]),
+        ".nii.gz",
+        ("not a nifti file", "too short", "60 bytes"),
+    ),
+    (
+        "a1-nii-header-cut-at-200",
+        "mask",
+        lambda gz: gzip.decompress(gz)[:200],
+        ".nii",
+        ("not a nifti file", "too short", "200 bytes"),
+    ),
+    (
+        "a1-nii-wrong-magic",
+        "image",
+        _raw_set(("magic", None, b"n+3")),
+        ".nii",
+        ("bad nifti magic", "not a nifti-1 file"),
+    ),
+    (
+        "a1-nifti2-magic-in-nifti1-header",
+        "image",
+        _set(("magic", None, b"n+2")),
+        ".nii.gz",
+        ("bad nifti magic", "expected b'n+1'"),
+    ),
+    # A3: one deflate byte flipped in the middle of the stream (nibabel returns wrong slabs)
+    (
+        "a3-deflate-byte-flipped",
+        "image",
+        lambda gz: _flip(len(gz) // 2)(gz),
+        ".nii.gz",
+        ("corrupt compressed stream",),
+    ),
+    # A4: bytes after the gzip member
+    (
+        "a4-garbage-after-gzip-member",
+        "image",
+        lambda gz: gz + b"garbage!" * 64,
+        ".nii.gz",
+        ("trailing data after the gzip stream", "not gzip"),
+    ),
+    (
+        "a4-8-bytes-garbage-after-gzip-member",
+        "mask",
+        lambda gz: gz + b"garbage!",
+        ".nii.gz",
+        ("trailing data after the gzip stream", "8 bytes"),
+    ),
+    # A5: gzip named .nii
+    ("a5-gzip-named-nii", "mask", lambda gz: gz, ".nii", ("named .nii but is gzip-compressed",)),
+    # A6: uncompressed .nii cut short, or with bytes after the voxels
+    (
+        "a6-nii-truncated",
+        "image",
+        lambda gz: gzip.decompress(gz)[:-1000],
+        ".nii",
+        ("header declares 23040 bytes of voxels from byte 352", "holds only 22040"),
+    ),
+    (
+        "a6-nii-4096-trailing-bytes",
+        "image",
+        lambda gz: gzip.decompress(gz) + b"\x00" * 4096,
+        ".nii",
+        ("trailing data after the voxel data",),
+    ),
+    # A7: vox_offset, in a raw and in a compressed single file
+    ("a7-nii-vox-offset-100", "image", _raw_set(("vox_offset", None, 100)), ".nii", ("vox_offset 100", "inside the header")),
+    ("a7-nii-vox-offset-minus-352", "image", _raw_set(("vox_offset", None, -352)), ".nii", ("vox_offset -352", "inside the header")),
+    ("a7-nii-vox-offset-348", "image", _raw_set(("vox_offset", None, 348)), ".nii", ("vox_offset 348", "at byte 352 or later")),
+    ("a7-nii-vox-offset-360", "image", _raw_set(("vox_offset", None, 360)), ".nii", ("from byte 360", "holds only 23032")),
+    ("a7-nii-vox-offset-1e9", "image", _raw_set(("vox_offset", None, 1e9)), ".nii", ("from byte 1000000000", "holds only 0")),
+    ("a7-nii-vox-offset-352.5", "image", _raw_set(("vox_offset", None, 352.5)), ".nii", ("vox_offset 352.5", "whole number")),
+    ("a7-nii-vox-offset-nan", "mask", _raw_set(("vox_offset", None, np.nan)), ".nii", ("vox_offset nan", "whole number")),
+    ("a7-gz-vox-offset-100", "image", _set(("vox_offset", None, 100)), ".nii.gz", ("vox_offset 100", "inside the header")),
+    ("a7-gz-vox-offset-minus-352", "image", _set(("vox_offset", None, -352)), ".nii.gz", ("vox_offset -352", "inside the header")),
+    ("a7-gz-vox-offset-360", "image", _set(("vox_offset", None, 360)), ".nii.gz", ("truncated", "voxel data ends after 23032 of 23040")),
+    ("a7-gz-vox-offset-1e9", "image", _set(("vox_offset", None, 1e9)), ".nii.gz", ("from byte 1000000000", "inflate to at most")),
+    ("a7-gz-vox-offset-inf", "mask", _set(("vox_offset", None, np.inf)), ".nii.gz", ("vox_offset inf", "whole number")),
+    (
+        "a7-vox-offset-0-with-extension",
+        "image",
+        lambda gz: _set(("vox_offset", None, 0))(_with_extension(gz)),
+        ".nii.gz",
+        ("trailing data after the voxel data",),
+    ),
+    # A8: dims that disagree with the payload
+    ("a8-dims-smaller-than-payload", "image", _set(("dim", 3, 19)), ".nii.gz", ("trailing data after the voxel data",)),
+    ("a8-dims-larger-than-payload", "image", _set(("dim", 3, 21)), ".nii.gz", ("truncated", "voxel data ends after 23040 of 24192")),
+    ("a8-nii-dims-larger-than-payload", "mask", _raw_set(("dim", 3, 21)), ".nii", ("header declares 12096 bytes", "holds only 11520")),
+    # A10: datatype codes nibabel cannot or will not read
+    ("a10-datatype-0-none", "image", _set(("datatype", None, 0)), ".nii.gz", ("unsupported datatype", "code 0")),
+    ("a10-datatype-1-binary", "mask", _set(("datatype", None, 1)), ".nii.gz", ("unsupported datatype", "code 1")),
+    # A12: implausible scaling
+    (
+        "a12-scl-slope-1e38",
+        "image",
+        _set(("scl_slope", None, 1e38)),
+        ".nii.gz",
+        ("implausible scaling", "scl_slope=1e+38", "beyond +/-2**53"),
+    ),
+    (
+        "a12-scl-inter-3e38",
+        "image",
+        _set(("scl_slope", None, 1.0), ("scl_inter", None, 3e38)),
+        ".nii.gz",
+        ("implausible scaling", "scl_inter=3e+38"),
+    ),
+    # A15: geometry
+    (
+        "a15-invalid-quaternion",
+        "image",
+        _set(("quatern_b", None, 5.0), ("sform_code", None, 0)),
+        ".nii.gz",
+        ("invalid qform", "w2 should be positive"),
+    ),
+    (
+        "a15-invalid-quaternion-with-valid-sform",
+        "image",
+        _set(("quatern_b", None, 5.0)),
+        ".nii.gz",
+        ("invalid qform",),
+    ),
+    ("a15-nan-pixdim", "mask", _set(("pixdim", 2, np.nan)), ".nii.gz", ("pixdim", "positive and finite", "nan")),
+    ("a15-qfac-3", "image", _set(("pixdim", 0, 3.0)), ".nii.gz", ("pixdim[0] (qfac)", "-1 or 1", "3.0")),
+    ("a15-sform-code-minus-1", "image", _set(("sform_code", None, -1)), ".nii.gz", ("invalid sform_code -1", "0 to 5")),
+    ("a15-qform-code-99", "mask", _set(("qform_code", None, 99)), ".nii.gz", ("invalid qform_code 99",)),
+    # A13: label files that are not label maps
+    (
+        "a13-labels-int32-300-and-negative",
+        "mask",
+        lambda gz: with_data(lambda a: _put(a.astype(np.int32), [300, -1]))(gz),
+        ".nii.gz",
+        ("label ids [-1, 300]", "not in label map"),
+    ),
+    (
+        "a13-labels-float-0.25",
+        "mask",
+        lambda gz: with_data(lambda a: _put(a.astype(np.float32), [0.25]))(gz),
+        ".nii.gz",
+        ("non-integer label",),
+    ),
+    ("a13-labels-scaled-by-half", "mask", _set(("scl_slope", None, 0.5)), ".nii.gz", ("non-integer label",)),
+    # A14: a finite float value no exact index can hold
+    (
+        "a14-float-value-1e20",
+        "image",
+        lambda gz: with_data(lambda a: _put(a.astype(np.float32), [1e20]))(gz),
+        ".nii.gz",
+        ("voxel value 1e+20", "beyond +/-2**53"),
+    ),
+]
+
+#: also run through a whole conversion (the rest only through open_nifti and streaming)
+MORE_IN_DATASET = {
+    "a1-empty-nii",
+    "a1-nii-header-cut-at-200",
+    "a3-deflate-byte-flipped",
+    "a4-garbage-after-gzip-member",
+    "a5-gzip-named-nii",
+    "a6-nii-truncated",
+    "a6-nii-4096-trailing-bytes",
+    "a7-nii-vox-offset-100",
+    "a7-nii-vox-offset-360",
+    "a7-gz-vox-offset-1e9",
+    # not a8-dims-smaller-than-payload: in a dataset the mask's 20 slices differ from the
+    # image's 19 and the grid check refuses the case before any voxel is read
+    "a12-scl-slope-1e38",
+    "a13-labels-int32-300-and-negative",
+    "a13-labels-float-0.25",
+    "a13-labels-scaled-by-half",
+    "a14-float-value-1e20",
+    "a15-invalid-quaternion",
+    "a15-sform-code-minus-1",
+}
+
+
+def _replace(ds: Dataset, role: str, data: bytes, suffix: str) -> Path:
+    """Replace the bad case's file of this role by data named <case><suffix>."""
+    old = ds.file(role)
+    old.unlink()
+    new = old.with_name(f"{ds.bad}{suffix}")
+    new.write_bytes(data)
+    return new
+
+
+@pytest.mark.parametrize(
+    ("role", "make", "suffix", "keywords"),
+    [pytest.param(*p[1:], id=p[0]) for p in MORE_BAD_FILES if p[0] in MORE_IN_DATASET],
+)
+def test_reliability_row_fails_only_its_case(
+    ds: Dataset,
+    role: str,
+    make: Callable[[bytes], bytes],
+    suffix: str,
+    keywords: tuple[str, ...],
+) -> None:
+    bad_file = _replace(ds, role, make(ds.file(role).read_bytes()), suffix)
+    report = ds.convert()
+    assert_only_bad_failed(ds, report, bad_file, keywords)
+
+
+@pytest.mark.parametrize(
+    ("role", "make", "suffix", "keywords"),
+    [pytest.param(*p[1:], id=p[0]) for p in MORE_BAD_FILES if not p[0].startswith("a13-")],
+)
+def test_open_nifti_rejects_reliability_row(
+    tmp_path: Path,
+    template: tuple[Path, list[str]],
+    role: str,
+    make: Callable[[bytes], bytes],
+    suffix: str,
+    keywords: tuple[str, ...],
+) -> None:
+    root, names = template
+    src = root / ("images" if role == "image" else "masks") / f"{names[1]}.nii.gz"
+    path = tmp_path / f"bad{suffix}"
+    path.write_bytes(make(src.read_bytes()))
+    with pytest.raises(InvalidNiftiError) as info, warnings.catch_warnings():
+        warnings.simplefilter("ignore", CtzarrWarning)  # e.g. qform/sform disagreement on the way
+        source = open_nifti(str(path), case_id="c-1")
+        for _, slab in source.iter_slabs(8):
+            source.scale(slab)  # where float values are checked
+    msg = str(info.value)
+    assert msg.startswith(f"case 'c-1': {path}: "), msg
+    for word in keywords:
+        assert word.lower() in msg.lower(), msg
+
+
+# -- accepted, with a recorded policy ---------------------------------------------------------
+
+
+def test_a4_nul_padding_after_gzip_member_is_accepted(ds: Dataset) -> None:
+    """gzip itself ignores NUL padding after the last member (tape blocks); so do we.
+
+    The member's CRC and length are still checked and the file's sha256 covers the padding.
+    """
+    f = ds.file("image")
+    f.write_bytes(f.read_bytes() + b"\x00" * 4096)
+    report = ds.convert()
+    assert report.ok, str(report)
+    np.testing.assert_array_equal(
+        open_collection(ds.dest)[ds.bad].image.values, nifti_zyx(ds.original("image"))
+    )
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_a7_vox_offset_0_reads_right_after_the_header(ds: Dataset, suffix: str) -> None:
+    """vox_offset 0 in a single file: data right after the header, never the header shifted in.
+
+    nibabel reads such a file from byte 0 (the header becomes voxels); ctzarr reads from byte
+    352, and only because the file is exactly header + voxels (short or trailing data would be
+    an error, as with an extension: see a7-vox-offset-0-with-extension).
+    """
+    raw = _raw_set(("vox_offset", None, 0))(ds.file("image").read_bytes())
+    bad_file = _replace(ds, "image", raw if suffix == ".nii" else gzip.compress(raw), suffix)
+    shifted = nifti_zyx(bad_file)
+    assert not np.array_equal(shifted, nifti_zyx(ds.original("image")))  # nibabel's shifted read
+    report = ds.convert()
+    assert report.ok, str(report)
+    case = open_collection(ds.dest)[ds.bad]
+    np.testing.assert_array_equal(case.image.values, nifti_zyx(ds.original("image")))
+    assert any("vox_offset 0" in n for n in case.meta["nifti"]["notes"])
+
+
+@pytest.mark.parametrize(
+    ("slope", "inter"),
+    [pytest.param(0.0, 5.0, id="slope-0-inter-5"), pytest.param(np.nan, 0.0, id="slope-nan")],
+)
+def test_a12_slope_0_or_nan_is_identity_and_recorded(
+    ds: Dataset, slope: float, inter: float
+) -> None:
+    f = ds.file("image")
+    f.write_bytes(_set(("scl_slope", None, slope), ("scl_inter", None, inter))(f.read_bytes()))
+    report = ds.convert()
+    assert report.ok, str(report)
+    case = open_collection(ds.dest)[ds.bad]
+    ref = nifti_zyx(f)
+    assert ref.dtype == np.int16  # nibabel: no scaling (NIfTI rule)
+    np.testing.assert_array_equal(case.image.values, ref)
+    assert case.image.dtype == np.int16
+    assert (case.meta["nifti"]["scl_slope"], case.meta["nifti"]["scl_inter"]) == (1.0, 0.0)
+    assert any("no scaling applied" in n for n in case.meta["nifti"]["notes"])
+
+
+def test_a14_float_ct_with_nan_and_inf_converts_exactly_and_counts_them(ds: Dataset) -> None:
+    """Policy: NaN and +/-inf voxels are kept bit for bit; the index counts them per label.
+
+    Never cast: the stored image is float32 like the source; statistics use the finite values.
+    """
+    f = ds.file("image")
+    mask = nifti_zyx(ds.file("mask"))
+    labelled = np.flatnonzero(mask.reshape(-1))[:3]
+
+    def poison(a: np.ndarray) -> np.ndarray:
+        zyx = a.astype(np.float32).transpose(2, 1, 0).copy()  # (z, y, x) order, C-contiguous
+        flat = zyx.reshape(-1)  # a view of zyx
+        flat[labelled] = [np.nan, np.inf, -np.inf]
+        flat[np.flatnonzero(mask.reshape(-1) == 0)[0]] = np.nan  # one in the background
+        return zyx.transpose(2, 1, 0)  # back to nibabel's (x, y, z)
+
+    f.write_bytes(with_data(poison)(f.read_bytes()))
+    report = ds.convert()
+    assert report.ok, str(report)
+    case = open_collection(ds.dest)[ds.bad]
+    ref = nifti_zyx(f)
+    assert ref.dtype == np.float32 and np.isnan(ref).sum() == 2 and np.isinf(ref).sum() == 2
+    got = case.image.values
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, ref)  # NaN compares equal to NaN here
+    idx = case.index("anatomy")
+    expected = collections.Counter(int(mask.reshape(-1)[i]) for i in labelled)
+    counted = {int(lab): int(n) for lab, n in zip(idx.labels, idx.nonfinite_count, strict=True) if n}
+    assert counted == dict(expected)
+    stats = case.stats()
+    assert np.isfinite(stats[["hu_mean", "hu_std", "hu_min", "hu_max"]].to_numpy()).all()
+
+
+def test_a15_both_codes_0_warn_pixdim_only_affine(ds: Dataset) -> None:
+    f = ds.file("image")
+    for role in ("image", "mask"):  # the mask too, or the grids would differ
+        g = ds.file(role)
+        g.write_bytes(_set(("qform_code", None, 0), ("sform_code", None, 0))(g.read_bytes()))
+    with pytest.warns(CtzarrWarning, match="both 0: pixdim-only affine") as record:
+        report = ds.convert()
+    assert report.ok, str(report)
+    assert any(str(f) in str(w.message) for w in record)
+    case = open_collection(ds.dest)[ds.bad]
+    np.testing.assert_array_equal(case.affine, nib.load(str(f)).affine)
+    assert any("pixdim-only affine" in n for n in case.meta["nifti"]["notes"])
+    np.testing.assert_array_equal(case.image.values, nifti_zyx(ds.original("image")))
+
+
+def test_a15_qfac_0_is_read_as_1(ds: Dataset) -> None:
+    """pixdim[0] = 0 (common in old files): the NIfTI rule and nibabel read qfac as 1."""
+    for role in ("image", "mask"):
+        g = ds.file(role)
+        g.write_bytes(_set(("pixdim", 0, 0.0), ("sform_code", None, 0))(g.read_bytes()))
+    report = ds.convert()
+    assert report.ok, str(report)
+    case = open_collection(ds.dest)[ds.bad]
+    np.testing.assert_array_equal(case.affine, nib.load(str(ds.file("image"))).affine)
+    assert any("qfac" in n for n in case.meta["nifti"]["notes"])
+
+
+@pytest.mark.parametrize(
+    ("dtype", "endian", "version"),
+    [
+        pytest.param(np.float64, "<", 1, id="float64"),
+        pytest.param(np.int16, ">", 1, id="big-endian-int16"),
+        pytest.param(np.int16, "<", 2, id="nifti2"),
+        pytest.param(np.float32, ">", 2, id="big-endian-float32-nifti2"),
+    ],
+)
+def test_a11_dtype_byte_order_and_version_convert_exactly(
+    ds: Dataset, dtype: type, endian: str, version: int
+) -> None:
+    """Values equal nibabel's raw read in the source dtype, stored little-endian (A11)."""
+    f = ds.file("image")
+    img = nib.Nifti1Image.from_bytes(gzip.decompress(f.read_bytes()))
+    data = np.asanyarray(img.dataobj).astype(dtype)
+    klass, hklass = (
+        (nib.Nifti1Image, nib.Nifti1Header) if version == 1 else (nib.Nifti2Image, nib.Nifti2Header)
+    )
+    hdr = hklass(endianness=endian)
+    hdr.set_data_dtype(dtype)
+    out = klass(data, img.affine, header=hdr)
+    out.set_qform(img.affine, code=1)
+    out.set_sform(img.affine, code=1)
+    f.write_bytes(gzip.compress(out.to_bytes()))
+    assert nib.load(str(f)).header.endianness == endian
+    report = ds.convert()
+    assert report.ok, str(report)
+    case = open_collection(ds.dest)[ds.bad]
+    np.testing.assert_array_equal(case.image.values, nifti_zyx(f))
+    assert case.image.dtype == np.dtype(dtype)
+    arr = zarr.open_array(str(ds.dest / "cases" / ds.bad / "0"), mode="r")
+    assert arr.dtype == np.dtype(dtype).newbyteorder("<")
+    assert case.meta["nifti"]["version"] == version
+    assert case.meta["nifti"]["source_byteorder"] == ("big" if endian == ">" else "little")
+
+
+def test_a13_float_labels_with_inf_fail_only_their_case(ds: Dataset) -> None:
+    bad_file = ds.file("mask")
+    bad_file.write_bytes(with_data(lambda a: _put(a.astype(np.float32), [np.inf]))(bad_file.read_bytes()))
+    report = ds.convert()
+    assert_only_bad_failed(ds, report, bad_file, ("label ids",))
+
+
+# -- A18: identifying text never reaches the store or the logs ---------------------------------
+
+PHI = b"DOE^JOHN"
+
+
+def _phi(gz: bytes, broken: bool = False) -> bytes:
+    img = nib.Nifti1Image.from_bytes(gzip.decompress(gz))
+    hdr = img.header
+    for field in ("descrip", "aux_file", "intent_name", "db_name", "data_type"):
+        hdr[field] = PHI
+    hdr.extensions.append(nib.nifti1.Nifti1Extension("comment", b"PatientName=" + PHI))
+    hdr.extensions.append(
+        nib.nifti1.Nifti1Extension(44, b'{"PatientName": "' + PHI + b'"}')  # a JSON extension
+    )
+    raw = img.to_bytes()
+    if broken:  # a fault found after the header was read: the message must not quote it
+        raw = raw[:-100]
+    return gzip.compress(raw)
+
+
+def test_a18_header_text_and_extensions_are_not_copied(
+    ds: Dataset, caplog: pytest.LogCaptureFixture
+) -> None:
+    for role in ("image", "mask"):
+        good = ds.file(role, ds.good)
+        good.write_bytes(_phi(good.read_bytes()))
+    bad_file = ds.file("image")
+    bad_file.write_bytes(_phi(bad_file.read_bytes(), broken=True))
+    assert PHI in gzip.decompress(good.read_bytes())  # the sources do carry it
+    assert len(nib.load(str(good)).header.extensions) == 2
+    caplog.set_level(logging.DEBUG)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = ds.convert()
+    assert [r.case_id for r in report.failed] == [ds.bad]
+    assert report.converted == [ds.good]
+    stored = [p for p in ds.dest.rglob("*") if p.is_file()]
+    assert len(stored) > 10
+    for p in stored:
+        data = p.read_bytes()
+        assert PHI not in data and b"DOE" not in data, p
+    for text in (str(report), caplog.text, *(str(w.message) for w in caught)):
+        assert "DOE" not in text
+    arr = zarr.open_array(str(ds.dest / "cases" / ds.good / "nifti"), mode="r")
+    hdr = nib.Nifti1Header.from_fileobj(io.BytesIO(arr[:].tobytes()))
+    for field in ("descrip", "aux_file", "intent_name", "db_name", "data_type"):
+        assert hdr[field].item() == b"", field
+    assert int(hdr["vox_offset"]) == 352 and arr.shape == (348,)  # no extension kept
+    np.testing.assert_array_equal(hdr.get_best_affine(), nib.load(str(good)).affine)

@@ -22,8 +22,17 @@ import xarray as xr
 import zarr
 from nibabel.volumeutils import apply_read_scaling
 from zarr.abc.store import Store
+from zarr.core.group import AsyncGroup
+from zarr.storage import LocalStore, StorePath
 
-from .errors import IncompleteCaseError, StoreError
+from .errors import IncompleteCaseError, StoreError, UnsafeStoreError
+from .integrity import (
+    CheckedArray,
+    Manifest,
+    StrictStore,
+    check_local_links,
+    validate_case_metadata,
+)
 from .label_index import LabelIndex
 from .labelmaps import Label, LabelMap
 from .nifti import _typed_scaling, header_from_bytes
@@ -124,14 +133,29 @@ class Collection:
         return case_id in self.case_ids
 
     def __getitem__(self, case_id: str) -> Case:
+        from .layouts import validate_case_id
+
+        try:
+            validate_case_id(case_id)
+        except ValueError as exc:  # never let a hostile id reach a store key
+            raise KeyError(f"no case {case_id!r} in {self.url}: {exc}") from exc
         try:
             with codec_pipeline(self.root.store):
                 grp = zarr.open_group(
                     self.root.store, path=f"cases/{case_id}", mode="r", zarr_format=3
                 )
         except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError) as exc:
+            if case_id in self.case_ids:
+                raise StoreError(
+                    f"case {case_id!r} in {self.url} is listed but its group cannot be opened: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
             raise KeyError(
                 f"no case {case_id!r} in {self.url}; cases: {self.case_ids[:10]}"
+            ) from exc
+        except (ValueError, TypeError, zarr.errors.BaseZarrError) as exc:  # unknown codec, bad JSON
+            raise UnsafeStoreError(
+                f"case {case_id!r} in {self.url}: metadata refused: {type(exc).__name__}: {exc}"
             ) from exc
         meta = grp.attrs.get("ctzarr")
         if not isinstance(meta, dict) or meta.get("complete") is not True:
@@ -139,7 +163,6 @@ class Collection:
                 f"case {case_id!r} in {self.url} is incomplete (an interrupted conversion)"
             )
         return Case(self, case_id, grp, meta)
-
     def stats(
         self,
         structures: Sequence[str | int] | None = None,
@@ -223,7 +246,22 @@ class Case:
         self.case_id = case_id
         self.group = group
         self.meta = meta
-        self._arrays: dict[str, zarr.Array] = {}
+        self._arrays: dict[str, CheckedArray] = {}
+        # Safety and integrity checks, before any graph is built or chunk read
+        # (see ctzarr.integrity): metadata against the allowlist and caps, the manifest parsed,
+        # local links contained; remote reads re-rooted on a StrictStore.
+        where = f"case {case_id!r} in {collection.url}"
+        self._layouts = validate_case_metadata(group, where)
+        self._manifest = Manifest.from_dict(meta.get("manifest"), where)
+        _check_shapes(self._layouts, meta, where)
+        store = group.store
+        if isinstance(store, LocalStore):
+            check_local_links(Path(store.root), Path(store.root) / group.path, where)
+        else:
+            strict = StrictStore(store, group.path, self._layouts, self._manifest, where)
+            self.group = zarr.Group(
+                AsyncGroup(metadata=group.metadata, store_path=StorePath(strict, group.path))
+            )
 
     def __repr__(self) -> str:
         return f"<ctzarr.Case {self.case_id!r} shape(z,y,x)={tuple(self.shape)} segmentations={self.segmentation_names}>"
@@ -251,15 +289,19 @@ class Case:
         """Per-case attributes from the dataset (e.g. the SAROS case CSV row)."""
         return dict(self.meta.get("attributes", {}))
 
-    def _array(self, path: str) -> zarr.Array:
-        """An array of the case, opened once (from the consolidated metadata: no request)."""
+    def _array(self, path: str) -> CheckedArray:
+        """An array of the case, opened once (from the consolidated metadata: no request); its
+        reads are strict (see :mod:`ctzarr.integrity`)."""
         arr = self._arrays.get(path)
         if arr is None:
             with codec_pipeline(self.group.store):
                 node = self.group[path]
-            if not isinstance(node, zarr.Array):
+            layout = self._layouts.get(path)
+            if not isinstance(node, zarr.Array) or layout is None:
                 raise KeyError(f"case {self.case_id!r}: {path} is not an array")
-            arr = self._arrays[path] = node
+            arr = self._arrays[path] = CheckedArray(
+                node, layout, self._manifest.records(path), f"case {self.case_id!r}"
+            )
         return arr
 
     def _coords(self, level: int = 0) -> dict[str, Any]:
@@ -579,6 +621,27 @@ class Case:
             img.to_filename(p)
             written[name] = p
         return written
+
+
+def _check_shapes(layouts: Mapping[str, Any], meta: Mapping[str, Any], where: str) -> None:
+    """Image and label levels must have the shapes the case attributes imply (an edited
+    ``shape`` would read fill beyond the stored objects)."""
+    from .errors import ChunkCorruptError
+    from .writer import level_shapes
+
+    try:
+        levels = level_shapes(tuple(int(n) for n in meta["shape_zyx"]))  # type: ignore[arg-type]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ChunkCorruptError(f"{where}: malformed case attributes (shape_zyx)") from exc
+    for path, layout in layouts.items():
+        level = path.rpartition("/")[2]
+        is_level = path == level or (path.startswith("labels/") and path.count("/") == 2)
+        if is_level and level.isdigit():
+            want = levels[int(level)] if int(level) < len(levels) else None
+            if layout.shape != want:
+                raise ChunkCorruptError(
+                    f"{where}: array {path!r} has shape {layout.shape}, the case is {want}"
+                )
 
 
 class _Region:

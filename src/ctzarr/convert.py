@@ -7,21 +7,27 @@ error for that case unless ``overwrite=True``. One failing case never stops the 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import posixpath
+import shutil
 import time
+import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
 from zarr.core.sync import sync
+from zarr.storage import LocalStore
 
 from . import __version__
 from .errors import CaseExistsError, CaseMismatchError, CtzarrError, LayoutError, StoreError
 from .layouts import CaseSpec, DatasetSource, load_source
+from .locks import case_lock
 from .nifti import NiftiSource, open_nifti
 from .storage import is_remote, make_store
 from .writer import FORMAT_VERSION, CaseWriter, SegmentationSource
@@ -139,11 +145,12 @@ def convert(
         check_no_secrets(ds.storage_options)
     root = open_or_create_collection(dest, ds, dest_so)
     report = ConversionReport(dest)
+    run = uuid.uuid4().hex  # this conversion, in the case locks and the committed cases
     if client is not None:
         from .distributed import convert_cases_on_cluster
 
         report.results.extend(
-            convert_cases_on_cluster(client, ds, specs, dest, dest_so, overwrite, progress)
+            convert_cases_on_cluster(client, ds, specs, dest, dest_so, overwrite, progress, run)
         )
     else:
         bar = _progress_bar(specs, progress)
@@ -151,13 +158,24 @@ def convert(
             for spec in specs:
                 report.results.append(
                     convert_case(
-                        root, ds, spec, overwrite=overwrite, on_slices=bar.update if bar else None
+                        root,
+                        ds,
+                        spec,
+                        overwrite=overwrite,
+                        on_slices=bar.update if bar else None,
+                        run=run,
                     )
                 )
         finally:
             if bar:
                 bar.close()
-    finalize_collection(root, changed=[r.case_id for r in report.results if r.status != "skipped"])
+    # skipped cases are already listed, unless a task of an earlier, interrupted run
+    # committed them after that run had updated the list
+    listed = set(root.attrs["ctzarr"].get("cases", ()))
+    finalize_collection(
+        root,
+        changed=[r.case_id for r in report.results if r.status != "skipped" or r.case_id not in listed],
+    )
     return report
 
 
@@ -285,6 +303,97 @@ def _has_keys(root: zarr.Group, prefix: str) -> bool:
     return sync(first())
 
 
+#: where replacements of committed cases are built (``--overwrite``)
+STAGING = "staging"
+
+
+def remove_staging(root: zarr.Group, case_id: str) -> list[str]:
+    """Delete leftover staging groups of a case (an interrupted replacement); return them."""
+    async def find() -> list[str]:
+        found = set()
+        async for key in root.store.list_prefix(f"{STAGING}/"):
+            name = key[len(STAGING) + 1 :].split("/", 1)[0]
+            if name.rpartition("-")[0] == case_id:
+                found.add(f"{STAGING}/{name}")
+        return sorted(found)
+
+    if not root.store.supports_listing:
+        return []
+    leftovers = sync(find())
+    for path in leftovers:
+        sync(root.store.delete_dir(path))
+    if leftovers:
+        _drop_empty_staging(root.store)
+    return leftovers
+
+
+def swap_in(root: zarr.Group, staged: str, case_id: str) -> None:
+    """Put a committed replacement in place of the case.
+
+    Local stores: one atomic ``renameat2(RENAME_EXCHANGE)`` of the two directories (readers see
+    the old case or the new one, never a mix), then the old one is deleted. Object stores have no
+    rename: the new objects are copied over the old ones and the case's ``zarr.json`` (the
+    commit marker and manifest) last; a reader that opened the old case meanwhile gets an
+    integrity error from the manifest, never mixed voxels.
+    """
+    store = root.store
+    target = f"cases/{case_id}"
+    if isinstance(store, LocalStore):
+        new, old = Path(store.root) / staged, Path(store.root) / target
+        if not _exchange(new, old):
+            trash = old.with_name(f".{old.name}.old")
+            old.rename(trash)
+            new.rename(old)
+            new = trash
+        shutil.rmtree(new)
+        _drop_empty_staging(store)
+        return
+
+    async def keys(prefix: str) -> list[str]:
+        return [k async for k in store.list_prefix(prefix)]
+
+    from zarr.core.buffer import default_buffer_prototype
+
+    proto = default_buffer_prototype()
+    new_keys = sync(keys(f"{staged}/"))
+    rel = [k[len(staged) + 1 :] for k in new_keys]
+    marker = "zarr.json"
+    for r in sorted(rel, key=lambda k: k == marker):  # the case's zarr.json last
+        if r == marker:
+            for stale in {k[len(target) + 1 :] for k in sync(keys(f"{target}/"))} - set(rel):
+                sync(store.delete(f"{target}/{stale}"))
+        buf = sync(store.get(f"{staged}/{r}", prototype=proto))
+        assert buf is not None
+        sync(store.set(f"{target}/{r}", buf))
+    sync(store.delete_dir(staged))
+
+
+def _drop_empty_staging(store: Any) -> None:
+    """Remove an empty local ``staging/`` directory (zarr's hierarchy walk warns about it)."""
+    if isinstance(store, LocalStore):
+        with contextlib.suppress(OSError):  # not empty: another replacement is being built
+            (Path(store.root) / STAGING).rmdir()
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically exchange two directories (Linux renameat2); False where unsupported."""
+    import ctypes
+    import errno
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
 def remove_case(root: zarr.Group, case_id: str) -> None:
     """Delete every key of a case (leftovers of an interrupted run, or a replaced case)."""
     sync(root.store.delete_dir(f"cases/{case_id}"))
@@ -316,50 +425,71 @@ def convert_case(
     *,
     overwrite: bool = False,
     on_slices: Callable[[int], Any] | None = None,
+    run: str | None = None,
 ) -> CaseResult:
-    """Convert one case; never raises for bad input (the result says what failed)."""
+    """Convert one case; never raises for bad input (the result says what failed).
+
+    The case's lock is held throughout (one writer per case; ``run`` identifies this
+    conversion so a rerun of its own task may take over the lock of a dead worker).
+    """
     t0 = time.perf_counter()
     cid = spec.case_id
     try:
         files = _source_files(ds, spec)
         for rec in files.values():
             rec["abs_path"] = rec["path"]
-        state, meta = case_state(root, cid)
-        if state == "complete" and meta is not None:
-            old = meta.get("source", {}).get("files", {})
-            if _same_source(old, files):
-                logger.info("case %s: unchanged, skipped", cid)
-                return CaseResult(cid, "skipped", seconds=time.perf_counter() - t0)
-            if not overwrite:
-                raise CaseExistsError(
-                    f"case {cid!r}: already in the store from different source files; pass --overwrite to replace it"
-                )
-        if state != "absent":
-            remove_case(root, cid)
-        so = dict(ds.storage_options)
-        image = open_nifti(spec.image, case_id=cid, storage_options=so)
-        segs = []
-        for name, path in spec.segmentations.items():
-            src = open_nifti(path, case_id=cid, storage_options=so)
-            check_same_grid(cid, image, src)
-            segs.append(
-                SegmentationSource(name, src, ds.label_maps[name], ds.sparse.get(name, False))
-            )
-        writer = CaseWriter(root, cid, image, segs)
-        try:
-            writer.write()
-            writer.write_index()
-            writer.write_nifti_header()
-            for role, rec in files.items():
-                rec["sha256"] = writer.digests[role]
-                rec["path"] = _relative(rec.pop("abs_path"), ds.root)
-            writer.commit(case_attributes(spec, image, segs, files))
-        except BaseException:
-            try:
+        with case_lock(root.store, cid, run) as lock:
+            remove_staging(root, cid)  # leftovers of an interrupted replacement
+            state, meta = case_state(root, cid)
+            if state == "complete" and meta is not None:
+                old = meta.get("source", {}).get("files", {})
+                if _same_source(old, files):
+                    if run is not None and meta.get("run") == run:
+                        # committed by an earlier attempt of this run (its worker died after
+                        # the commit): converted by this run, not found unchanged
+                        return CaseResult(cid, "converted", seconds=time.perf_counter() - t0)
+                    logger.info("case %s: unchanged, skipped", cid)
+                    return CaseResult(cid, "skipped", seconds=time.perf_counter() - t0)
+                if not overwrite:
+                    raise CaseExistsError(
+                        f"case {cid!r}: already in the store from different source files; pass --overwrite to replace it"
+                    )
+            elif state != "absent":
                 remove_case(root, cid)
-            except Exception:  # never hide the original fault behind a cleanup failure
-                logger.exception("case %s: could not remove the partial case", cid)
-            raise
+            # A replacement is built beside the committed case, which stays readable until the
+            # new one is complete and swapped in.
+            staged = f"{STAGING}/{cid}-{lock.token[:12]}" if state == "complete" else None
+            so = dict(ds.storage_options)
+            image = open_nifti(spec.image, case_id=cid, storage_options=so)
+            segs = []
+            for name, path in spec.segmentations.items():
+                src = open_nifti(path, case_id=cid, storage_options=so)
+                check_same_grid(cid, image, src)
+                segs.append(
+                    SegmentationSource(name, src, ds.label_maps[name], ds.sparse.get(name, False))
+                )
+            writer = CaseWriter(root, cid, image, segs, prefix=staged)
+            try:
+                writer.write()
+                writer.write_index()
+                writer.write_nifti_header()
+                for role, rec in files.items():
+                    rec["sha256"] = writer.digests[role]
+                    rec["path"] = _relative(rec.pop("abs_path"), ds.root)
+                lock.check()
+                writer.commit({**case_attributes(spec, image, segs, files), "run": run})
+                if staged:
+                    swap_in(root, staged, cid)
+            except BaseException:
+                try:
+                    if staged:
+                        sync(root.store.delete_dir(staged))
+                        _drop_empty_staging(root.store)
+                    else:
+                        remove_case(root, cid)
+                except Exception:  # never hide the original fault behind a cleanup failure
+                    logger.exception("case %s: could not remove the partial case", cid)
+                raise
         if on_slices:
             on_slices(1)
         return CaseResult(cid, "converted", seconds=time.perf_counter() - t0)

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 __all__ = [
     "CaseExistsError",
+    "CaseLockedError",
     "CaseMismatchError",
     "CatalogError",
+    "ChunkCorruptError",
+    "ChunkMissingError",
     "CtzarrError",
     "CtzarrWarning",
     "IncompleteCaseError",
@@ -21,6 +24,7 @@ __all__ = [
     "StoreError",
     "StructureNotFoundError",
     "UnknownLabelError",
+    "UnsafeStoreError",
 ]
 
 
@@ -90,3 +94,22 @@ class CatalogError(CtzarrError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+class ChunkMissingError(CtzarrError, KeyError):
+    """A stored object that the case's manifest lists is missing (it would read as fill)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class ChunkCorruptError(CtzarrError, ValueError):
+    """A stored object is truncated, corrupt, swapped, or would decompress beyond its size."""
+
+
+class UnsafeStoreError(StoreError):
+    """A store breaks a safety rule (codec, data type, caps, node names, links) before any read."""
+
+
+class CaseLockedError(CtzarrError, OSError):
+    """Another converter holds the case's lock (two converters aimed at one case)."""

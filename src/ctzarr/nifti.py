@@ -30,6 +30,7 @@ import fsspec
 import nibabel as nib
 import numpy as np
 from isal import igzip_threaded
+from nibabel.spatialimages import HeaderDataError
 from nibabel.volumeutils import apply_read_scaling
 
 from .errors import CtzarrWarning, InvalidNiftiError
@@ -46,7 +47,8 @@ _MAX_DEFLATE_RATIO = 1032
 MAX_VOXEL_BYTES = 64 * 2**30
 #: qform and sform may disagree by this much (mm, at the volume corners) without a warning
 QFORM_SFORM_TOLERANCE_MM = 1e-4
-_HEADER_TEXT_FIELDS = ("descrip", "aux_file", "db_name", "intent_name")
+#: free-text fields, blanked in the stored header: they may carry identifying text
+_HEADER_TEXT_FIELDS = ("descrip", "aux_file", "db_name", "intent_name", "data_type", "unused_str")
 
 
 @dataclass(frozen=True)
@@ -110,10 +112,39 @@ class NiftiSource:
         return InvalidNiftiError(self.path, fault, self.case_id)
 
     def scale(self, raw: np.ndarray) -> np.ndarray:
-        """Apply the header scaling exactly as nibabel's ArrayProxy does."""
-        if not self.scaled:
-            return raw
-        return apply_read_scaling(raw, *_typed_scaling(self.slope, self.inter))
+        """Apply the header scaling exactly as nibabel's ArrayProxy does.
+
+        Float data are checked on the way: NaN and infinities are kept as they are (the index
+        counts them), but a finite value that scaling makes infinite, or a finite value beyond
+        +/-2**53 (see :data:`MAX_ABS_VALUE`), is an error. Integer data were checked from the
+        header alone (:func:`open_nifti`).
+        """
+        values = (
+            apply_read_scaling(raw, *_typed_scaling(self.slope, self.inter))
+            if self.scaled
+            else raw
+        )
+        if raw.dtype.kind == "f" and values.size:
+            self._check_float_values(raw, values)
+        return values
+
+    def _check_float_values(self, raw: np.ndarray, values: np.ndarray) -> None:
+        """Raise for float values that cannot be stored and indexed exactly."""
+        lo = float(np.fmin.reduce(values, axis=None))  # NaN-ignoring: no temporary array
+        hi = float(np.fmax.reduce(values, axis=None))
+        if math.isinf(lo) or math.isinf(hi):  # rare: infinities present, look closer
+            if self.scaled and np.count_nonzero(np.isinf(values)) != np.count_nonzero(
+                np.isinf(raw)
+            ):
+                raise self.error(
+                    f"scaling (scl_slope={self.slope:g}, scl_inter={self.inter:g}) makes finite "
+                    "voxel values infinite"
+                )
+            finite = values[np.isfinite(values)]
+            lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+        reach = max(abs(lo), abs(hi))
+        if reach > MAX_ABS_VALUE:  # NaN (all values NaN) compares False: kept
+            raise self.error(f"voxel value {reach:.3g} beyond +/-2**53: not a plausible image")
 
     def iter_slabs(
         self, slab_z: int, digest: hashlib._Hash | None = None, reuse_buffers: int = 0
@@ -167,12 +198,17 @@ class NiftiSource:
                     raise self.error("trailing data after the voxel data")
             except InvalidNiftiError:
                 raise
-            except EOFError as exc:
-                raise self.error(f"truncated: the compressed stream ends early ({exc})") from exc
-            except (OSError, ValueError) as exc:  # gzip CRC/length/deflate faults
-                if "ended before" in str(
-                    exc
-                ):  # the threaded reader re-raises EOFError as is or wrapped
+            except (EOFError, OSError, ValueError) as exc:  # gzip CRC/length/deflate faults
+                # Bytes after a complete first member are read as a second member: too few
+                # end it early ("ended before"), more fail its magic ("Not a gzipped file").
+                tail = _bytes_after_first_member(self.path, self.storage_options) if self.compressed else 0
+                if tail:
+                    raise self.error(
+                        f"trailing data after the gzip stream: {tail} bytes that are not gzip "
+                        f"({exc})"
+                    ) from exc
+                # the threaded reader re-raises EOFError as is or wrapped
+                if isinstance(exc, EOFError) or "ended before" in str(exc):
                     raise self.error(
                         f"truncated: the compressed stream ends early ({exc})"
                     ) from exc
@@ -214,6 +250,30 @@ class _HashingReader(io.RawIOBase):
             return
         while chunk := self._raw.read(1 << 20):
             self._digest.update(chunk)
+
+
+def _bytes_after_first_member(path: str, storage_options: dict[str, Any]) -> int:
+    """Bytes that follow the first complete gzip member (0 when the member is cut short).
+
+    Only called on the error path, to tell "garbage after the stream" from "truncated": the
+    threaded reader reports both as an early end of the compressed stream.
+    """
+    inflater = zlib.decompressobj(wbits=31)
+    after = 0
+    try:
+        with _open_binary(path, storage_options) as f:
+            while block := f.read(1 << 20):
+                if inflater.eof:
+                    after += len(block)
+                    continue
+                inflater.decompress(block, 1 << 20)
+                while inflater.unconsumed_tail and not inflater.eof:
+                    inflater.decompress(inflater.unconsumed_tail, 1 << 20)
+                if inflater.eof:
+                    after += len(inflater.unused_data) + len(inflater.unconsumed_tail)
+    except (OSError, zlib.error):
+        return 0
+    return after if inflater.eof else 0
 
 
 def _open_binary(path: str, storage_options: dict[str, Any]) -> BinaryIO:
@@ -261,8 +321,19 @@ def _read_head(
             magic = f.read(2)
             f.seek(0)
             compressed = magic == _GZIP_MAGIC
-            if str(path).endswith(".gz") and not compressed:
+            if not magic:
+                raise InvalidNiftiError(
+                    path,
+                    "empty file: not a NIfTI file"
+                    + (" (and not a gzip file, as its name says)" if path.endswith(".gz") else ""),
+                    case_id,
+                )
+            if path.endswith(".gz") and not compressed:
                 raise InvalidNiftiError(path, "named .gz but is not a gzip file", case_id)
+            if path.endswith(".nii") and compressed:
+                raise InvalidNiftiError(
+                    path, "named .nii but is gzip-compressed (name it .nii.gz)", case_id
+                )
             if compressed:
                 # a bare decompressor: the gzip module would read (and fail) past the header
                 inflater = zlib.decompressobj(wbits=31)
@@ -319,8 +390,31 @@ def open_nifti(
         return InvalidNiftiError(path, fault, case_id)
 
     if len(head) < 348:
-        raise fail(f"too short for a NIfTI header ({len(head)} bytes)")
+        raise fail(f"not a NIfTI file: too short for a NIfTI header ({len(head)} bytes)")
     hdr = _parse_header(head, fail)
+    try:
+        return _validated(hdr, path, compressed, storage_options, case_id, fail)
+    except InvalidNiftiError:
+        raise
+    except (HeaderDataError, ArithmeticError, LookupError, TypeError, ValueError) as exc:
+        # Every header fault we know of has its own message above; this is the net for a
+        # combination nobody foresaw (the fuzz in tests/test_input_fuzz.py fails if it is hit).
+        raise fail(f"{_UNEXPECTED} ({type(exc).__name__}: {exc})") from exc
+
+
+#: start of the message of a header fault that no specific check caught
+_UNEXPECTED = "unreadable NIfTI header"
+
+
+def _validated(
+    hdr: nib.Nifti1Header,
+    path: str,
+    compressed: bool,
+    storage_options: dict[str, Any],
+    case_id: str | None,
+    fail: Any,
+) -> NiftiSource:
+    """Check every header field that decides what the voxels are and where they lie."""
     version = 2 if isinstance(hdr, nib.Nifti2Header) else 1
     notes: list[str] = []
 
@@ -351,48 +445,37 @@ def open_nifti(
 
     nbytes = nx * ny * nz * raw_dtype.itemsize
     file_size = _file_size(path, storage_options)
-    vox_offset = int(hdr.get_data_offset())
-    header_size = 540 if version == 2 else 348
-    if vox_offset < header_size:
-        # NIfTI-1 single files must start data at >= 352; 0 means "right after the header"
-        vox_offset = header_size + 4 if vox_offset == 0 else vox_offset
-        if vox_offset < header_size:
-            raise fail(f"vox_offset {vox_offset} points inside the header")
-    limit = (file_size * _MAX_DEFLATE_RATIO + 4096) if compressed else file_size - vox_offset
+    vox_offset = _data_offset(hdr, version, fail, notes)
     if nbytes > MAX_VOXEL_BYTES:
         raise fail(f"header declares {nbytes} bytes of voxels, over the {MAX_VOXEL_BYTES} byte cap")
-    if nbytes > limit:
-        what = "can inflate to at most" if compressed else "holds only"
+    if compressed:
+        limit = file_size * _MAX_DEFLATE_RATIO + 4096
+        if vox_offset + nbytes > limit:
+            raise fail(
+                f"header declares {nbytes} bytes of voxels from byte {vox_offset} but the "
+                f"{file_size}-byte file can inflate to at most {limit}"
+            )
+    elif vox_offset + nbytes > file_size:
         raise fail(
-            f"header declares {nbytes} bytes of voxels but the {file_size}-byte file {what} {limit}"
+            f"header declares {nbytes} bytes of voxels from byte {vox_offset} but the "
+            f"{file_size}-byte file holds only {max(file_size - vox_offset, 0)} from there"
         )
 
     zooms = [float(z) for z in hdr["pixdim"][1:4]]
     zooms = [z if i < ndim else (z if z > 0 else 1.0) for i, z in enumerate(zooms)]
     if not all(math.isfinite(z) and z > 0 for z in zooms):
         raise fail(f"spatial pixdim must be positive and finite, got {tuple(zooms)}")
-    space_unit, _ = hdr.get_xyzt_units()
-    if space_unit == "unknown":
+    space_code = int(hdr["xyzt_units"]) % 8
+    space_unit = _SPACE_UNITS.get(space_code)
+    if space_unit is None:
+        notes.append(f"spatial units code {space_code} is undefined: read as millimetres")
+    elif space_unit == "unknown":
         notes.append("spatial units unknown: read as millimetres")
     elif space_unit in ("meter", "micron"):
         notes.append(f"spatial units {space_unit}: affine kept as written")
 
-    slope, inter = _scaling(hdr, fail)
-    try:
-        affine = np.asarray(hdr.get_best_affine(), dtype=np.float64)
-    except Exception as exc:
-        raise fail(f"cannot compute the affine: {exc}") from exc
-    if not np.all(np.isfinite(affine)):
-        raise fail("affine is not finite")
-    if abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-        raise fail("affine is singular (degenerate geometry)")
-    qcode, scode = int(hdr["qform_code"]), int(hdr["sform_code"])
-    if qcode > 0 and scode > 0:
-        gap = _qform_sform_gap_mm(hdr, (nx, ny, nz))
-        if gap > QFORM_SFORM_TOLERANCE_MM:
-            msg = f"{path}: qform and sform disagree by {gap:.3g} mm; the sform is used"
-            notes.append(msg.split(": ", 1)[1])
-            warnings.warn(msg, CtzarrWarning, stacklevel=2)
+    slope, inter = _scaling(hdr, raw_dtype, fail, notes)
+    hdr, affine, qcode, scode = _geometry(hdr, (nx, ny, nz), path, fail, notes)
 
     value_dtype = apply_read_scaling(np.zeros(1, raw_dtype), *_typed_scaling(slope, inter)).dtype
     return NiftiSource(
@@ -417,6 +500,35 @@ def open_nifti(
     )
 
 
+#: NIfTI spatial unit codes (xyzt_units % 8); 4..7 are undefined
+_SPACE_UNITS = {0: "unknown", 1: "meter", 2: "mm", 3: "micron"}
+#: NIFTI_XFORM_UNKNOWN .. NIFTI_XFORM_TEMPLATE_OTHER
+_XFORM_CODES = range(6)
+
+
+def _data_offset(hdr: nib.Nifti1Header, version: int, fail: Any, notes: list[str]) -> int:
+    """Byte offset of the voxels in a single-file NIfTI; never inside the header."""
+    minimum = (540 if version == 2 else 348) + 4  # the header and the 4-byte extension flag
+    value = hdr["vox_offset"].item()
+    if isinstance(value, float):  # NIfTI-1 stores it as float32
+        if not math.isfinite(value) or value != math.floor(value):
+            raise fail(f"vox_offset {value!r} is not a whole number of bytes")
+        value = int(value)
+    offset = int(value)
+    if offset == 0:
+        # 0 is the .hdr/.img convention ("data at the start of the .img"); in a single file the
+        # data can only follow the header. The exact-size checks (short and trailing data) make
+        # sure it really is there; nibabel would read the header itself as voxels.
+        notes.append(f"vox_offset 0: voxel data read from byte {minimum}, right after the header")
+        return minimum
+    if offset < minimum:
+        raise fail(
+            f"vox_offset {offset} points inside the header (a single-file NIfTI-{version} "
+            f"has its data at byte {minimum} or later)"
+        )
+    return offset
+
+
 def _parse_header(head: bytes, fail: Any) -> nib.Nifti1Header | nib.Nifti2Header:
     """Parse NIfTI-1 or NIfTI-2 from the first bytes, either byte order."""
     sizeof_le = int.from_bytes(head[:4], "little")
@@ -427,7 +539,7 @@ def _parse_header(head: bytes, fail: Any) -> nib.Nifti1Header | nib.Nifti2Header
         size = 348
     elif 540 in sizes:
         if len(head) < 540:
-            raise fail(f"too short for a NIfTI-2 header ({len(head)} bytes)")
+            raise fail(f"not a NIfTI file: too short for a NIfTI-2 header ({len(head)} bytes)")
         klass = nib.Nifti2Header
         size = 540
     else:
@@ -439,28 +551,106 @@ def _parse_header(head: bytes, fail: Any) -> nib.Nifti1Header | nib.Nifti2Header
     except Exception as exc:
         raise fail(f"unreadable NIfTI header: {exc}") from exc
     magic = bytes(hdr["magic"])[:3]
-    if magic not in (b"n+1", b"ni1", b"n+2", b"ni2"):
-        raise fail(f"bad NIfTI magic {bytes(hdr['magic'])!r}")
-    if magic.startswith(b"ni"):
+    single, pair = (b"n+1", b"ni1") if size == 348 else (b"n+2", b"ni2")
+    if magic == pair:
         raise fail(
             "header/image pairs (.hdr/.img) are not supported: the header says the data is in a separate file"
+        )
+    if magic != single:
+        raise fail(
+            f"bad NIfTI magic {bytes(hdr['magic'])!r} for a {size}-byte header "
+            f"(expected {single!r}): not a NIfTI-{1 if size == 348 else 2} file"
         )
     return hdr
 
 
-def _scaling(hdr: nib.Nifti1Header, fail: Any) -> tuple[float, float]:
+#: scaled values beyond this magnitude are refused: float64 holds every integer up to 2**53,
+#: the index keys values (x 2**8 for non-integral floats) as int64, and no CT comes near it
+MAX_ABS_VALUE = 2.0**53
+
+
+def _scaling(
+    hdr: nib.Nifti1Header, raw_dtype: np.dtype[Any], fail: Any, notes: list[str]
+) -> tuple[float, float]:
     """Scale factors as nibabel applies them: slope 0 or NaN means no scaling."""
     slope, inter = float(hdr["scl_slope"]), float(hdr["scl_inter"])
     if slope == 0 or math.isnan(slope):
+        if math.isnan(slope) or inter != 0:
+            notes.append(
+                f"scl_slope {slope} (scl_inter {inter}): no scaling applied (NIfTI rule)"
+            )
         return 1.0, 0.0
     if not math.isfinite(slope) or not math.isfinite(inter):
         raise fail(f"non-finite scaling: scl_slope={slope}, scl_inter={inter}")
+    if (slope, inter) != (1.0, 0.0) and raw_dtype.kind in "iu":
+        info = np.iinfo(raw_dtype)
+        reach = max(abs(float(info.min) * slope + inter), abs(float(info.max) * slope + inter))
+        if not reach <= MAX_ABS_VALUE:
+            raise fail(
+                f"implausible scaling: scl_slope={slope:g}, scl_inter={inter:g} take {raw_dtype} "
+                f"values to {reach:.3g}, beyond +/-2**53"
+            )
     return slope, inter
 
 
-def _qform_sform_gap_mm(hdr: nib.Nifti1Header, shape_xyz: tuple[int, int, int]) -> float:
-    """Largest distance between qform and sform positions of the volume's corners."""
-    q, s = hdr.get_qform(), hdr.get_sform()
+def _geometry(
+    hdr: nib.Nifti1Header,
+    shape_xyz: tuple[int, int, int],
+    path: str,
+    fail: Any,
+    notes: list[str],
+) -> tuple[nib.Nifti1Header, np.ndarray, int, int]:
+    """(header, affine, qform_code, sform_code): the affine nibabel reports, checked.
+
+    The header comes back with a qfac (pixdim[0]) of 0 read as 1, the NIfTI rule that nibabel
+    applies on load too.
+    """
+    qcode, scode = int(hdr["qform_code"]), int(hdr["sform_code"])
+    for name, code in (("qform_code", qcode), ("sform_code", scode)):
+        if code not in _XFORM_CODES:
+            raise fail(f"invalid {name} {code} (NIfTI defines 0 to 5)")
+    qform = None
+    if qcode:
+        qfac = float(hdr["pixdim"][0])
+        if qfac == 0:
+            hdr = hdr.copy()
+            pixdim = np.array(hdr["pixdim"])
+            pixdim[0] = 1
+            hdr["pixdim"] = pixdim
+            notes.append("pixdim[0] (qfac) 0 read as 1 (NIfTI rule)")
+        elif qfac not in (-1.0, 1.0):
+            raise fail(f"pixdim[0] (qfac) must be -1 or 1 when qform_code is set, got {qfac}")
+        try:
+            qform = np.asarray(hdr.get_qform(), dtype=np.float64)
+        except (HeaderDataError, ValueError) as exc:  # an impossible quaternion
+            raise fail(f"invalid qform: {exc}") from exc
+        if not np.all(np.isfinite(qform)):
+            raise fail("qform affine is not finite")
+    try:
+        affine = np.asarray(hdr.get_best_affine(), dtype=np.float64)
+    except (HeaderDataError, ValueError) as exc:
+        raise fail(f"cannot compute the affine: {exc}") from exc
+    if not np.all(np.isfinite(affine)):
+        raise fail("affine is not finite")
+    with np.errstate(all="ignore"):
+        det = np.linalg.det(affine[:3, :3])
+    if not abs(det) >= 1e-12:
+        raise fail("affine is singular (degenerate geometry)")
+    if qcode == 0 and scode == 0:
+        msg = f"{path}: qform_code and sform_code are both 0: pixdim-only affine (orientation unknown)"
+        notes.append(msg.split(": ", 1)[1])
+        warnings.warn(msg, CtzarrWarning, stacklevel=4)
+    if qform is not None and scode:
+        gap = _corner_gap_mm(qform, np.asarray(hdr.get_sform(), dtype=np.float64), shape_xyz)
+        if gap > QFORM_SFORM_TOLERANCE_MM:
+            msg = f"{path}: qform and sform disagree by {gap:.3g} mm; the sform is used"
+            notes.append(msg.split(": ", 1)[1])
+            warnings.warn(msg, CtzarrWarning, stacklevel=4)
+    return hdr, affine, qcode, scode
+
+
+def _corner_gap_mm(q: np.ndarray, s: np.ndarray, shape_xyz: tuple[int, int, int]) -> float:
+    """Largest distance between the positions two affines give the volume's corners."""
     corners = np.array(
         [
             [i, j, k, 1]
@@ -470,7 +660,8 @@ def _qform_sform_gap_mm(hdr: nib.Nifti1Header, shape_xyz: tuple[int, int, int]) 
         ],
         dtype=np.float64,
     ).T
-    return float(np.max(np.linalg.norm((q @ corners - s @ corners)[:3], axis=0)))
+    with np.errstate(all="ignore"):
+        return float(np.max(np.linalg.norm((q @ corners - s @ corners)[:3], axis=0)))
 
 
 def _sanitised_header(

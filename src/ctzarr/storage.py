@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import zarr
 from zarr.abc.store import Store
 from zarr.storage import FsspecStore, LocalStore
 
-__all__ = ["codec_pipeline", "compact_json", "make_store"]
+from .retry import RetryingStore, RetryPolicy, current_retry_policy, redact_url
+
+__all__ = ["codec_pipeline", "compact_json", "make_store", "remote_storage_options"]
 
 #: zarr-python's Rust codec pipeline (PyPI ``zarrs``): reads 2-3x faster than the default
 #: pipeline on sharded arrays (benchmarks/README.md). Arrays bind their pipeline when they are
@@ -55,13 +57,73 @@ def is_remote(url: str) -> bool:
     return "://" in url and not url.startswith("file://")
 
 
+def _protocol(url: str) -> str:
+    """The scheme of a single (unchained) URL, lower case; "" for chained URLs (``a::b://``)."""
+    return "" if "::" in url else url.split("://", 1)[0].lower()
+
+
+#: protocols whose libraries retry on their own and cannot be set to one attempt per
+#: filesystem: ctzarr maps their errors but adds no retries (gcsfs: 6 tries, sleeps up to 32 s)
+_SELF_RETRYING = frozenset({"gs", "gcs"})
+
+
+def remote_storage_options(
+    url: str, storage_options: Mapping[str, Any] | None, policy: RetryPolicy | None = None
+) -> dict[str, Any]:
+    """fsspec options for ``url`` with ctzarr's timeouts, and library retries set to one attempt.
+
+    Only options the user left unset are filled in (theirs always win), so a user who sets
+    botocore ``config_kwargs["retries"]`` multiplies ctzarr's attempts by botocore's. What is
+    set, for ``t = policy.timeout_s``:
+
+    * ``http(s)://`` (fsspec HTTP: no retries of its own; aiohttp waits 5 min in total by
+      default): ``client_kwargs["timeout"] = aiohttp.ClientTimeout(total=None, sock_connect=t,
+      sock_read=t)``;
+    * ``s3://`` (botocore retries underneath s3fs): ``config_kwargs`` ``connect_timeout=t``,
+      ``read_timeout=t``, ``retries={"total_max_attempts": 1, "mode": "standard"}``. s3fs's own
+      loop (5 tries) is not a constructor option: :class:`~ctzarr.retry.RetryingStore` sets the
+      attribute ``retries = 1`` on its filesystem (again after unpickling). One store call is
+      then ``policy.attempts`` S3 requests at most (a whole-object read is a HEAD and a GET);
+    * ``gs://`` (gcsfs): ``requests_timeout=t``; gcsfs keeps its own 6 tries.
+
+    Other protocols are passed through unchanged. No credentials are read or added.
+    """
+    policy = policy if policy is not None else current_retry_policy()
+    options = dict(storage_options or {})
+    protocol = _protocol(url)
+    t = policy.timeout_s
+    if protocol in ("http", "https"):
+        import aiohttp
+
+        client_kwargs = dict(options.get("client_kwargs") or {})
+        client_kwargs.setdefault("timeout", aiohttp.ClientTimeout(total=None, sock_connect=t, sock_read=t))
+        options["client_kwargs"] = client_kwargs
+    elif protocol in ("s3", "s3a"):
+        config_kwargs = dict(options.get("config_kwargs") or {})
+        config_kwargs.setdefault("connect_timeout", t)
+        config_kwargs.setdefault("read_timeout", t)
+        config_kwargs.setdefault("retries", {"total_max_attempts": 1, "mode": "standard"})
+        options["config_kwargs"] = config_kwargs
+    elif protocol in _SELF_RETRYING:
+        options.setdefault("requests_timeout", t)
+    return options
+
+
 def make_store(
     url_or_store: str | os.PathLike[str] | Store,
     *,
-    storage_options: dict[str, Any] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
     read_only: bool = False,
+    retry: RetryPolicy | None = None,
 ) -> Store:
     """Return the zarr store for a local path, an fsspec URL or an existing store.
+
+    Remote stores retry transient faults (HTTP 5xx and 429, S3 ``SlowDown``, dropped
+    connections, cut bodies, timeouts) under a :class:`~ctzarr.retry.RetryPolicy` and raise
+    :class:`~ctzarr.retry.RemoteStoreError` naming the key when they give up; a missing key
+    (404) stays missing, 401/403 fail at once. With the default policy a call gives up after 4
+    attempts: about 1.4 s of backoff when the server keeps answering with errors, at most
+    4 x 30 s + 1.4 s ≈ 121 s when it stops answering.
 
     Parameters
     ----------
@@ -69,15 +131,24 @@ def make_store(
         ``/data/dap.zarr``, ``s3://bucket/dap.zarr``, ``https://host/dap.zarr``,
         ``memory://dap.zarr``, or a store object (returned as is).
     storage_options : dict, optional
-        fsspec options, for remote URLs only.
+        fsspec options, for remote URLs only. Timeouts and library retries that they leave
+        unset are filled in from the policy (:func:`remote_storage_options`).
     read_only : bool
         Open read-only.
+    retry : RetryPolicy, optional
+        Retries and timeouts of a remote store (local paths and ``memory://`` have none).
+        Default: :func:`~ctzarr.retry.current_retry_policy` (``set_retry_policy``, else the
+        ``CTZARR_RETRIES`` / ``CTZARR_TIMEOUT_S`` / ``CTZARR_BACKOFF_S`` /
+        ``CTZARR_MAX_BACKOFF_S`` environment variables, else the defaults). The store carries
+        its policy, also to dask workers.
 
     Raises
     ------
     TypeError
         When ``storage_options`` are given for a local path or a store object: they would be
         silently ignored.
+    ValueError
+        When a ``CTZARR_*`` environment variable is malformed.
     """
     if isinstance(url_or_store, Store):
         if storage_options:
@@ -85,7 +156,15 @@ def make_store(
         return url_or_store
     url = os.fspath(url_or_store)
     if is_remote(url):
-        return FsspecStore.from_url(url, storage_options=storage_options or {}, read_only=read_only)
+        protocol = _protocol(url)
+        if protocol == "memory":  # in-process: nothing transient to retry, nothing to time out
+            return FsspecStore.from_url(url, storage_options=dict(storage_options or {}), read_only=read_only)
+        policy = retry if retry is not None else current_retry_policy()
+        options = remote_storage_options(url, storage_options, policy)
+        inner = FsspecStore.from_url(url, storage_options=options, read_only=read_only)
+        if protocol in _SELF_RETRYING:
+            policy = policy.replace(retries=0)
+        return RetryingStore(inner, policy=policy, url=redact_url(url))
     if storage_options:
         raise TypeError(f"storage_options are only for remote URLs, not for the local path {url!r}")
     if url.startswith("file://"):

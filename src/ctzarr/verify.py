@@ -12,6 +12,7 @@ import zarr
 
 from .collection import open_collection
 from .convert import case_state, finalize_collection, remove_case
+from .integrity import check_objects
 
 __all__ = ["VerifyReport", "verify"]
 
@@ -47,9 +48,10 @@ def verify(
 ) -> VerifyReport:
     """Check a collection store.
 
-    Every listed case must be complete; every chunk of every array must decode (the crc32c
-    codec rejects a flipped or truncated chunk); the label voxel counts of level 0 must equal
-    the index. Cases left half-written by an interrupted run are reported (and removed with
+    Every listed case must be complete; every stored object must be the one its case manifest
+    lists (present, same size and crc32c, no object the manifest does not know); every chunk of
+    every array must decode (the crc32c codec rejects a flipped or truncated chunk); stored
+    label ids must be in the label map and their voxel counts at level 0 must equal the index. Cases left half-written by an interrupted run are reported (and removed with
     ``repair=True``).
 
     Parameters
@@ -77,6 +79,7 @@ def verify(
                 )
                 remove_case(writable, cid)
                 report.repaired.append(cid)
+    _check_locks_and_staging(col, report, storage_options, repair)
     for cid in col.case_ids:
         if cid not in on_disk:
             report.problems.append(
@@ -95,6 +98,47 @@ def verify(
     return report
 
 
+def _check_locks_and_staging(
+    col: Any, report: VerifyReport, storage_options: Mapping[str, Any] | None, repair: bool
+) -> None:
+    """Stale case locks and staging leftovers of interrupted replacements."""
+    from zarr.core.sync import sync
+
+    from .convert import STAGING, remove_staging
+    from .locks import CaseLock, lock_is_stale, read_lock
+
+    store = col.root.store
+    if not store.supports_listing:
+        return
+
+    async def keys(prefix: str) -> list[str]:
+        return [k async for k in store.list_prefix(prefix)]
+
+    locked = {k[len("locks/") : -len(".json")] for k in sync(keys("locks/")) if k.endswith(".json")}
+    live = set()
+    for cid in sorted(locked):
+        rec = read_lock(store, cid)
+        if rec is None:
+            continue
+        if not lock_is_stale(rec):
+            live.add(cid)
+            continue
+        report.problems.append(f"case {cid!r}: stale lock (pid {rec.get('pid')} on {rec.get('host')!r})")
+        if repair:
+            lock = CaseLock(_writable_store(col, storage_options), cid)
+            lock._delete()
+            report.repaired.append(f"lock of {cid}")
+    staged = {k[len(STAGING) + 1 :].split("/", 1)[0] for k in sync(keys(f"{STAGING}/"))}
+    for name in sorted(staged):
+        cid = name.rpartition("-")[0]
+        if not cid or cid in live:
+            continue  # a replacement being written right now
+        report.problems.append(f"case {cid!r}: leftover of an interrupted replacement ({STAGING}/{name})")
+        if repair:
+            remove_staging(zarr.open_group(_writable_store(col, storage_options), mode="r+", zarr_format=3), cid)
+            report.repaired.append(f"{STAGING}/{name}")
+
+
 def _writable_store(col: Any, storage_options: Mapping[str, Any] | None) -> Any:
     from .storage import make_store
 
@@ -102,26 +146,59 @@ def _writable_store(col: Any, storage_options: Mapping[str, Any] | None) -> Any:
 
 
 def _check_case(col: Any, cid: str, report: VerifyReport) -> None:
+    """Every stored object of a case against its manifest, every chunk decoded, index counts."""
     case = col[cid]
+    problems = report.problems
+    for problem in check_objects(case):
+        problems.append(f"case {cid!r}: {problem}")
     for level in range(case.levels):
-        arr = case._array(str(level))
-        _read_all(arr)
-    case.nifti_header_bytes  # noqa: B018 - decoding checks its crc32c
+        _try(problems, cid, lambda level=level: _read_all(case._array(str(level))))
+    _try(problems, cid, lambda: case.nifti_header_bytes)  # decoding checks its crc32c
     for seg in case.segmentation_names:
-        idx = case.index(seg)
+        lm = col.segmentations.get(seg)
+        if lm is None:
+            problems.append(f"case {cid!r}: segmentation {seg!r} has no label map in the collection")
+            continue
+        try:
+            idx = case.index(seg)
+        except Exception as exc:
+            problems.append(f"case {cid!r}: segmentation {seg!r} index: {type(exc).__name__}: {exc}")
+            continue
         counts: np.ndarray | None = None
         for level in range(case.levels):
-            arr = case._array(f"labels/{seg}/{level}")
-            c = _read_all(arr, count_labels=level == 0)
+            c = _try(
+                problems,
+                cid,
+                lambda level=level, seg=seg: _read_all(
+                    case._array(f"labels/{seg}/{level}"), count_labels=level == 0
+                ),
+            )
             if level == 0:
                 counts = c
-        assert counts is not None
+        if counts is None:
+            continue
+        known = set(lm.values) | {v for v in (lm.background, lm.ignore_value) if v is not None}
+        stray = sorted(set(np.flatnonzero(counts).tolist()) - known)
+        if stray:
+            problems.append(
+                f"case {cid!r}: segmentation {seg!r}: label ids {stray[:20]} are stored but not in "
+                f"label map {lm.name!r}"
+            )
         for label, n in zip(idx.labels.tolist(), idx.voxel_count.tolist(), strict=True):
             got = int(counts[label]) if label < len(counts) else 0
             if got != n:
-                report.problems.append(
+                problems.append(
                     f"case {cid!r}: segmentation {seg!r} label {label}: {got} voxels stored, index says {n}"
                 )
+
+
+def _try(problems: list[str], cid: str, read: Any) -> Any:
+    """Run one read; a failure (it names the array and chunk) becomes a problem line."""
+    try:
+        return read()
+    except Exception as exc:
+        problems.append(f"case {cid!r}: {type(exc).__name__}: {exc}")
+        return None
 
 
 def _read_all(arr: zarr.Array, count_labels: bool = False) -> np.ndarray | None:

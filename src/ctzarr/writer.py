@@ -20,7 +20,9 @@ case without that marker as absent, on local disks and object stores alike (no r
 from __future__ import annotations
 
 import datetime as _dt
+import itertools
 import logging
+import math
 import queue
 import threading
 import warnings
@@ -28,13 +30,16 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import zip_longest
+from pathlib import Path
 from typing import Any
 
 import numba
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.storage import LocalStore
 
+from .integrity import ManifestBuilder
 from .label_index import LabelIndex, LabelIndexBuilder
 from .labelmaps import LabelMap
 from .nifti import NiftiSource
@@ -167,6 +172,20 @@ def _warm_kernels(builders: dict[str, LabelIndexBuilder], lab_arrays: dict[str, 
         tiny.update(0, np.zeros((1, 1, 1), lab_arrays[name][0].dtype), np.zeros((1, 1, 1), value_dtype))
 
 
+def _read_object(store: Any, key: str) -> bytes | None:
+    """The stored bytes of one key (None when absent)."""
+    if isinstance(store, LocalStore):
+        try:
+            return (Path(store.root) / key).read_bytes()
+        except FileNotFoundError:
+            return None
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    buf = sync(store.get(key, prototype=default_buffer_prototype()))
+    return None if buf is None else buf.to_bytes()
+
+
 def _prefetch(items: Iterator[Any], depth: int = 1) -> Iterator[Any]:
     """Produce items in a background thread, ``depth`` ahead of the consumer.
 
@@ -235,10 +254,14 @@ class CaseWriter:
     progress: Any = None  # callable(n_slices) for progress bars
     indexes: dict[str, LabelIndex] = field(default_factory=dict)
     digests: dict[str, str] = field(default_factory=dict)
+    manifest: ManifestBuilder = field(default_factory=ManifestBuilder)
+    #: where the case is written: ``cases/<case_id>``, or a staging group when it replaces a
+    #: committed case (moved into place after the commit, see ``convert.swap_in``)
+    prefix: str | None = None
 
     @property
     def path(self) -> str:
-        return f"cases/{self.case_id}"
+        return self.prefix or f"cases/{self.case_id}"
 
     def write(self) -> None:
         """Stream every slab of image and segmentations into the store and build the index."""
@@ -343,8 +366,12 @@ class CaseWriter:
             )
         lo, hi = (values.min(), values.max()) if values.size else (0, 0)
         if lo < 0 or hi > np.iinfo(dtype).max:
-            bad = sorted({int(v) for v in np.unique(values) if v < 0 or v > np.iinfo(dtype).max})[
-                :20
+            # float labels may be infinite: listed as floats, never through int(inf)
+            bad = [
+                int(v) if math.isfinite(v) else v
+                for v in sorted(
+                    {float(v) for v in np.unique(values) if v < 0 or v > np.iinfo(dtype).max}
+                )[:20]
             ]
             raise UnknownLabelError(
                 f"case {self.case_id!r}: {seg.source.path}: label ids {bad} are not in label map "
@@ -380,13 +407,32 @@ class CaseWriter:
         for seg, lab in zip(self.segmentations, labels, strict=True):
             self._write_pyramid(lab_arrays[seg.name], z0, lab, downsample_labels)
 
-    @staticmethod
-    def _write_pyramid(arrays: list[zarr.Array], z0: int, slab: np.ndarray, down: Any) -> None:
+    def _write_pyramid(self, arrays: list[zarr.Array], z0: int, slab: np.ndarray, down: Any) -> None:
         for level, arr in enumerate(arrays):
             zl = z0 >> level
             arr[zl : zl + slab.shape[0]] = slab
+            self._record(arr, zl, slab.shape[0])
             if level + 1 < len(arrays):
                 slab = down(slab)
+
+    def _record(self, arr: zarr.Array, z0: int, depth: int) -> None:
+        """Add the objects just written for slices z0:z0+depth to the manifest.
+
+        The bytes are read back from the store (the Rust pipeline writes local files itself);
+        on a local disk that is a page-cache read, ~1 % of the conversion time.
+        """
+        grid = arr.shards or arr.chunks
+        index_nbytes = (
+            math.prod(g // c for g, c in zip(grid, arr.chunks, strict=True)) * 16 + 4
+            if arr.shards
+            else None
+        )
+        rel = arr.path[len(self.path) + 1 :]
+        zs = range(z0 // grid[0], (z0 + depth - 1) // grid[0] + 1)
+        rest = [range(-(-n // g)) for n, g in zip(arr.shape[1:], grid[1:], strict=True)]
+        for idx in itertools.product(zs, *rest):
+            key = "c/" + "/".join(map(str, idx))
+            self.manifest.add(rel, key, _read_object(arr.store, f"{arr.path}/{key}"), index_nbytes)
 
     # -- metadata ---------------------------------------------------------------------------
     def write_index(self) -> None:
@@ -411,6 +457,7 @@ class CaseWriter:
                 )
                 if len(hist):
                     arr[:] = hist
+                self._record(arr, 0, max(len(hist), 1))
                 grp.attrs.put({"ctzarr": index_attributes(idx)})
 
     def write_nifti_header(self) -> None:
@@ -429,6 +476,7 @@ class CaseWriter:
                 fill_value=0,
             )
             arr[:] = header
+            self._record(arr, 0, len(header))
 
     def commit(self, case_attributes: dict[str, Any]) -> None:
         """Make the case visible: label groups first, the case group's metadata last."""
@@ -466,6 +514,7 @@ class CaseWriter:
             },
             "ctzarr": {
                 **case_attributes,
+                "manifest": self.manifest.build().to_dict(),
                 "complete": True,
                 "committed_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             },

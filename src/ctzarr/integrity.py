@@ -1,0 +1,650 @@
+"""Integrity of stored cases: the per-case manifest, strict reads and hostile-store checks.
+
+What no library does for us, and why it is written here:
+
+- zarr reads a missing chunk object as the fill value (a deleted shard of a CT reads as air);
+  ``read_missing_chunks=False`` would also refuse the all-background shards our writer
+  legitimately omits, and the Rust pipeline (``zarrs``) has no such switch. The **manifest**
+  (written at conversion into the case's ``zarr.json``) lists every stored object with its
+  size, crc32c and the crc32c of its shard index, so a missing, truncated, replaced or swapped
+  object is an error naming the array and the chunk, and absent shards cost no request.
+- zarr, numcodecs and zarrs allocate whatever a blosc header declares before they check it
+  against the chunk shape (``../shared/background/reliability.md`` 4.1: a 117 KB chunk peaks at
+  2 GiB). Before any chunk is decoded we read its 16-byte blosc header and refuse a frame whose
+  declared size is not exactly the chunk's size: **no decompression bomb reaches memory**.
+- Array metadata of a case is validated before any graph is built: codec allowlist (exactly
+  the chains ctzarr writes, each ending in crc32c), data types, shape and chunk-count caps, node
+  names, and (local stores) no symlink leaving the store.
+
+Local stores are checked just before each read (the Rust pipeline reads files itself: a few
+``pread`` calls per shard, see :class:`CheckedArray`); remote stores through
+:class:`StrictStore`, which sees every request.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import struct
+import threading
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import crc32c as _crc32c
+import numpy as np
+import zarr
+from zarr.abc.store import ByteRequest, RangeByteRequest, Store, SuffixByteRequest
+from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
+from zarr.core.buffer import Buffer, BufferPrototype
+from zarr.storage import LocalStore, WrapperStore
+
+from .errors import ChunkCorruptError, ChunkMissingError, UnsafeStoreError
+
+__all__ = [
+    "MANIFEST_VERSION",
+    "ArrayLayout",
+    "CheckedArray",
+    "Manifest",
+    "ManifestBuilder",
+    "ShardRecord",
+    "StrictStore",
+    "check_frame",
+    "check_local_links",
+    "check_objects",
+    "validate_case_metadata",
+]
+
+MANIFEST_VERSION = 1
+
+#: caps applied to every array of a case before anything is read (a whole-body CT at 0.5 mm is
+#: ~2000 x 1024 x 1024 = 2^31 voxels)
+MAX_ELEMENTS = 2**34
+MAX_CHUNKS = 2**20
+MAX_CHUNK_BYTES = 2**26  # one inner chunk, decoded (ours: 64^3 x 8 bytes at most = 2 MiB)
+MAX_SHARD_CHUNKS = 2**14
+ALLOWED_DTYPES = frozenset(
+    ["int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float32", "float64"]
+)
+#: node names ctzarr writes: segmentation names, levels, "labels", "index", "histogram", "nifti"
+_NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+_BLOSC_HEADER = struct.Struct("<BBBBIII")  # version, versionlz, flags, typesize, nbytes, blocksize, cbytes
+_CRC = 4  # bytes of the crc32c codec's trailer
+_INDEX_ENTRY = 16  # (offset, nbytes) as two little-endian uint64
+_EMPTY = 2**64 - 1
+
+
+def crc32c(data: bytes | memoryview | np.ndarray) -> int:
+    """crc32c of a buffer (hardware accelerated)."""
+    return int(_crc32c.crc32c(data))
+
+
+# -- the manifest -----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ShardRecord:
+    """One stored object (a shard, or a whole chunk of an unsharded array)."""
+
+    nbytes: int
+    crc32c: int
+    index_crc32c: int | None  # crc32c of the shard index (its last bytes); None: not sharded
+
+    def to_json(self) -> list[int | None]:
+        return [self.nbytes, self.crc32c, self.index_crc32c]
+
+    @classmethod
+    def from_json(cls, value: Any) -> ShardRecord:
+        if (
+            not isinstance(value, list)
+            or len(value) != 3
+            or not all(isinstance(v, int) and v >= 0 for v in value[:2])
+            or not (value[2] is None or (isinstance(value[2], int) and value[2] >= 0))
+        ):
+            raise ValueError(f"malformed manifest record {value!r}")
+        return cls(int(value[0]), int(value[1]), None if value[2] is None else int(value[2]))
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Every object of a case: array path (relative to the case) -> chunk key -> record."""
+
+    arrays: Mapping[str, Mapping[str, ShardRecord]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": MANIFEST_VERSION,
+            "arrays": {
+                path: {key: rec.to_json() for key, rec in sorted(recs.items())}
+                for path, recs in sorted(self.arrays.items())
+            },
+        }
+
+    @classmethod
+    def from_dict(cls, value: Any, where: str = "") -> Manifest:
+        """Parse a stored manifest; raises :class:`ChunkCorruptError` when it is malformed."""
+        try:
+            if not isinstance(value, dict) or value.get("version") != MANIFEST_VERSION:
+                raise ValueError("unknown manifest version")
+            arrays = value["arrays"]
+            if not isinstance(arrays, dict):
+                raise ValueError("no arrays")
+            parsed = {}
+            for path, recs in arrays.items():
+                _check_relative_path(path)
+                if not isinstance(recs, dict):
+                    raise ValueError(f"array {path!r}: not a mapping")
+                for key in recs:
+                    if not _CHUNK_KEY.match(key):
+                        raise ValueError(f"array {path!r}: bad chunk key {key!r}")
+                parsed[path] = {k: ShardRecord.from_json(v) for k, v in recs.items()}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ChunkCorruptError(f"{where}: malformed chunk manifest: {exc}") from exc
+        return cls(parsed)
+
+    def records(self, array_path: str) -> Mapping[str, ShardRecord]:
+        return self.arrays.get(array_path, {})
+
+
+_CHUNK_KEY = re.compile(r"^c(/\d{1,9}){1,8}$")
+
+
+class ManifestBuilder:
+    """Collects the records of the objects a case writer stores (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._arrays: dict[str, dict[str, ShardRecord]] = {}
+        self._lock = threading.Lock()
+
+    def add(self, array_path: str, key: str, data: bytes | None, index_nbytes: int | None) -> None:
+        """Record one stored object (``data`` None: the object was not stored, all fill)."""
+        with self._lock:
+            recs = self._arrays.setdefault(array_path, {})
+            if data is None:
+                recs.pop(key, None)
+                return
+            index_crc = None if index_nbytes is None else crc32c(data[-index_nbytes:])
+            recs[key] = ShardRecord(len(data), crc32c(data), index_crc)
+
+    def build(self) -> Manifest:
+        with self._lock:
+            return Manifest({p: dict(r) for p, r in self._arrays.items()})
+
+
+# -- array layouts: what each array of a case must look like -----------------------------------
+@dataclass(frozen=True)
+class ArrayLayout:
+    """The facts the checks need about one array, taken from its (validated) metadata."""
+
+    path: str  # relative to the case
+    shape: tuple[int, ...]
+    grid: tuple[int, ...]  # shape of one stored object (shard, or chunk when unsharded)
+    inner: tuple[int, ...]  # shape of one encoded chunk
+    itemsize: int
+    blosc: bool  # inner chunks are blosc frames
+    sharded: bool
+
+    @property
+    def inner_nbytes(self) -> int:
+        return math.prod(self.inner) * self.itemsize
+
+    @property
+    def chunks_per_shard(self) -> tuple[int, ...]:
+        return tuple(g // c for g, c in zip(self.grid, self.inner, strict=True))
+
+    @property
+    def index_nbytes(self) -> int | None:
+        return math.prod(self.chunks_per_shard) * _INDEX_ENTRY + _CRC if self.sharded else None
+
+    def keys_for(self, selection: Any) -> list[str]:
+        """Chunk keys of the stored objects a basic selection touches."""
+        ranges = []
+        sel = selection if isinstance(selection, tuple) else (selection,)
+        sel = sel + (slice(None),) * (len(self.shape) - len(sel))
+        for k, n, g in zip(sel, self.shape, self.grid, strict=False):
+            if isinstance(k, slice):
+                start, stop, _ = k.indices(n)
+                if stop <= start:
+                    return []
+                ranges.append(range(start // g, (stop - 1) // g + 1))
+            elif isinstance(k, (int, np.integer)):
+                i = int(k) % n if n else 0
+                ranges.append(range(i // g, i // g + 1))
+            else:  # fancy or ellipsis selections: every object of the array
+                ranges.append(range(-(-n // g)))
+        keys = [""]
+        for r in ranges:
+            keys = [f"{k}/{i}" for k in keys for i in r]
+        return ["c" + k for k in keys]
+
+
+def _dtype_name(meta: Any) -> str:
+    return str(meta.data_type.to_native_dtype().newbyteorder("=").name)
+
+
+def _check_relative_path(path: str) -> None:
+    parts = path.split("/")
+    if not path or any(not _NODE_NAME.match(p) or p.startswith("__") for p in parts):
+        raise ValueError(f"node path {path!r} is not a plain relative name")
+
+
+def _layout(path: str, meta: Any, where: str) -> ArrayLayout:
+    """Validate one array's metadata; return its layout."""
+    from zarr.core.metadata import ArrayV3Metadata
+    from zarr.core.metadata.v3 import RegularChunkGridMetadata
+
+    def bad(why: str) -> UnsafeStoreError:
+        return UnsafeStoreError(f"{where}: array {path!r}: {why}; refused before reading")
+
+    if not isinstance(meta, ArrayV3Metadata):
+        raise bad("not a Zarr v3 array")
+    name = _dtype_name(meta)
+    if name not in ALLOWED_DTYPES:
+        raise bad(f"data type {name} is not one ctzarr writes")
+    shape = tuple(int(s) for s in meta.shape)
+    if not 1 <= len(shape) <= 3 or math.prod(shape) > MAX_ELEMENTS:
+        raise bad(f"shape {shape} exceeds the caps ({MAX_ELEMENTS} elements, 3 dimensions)")
+    if not isinstance(meta.chunk_grid, RegularChunkGridMetadata):
+        raise bad("chunk grid is not regular")
+    if meta.chunk_key_encoding.to_dict() != {"name": "default", "configuration": {"separator": "/"}}:
+        raise bad("chunk key encoding is not the default '/'")
+    grid = tuple(int(c) for c in meta.chunk_grid.chunk_shape)
+    codecs = list(meta.codecs)
+    sharded = len(codecs) == 1 and isinstance(codecs[0], ShardingCodec)
+    if sharded:
+        shard = codecs[0]
+        inner = tuple(int(c) for c in shard.chunk_shape)
+        if str(getattr(shard.index_location, "value", shard.index_location)) != "end" or [type(c) for c in shard.index_codecs] != [
+            BytesCodec,
+            Crc32cCodec,
+        ]:
+            raise bad("shard index is not (bytes, crc32c) at the end")
+        if any(g % c for g, c in zip(grid, inner, strict=True)):
+            raise bad(f"shard {grid} is not a multiple of its chunk {inner}")
+        codecs = list(shard.codecs)
+        if math.prod(g // c for g, c in zip(grid, inner, strict=True)) > MAX_SHARD_CHUNKS:
+            raise bad("too many chunks per shard")
+    else:
+        inner = grid
+    kinds = [type(c) for c in codecs]
+    if kinds not in ([BytesCodec, BloscCodec, Crc32cCodec], [BytesCodec, Crc32cCodec]):
+        names = [c.to_dict()["name"] if hasattr(c, "to_dict") else type(c).__name__ for c in codecs]
+        raise bad(f"codec chain {names} is not in the allowlist (bytes, [blosc], crc32c)")
+    itemsize = int(meta.data_type.to_native_dtype().itemsize)
+    n_chunks = math.prod(-(-s // c) for s, c in zip(shape, inner, strict=True))
+    if n_chunks > MAX_CHUNKS or math.prod(inner) * itemsize > MAX_CHUNK_BYTES:
+        raise bad(f"{n_chunks} chunks of {inner} exceed the caps")
+    return ArrayLayout(path, shape, grid, inner, itemsize, BloscCodec in kinds, sharded)
+
+
+def validate_case_metadata(group: zarr.Group, where: str) -> dict[str, ArrayLayout]:
+    """Check every node of a case (from its consolidated metadata) before anything is read.
+
+    Returns the layout of each array by path relative to the case. Raises
+    :class:`UnsafeStoreError` naming the node and the rule it breaks.
+    """
+    consolidated = group.metadata.consolidated_metadata
+    if consolidated is None:
+        raise UnsafeStoreError(f"{where}: the case has no consolidated metadata")
+    from zarr.core.group import GroupMetadata
+
+    layouts = {}
+    for path, meta in consolidated.flattened_metadata.items():
+        try:
+            _check_relative_path(path)
+        except ValueError as exc:
+            raise UnsafeStoreError(f"{where}: {exc}") from exc
+        if isinstance(meta, GroupMetadata):
+            if meta.zarr_format != 3:
+                raise UnsafeStoreError(f"{where}: group {path!r} is not Zarr v3")
+            continue
+        layouts[path] = _layout(path, meta, where)
+    return layouts
+
+
+def check_local_links(root: Path, case_dir: Path, where: str) -> None:
+    """Refuse a local case with a symlink (or the case itself) resolving outside the store."""
+    top = root.resolve()
+    for path in [case_dir, *_walk(case_dir)]:
+        if path.is_symlink() or path == case_dir:
+            real = path.resolve()
+            if real != top and top not in real.parents:
+                raise UnsafeStoreError(
+                    f"{where}: {path.relative_to(root)} links outside the store (to {real}); refused"
+                )
+
+
+def _walk(top: Path) -> Iterable[Path]:
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=False):
+        base = Path(dirpath)
+        for name in dirnames + filenames:
+            yield base / name
+
+
+# -- chunk checks shared by the local and remote paths -----------------------------------------
+def check_frame(frame: bytes | memoryview, layout: ArrayLayout, where: str) -> None:
+    """Refuse a stored chunk (blosc frame + crc32c) whose header does not declare one chunk."""
+    _check_header(bytes(frame[:16]), len(frame), layout, where)
+
+
+def _check_header(head: bytes, stored_nbytes: int, layout: ArrayLayout, where: str) -> None:
+    if not layout.blosc:
+        if stored_nbytes != layout.inner_nbytes + _CRC:
+            raise ChunkCorruptError(
+                f"{where}: stored {stored_nbytes} bytes, an uncompressed chunk is "
+                f"{layout.inner_nbytes + _CRC}"
+            )
+        return
+    if len(head) < 16 or stored_nbytes < 16 + _CRC:
+        raise ChunkCorruptError(f"{where}: {stored_nbytes} bytes is too short for a blosc chunk")
+    _v, _vlz, _flags, _ts, nbytes, _bs, cbytes = _BLOSC_HEADER.unpack(head)
+    if nbytes != layout.inner_nbytes or cbytes != stored_nbytes - _CRC:
+        raise ChunkCorruptError(
+            f"{where}: blosc header declares {nbytes} bytes from {cbytes} stored, the chunk is "
+            f"{layout.inner_nbytes} bytes from {stored_nbytes - _CRC}: refused before "
+            "decompression (a corrupt chunk or a decompression bomb)"
+        )
+
+
+def _check_chunk(chunk: bytes, layout: ArrayLayout, where: str) -> None:
+    """A whole stored chunk: its crc32c trailer, then its blosc header.
+
+    The crc32c is checked here although the codec chain checks it too: zarrs 0.2.3 decodes
+    inner chunks of a shard through partial decoders that skip the crc32c check (found by
+    test_every_flipped_byte_of_a_shard_raises: 42 of 626 flipped bytes read as wrong values).
+    """
+    body, trailer = chunk[:-_CRC], chunk[-_CRC:]
+    if len(chunk) < _CRC or struct.unpack("<I", trailer)[0] != crc32c(body):
+        raise ChunkCorruptError(f"{where}: crc32c mismatch (flipped or truncated bytes)")
+    _check_header(chunk[:16], len(chunk), layout, where)
+
+
+def _parse_index(index: bytes, layout: ArrayLayout, where: str) -> np.ndarray:
+    """(offset, nbytes) per inner chunk, checked against the index's own crc32c."""
+    body, trailer = index[:-_CRC], index[-_CRC:]
+    if len(index) != layout.index_nbytes or struct.unpack("<I", trailer)[0] != crc32c(body):
+        raise ChunkCorruptError(f"{where}: shard index fails its crc32c")
+    return np.frombuffer(body, dtype="<u8").reshape(-1, 2)
+
+
+def _inner_ranges(entries: np.ndarray, shard_nbytes: int, layout: ArrayLayout, where: str) -> list[tuple[int, int]]:
+    out = []
+    for off, n in entries.tolist():
+        if off == _EMPTY and n == _EMPTY:
+            continue
+        if off + n > shard_nbytes - (layout.index_nbytes or 0):
+            raise ChunkCorruptError(f"{where}: shard index points past the end of the shard")
+        out.append((off, n))
+    return out
+
+
+def _where(case_where: str, array_path: str, key: str) -> str:
+    return f"{case_where}: array {array_path!r} chunk {key}"
+
+
+# -- local stores: checked before each read -----------------------------------------------------
+class CheckedArray:
+    """A zarr array of a committed case whose reads are strict.
+
+    Before a read, every stored object the selection touches is checked against the manifest
+    (present, same size, same shard index) and every blosc frame header against the chunk size,
+    on local stores with a few ``pread`` calls (the Rust pipeline reads the files itself, so no
+    store wrapper sees them); on remote stores :class:`StrictStore` does the same per request. A
+    failed decode is re-raised naming the array and the chunk. Everything else is the zarr
+    array's (``shape``, ``dtype``, ``shards``, ...).
+    """
+
+    def __init__(
+        self,
+        array: zarr.Array,
+        layout: ArrayLayout,
+        records: Mapping[str, ShardRecord],
+        where: str,
+    ) -> None:
+        self._array = array
+        self._layout = layout
+        self._records = dict(records)
+        self._where = where
+        store = array.store
+        self._local_dir = (
+            Path(store.root) / array.path if isinstance(store, LocalStore) else None
+        )
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):  # unpickling looks up __setstate__ before _array exists
+            raise AttributeError(name)
+        return getattr(self._array, name)
+
+    def __repr__(self) -> str:
+        return f"<CheckedArray {self._where}: {self._layout.path} {self._array.shape} {self._array.dtype}>"
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self._array.shape)
+
+    @property
+    def dtype(self) -> np.dtype[Any]:
+        return self._array.dtype  # type: ignore[no-any-return]
+
+    @property
+    def ndim(self) -> int:
+        return len(self._array.shape)
+
+    def __getitem__(self, selection: Any) -> Any:
+        keys = self._layout.keys_for(selection)
+        if self._local_dir is not None:
+            for key in keys:
+                self._check_local(key)
+        try:
+            return self._array[selection]
+        except (ChunkCorruptError, ChunkMissingError, UnsafeStoreError):
+            raise
+        except Exception as exc:
+            if isinstance(exc, (IndexError, TypeError)) and "index" in str(exc).lower():
+                raise
+            raise ChunkCorruptError(
+                f"{self._where}: array {self._layout.path!r}: reading chunk(s) "
+                f"{', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''} failed: "
+                f"{type(exc).__name__}: {exc} (run ctzarr verify for the exact chunk)"
+            ) from exc
+
+    def _check_local(self, key: str) -> None:
+        """One stored object against the manifest; its frame headers against the chunk size."""
+        assert self._local_dir is not None
+        where = _where(self._where, self._layout.path, key)
+        rec = self._records.get(key)
+        path = self._local_dir / key
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            if rec is None:
+                return  # never stored: all fill (background), as the manifest says
+            raise ChunkMissingError(f"{where}: missing from the store (the manifest lists it)") from None
+        except OSError as exc:  # ELOOP: a symlink
+            raise UnsafeStoreError(f"{where}: cannot be opened safely: {exc}") from exc
+        try:
+            size = os.fstat(fd).st_size
+            if rec is None:
+                raise ChunkCorruptError(f"{where}: stored but not in the manifest (foreign or moved)")
+            if size != rec.nbytes:
+                raise ChunkCorruptError(
+                    f"{where}: {size} bytes stored, the manifest says {rec.nbytes} (truncated or replaced)"
+                )
+            lay = self._layout
+            if not lay.sharded:
+                _check_chunk(os.pread(fd, size, 0), lay, where)
+                return
+            assert lay.index_nbytes is not None
+            index = os.pread(fd, lay.index_nbytes, size - lay.index_nbytes)
+            if crc32c(index) != rec.index_crc32c:
+                raise ChunkCorruptError(f"{where}: shard index differs from the manifest (swapped or replaced)")
+            for off, n in _inner_ranges(_parse_index(index, lay, where), size, lay, where):
+                _check_chunk(os.pread(fd, n, off), lay, where)
+        finally:
+            os.close(fd)
+
+
+# -- remote stores: every request checked --------------------------------------------------------
+class StrictStore(WrapperStore[Store]):
+    """Reads of one case's chunks, held to its manifest (remote stores).
+
+    - a chunk key the manifest does not list is answered "absent" without a request;
+    - a listed key the store does not have raises :class:`ChunkMissingError` (zarr would read
+      fill);
+    - a whole object must have the manifest's size and crc32c, a shard index the manifest's
+      crc32c, and every blosc frame a header declaring exactly one chunk.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        case_path: str = "",
+        layouts: Mapping[str, ArrayLayout] | None = None,
+        manifest: Manifest | None = None,
+        where: str = "",
+    ) -> None:
+        super().__init__(store)
+        self._case_path = case_path.rstrip("/")
+        self._layouts = dict(layouts or {})
+        self._manifest = manifest or Manifest({})
+        self._where = where
+
+    @property
+    def _supports_sync_io(self) -> bool:
+        return False  # every read goes through the checked async methods below
+
+    def _with_store(self, store: Store) -> StrictStore:
+        return StrictStore(store, self._case_path, self._layouts, self._manifest, self._where)
+
+    def __repr__(self) -> str:
+        return f"StrictStore({self._store!r}, {self._case_path!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, StrictStore)
+            and other._case_path == self._case_path
+            and self._store == other._store
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def _classify(self, key: str) -> tuple[ArrayLayout, str, ShardRecord | None] | None:
+        """(layout, chunk key, record) of a chunk key of the case; None for other keys."""
+        prefix = self._case_path + "/"
+        if not key.startswith(prefix) or "/c/" not in key:
+            return None
+        array_path, _, rest = key[len(prefix) :].rpartition("/c/")
+        layout = self._layouts.get(array_path)
+        if layout is None:
+            return None
+        chunk_key = "c/" + rest
+        return layout, chunk_key, self._manifest.records(array_path).get(chunk_key)
+
+    def _check(
+        self, key: str, info: tuple[ArrayLayout, str, ShardRecord | None], byte_range: ByteRequest | None,
+        buf: Buffer | None,
+    ) -> None:
+        layout, chunk_key, rec = info
+        where = _where(self._where, layout.path, chunk_key)
+        if buf is None:
+            raise ChunkMissingError(f"{where}: missing from the store (the manifest lists it)")
+        assert rec is not None
+        data = buf.to_bytes()
+        if byte_range is None:
+            if len(data) != rec.nbytes or crc32c(data) != rec.crc32c:
+                raise ChunkCorruptError(
+                    f"{where}: {len(data)} bytes with crc32c {crc32c(data):08x}, the manifest says "
+                    f"{rec.nbytes} bytes, {rec.crc32c:08x} (truncated, corrupt or swapped)"
+                )
+            if layout.sharded:
+                assert layout.index_nbytes is not None
+                entries = _parse_index(data[-layout.index_nbytes :], layout, where)
+                for off, n in _inner_ranges(entries, len(data), layout, where):
+                    _check_header(data[off : off + 16], n, layout, where)
+            else:
+                _check_header(data[:16], len(data), layout, where)
+        elif isinstance(byte_range, SuffixByteRequest) and layout.sharded and byte_range.suffix == layout.index_nbytes:
+            if crc32c(data) != rec.index_crc32c:
+                raise ChunkCorruptError(f"{where}: shard index differs from the manifest (swapped or replaced)")
+        elif isinstance(byte_range, RangeByteRequest) and layout.sharded:
+            if len(data) != byte_range.end - byte_range.start:
+                raise ChunkCorruptError(f"{where}: short read ({len(data)} of {byte_range.end - byte_range.start} bytes)")
+            _check_header(data[:16], len(data), layout, where)
+        else:  # other ranges are not issued by zarr for these layouts
+            raise ChunkCorruptError(f"{where}: unexpected partial read {byte_range!r}")
+
+    async def get(
+        self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None
+    ) -> Buffer | None:
+        info = self._classify(key)
+        if info is None:
+            return await self._store.get(key, prototype, byte_range)
+        if info[2] is None:
+            return None  # not stored: all fill, as the manifest says; no request
+        buf = await self._store.get(key, prototype, byte_range)
+        self._check(key, info, byte_range, buf)
+        return buf
+
+    async def get_partial_values(
+        self, prototype: BufferPrototype, key_ranges: Iterable[tuple[str, ByteRequest | None]]
+    ) -> list[Buffer | None]:
+        return [await self.get(k, prototype, r) for k, r in key_ranges]
+
+    async def get_ranges(
+        self,
+        key: str,
+        byte_ranges: Sequence[ByteRequest | None],
+        *,
+        prototype: BufferPrototype,
+        **kwargs: Any,
+    ) -> AsyncIterator[Sequence[tuple[int, Buffer | None]]]:
+        info = self._classify(key)
+        if info is not None and info[2] is None:
+            yield [(i, None) for i in range(len(byte_ranges))]
+            return
+        async for batch in self._store.get_ranges(key, byte_ranges, prototype=prototype, **kwargs):
+            if info is not None:
+                for i, buf in batch:
+                    self._check(key, info, byte_ranges[i], buf)
+            yield batch
+
+
+# -- verification --------------------------------------------------------------------------------
+def check_objects(case: Any) -> list[str]:
+    """Problems found comparing every stored object of a case with its manifest (full reads).
+
+    Catches what a strict read cannot see without reading whole objects: an inner chunk
+    replaced in place by another valid chunk of the same size (the shard index still matches).
+    """
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    store = case.group.store
+    if isinstance(store, StrictStore):
+        store = store._store
+    manifest: Manifest = case._manifest
+    problems = []
+    base = case.group.path
+    for array_path in sorted(case._layouts):
+        records = manifest.records(array_path)
+        prefix = f"{base}/{array_path}/c/"
+
+        async def keys(prefix: str = prefix) -> list[str]:
+            return [k async for k in store.list_prefix(prefix)]
+
+        stored = {k[len(prefix) - 2 :] for k in sync(keys())}
+        for key in sorted(stored - set(records)):
+            problems.append(f"array {array_path!r} chunk {key}: stored but not in the manifest")
+        for key, rec in sorted(records.items()):
+            buf = sync(store.get(f"{base}/{array_path}/{key}", prototype=default_buffer_prototype()))
+            if buf is None:
+                problems.append(f"array {array_path!r} chunk {key}: missing (the manifest lists it)")
+                continue
+            data = buf.to_bytes()
+            if len(data) != rec.nbytes or crc32c(data) != rec.crc32c:
+                problems.append(
+                    f"array {array_path!r} chunk {key}: {len(data)} bytes, crc32c {crc32c(data):08x}; "
+                    f"the manifest says {rec.nbytes} bytes, {rec.crc32c:08x}"
+                )
+    return problems
