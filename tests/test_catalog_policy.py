@@ -508,6 +508,17 @@ def test_the_valid_store_opens_once_the_user_opts_in(hostile_catalog: dict[str, 
     assert col.case_ids == ctzarr.open_collection(hostile_catalog["dap_store"]).case_ids
 
 
+def test_cli_opt_in_flag_opens_the_same_entry(hostile_catalog: dict[str, Any],
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from ctzarr.cli import main
+
+    assert main(["info", "valid_store_by_file_url"]) == 1
+    assert "refused" in capsys.readouterr().err
+    assert main(["--allow-local", "info", "valid_store_by_file_url"]) == 0
+    out = capsys.readouterr().out
+    assert all(cid in out for cid in ctzarr.open_collection(hostile_catalog["dap_store"]).case_ids)
+
+
 #: runs the CLI with an audit hook that kills the process the moment anything under the secret
 #: directory is opened or listed (exit 99): proof that refusal comes before any I/O
 _AUDITED_CLI = """

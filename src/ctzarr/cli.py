@@ -226,6 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"ctzarr {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+    p.add_argument(
+        "--allow-local",
+        action="store_true",
+        help="let catalog entries point at local paths, file://, http:// or private hosts",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser(
@@ -331,8 +336,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    from .catalog import allow_local_targets
+
     try:
-        return int(args.func(args))
+        with allow_local_targets(True if args.allow_local else None):
+            return int(args.func(args))
     except KeyboardInterrupt:
         print("ctzarr: interrupted", file=sys.stderr)
         return 130

@@ -8,9 +8,10 @@ lock and fails that case with :class:`~ctzarr.errors.CaseLockedError` (its other
 
 A lock left by a killed converter is taken over when it is stale: its process is gone (same
 host), its heartbeat is older than the time-to-live, or it belongs to the same conversion run
-(a Dask task rerun after its worker died). Stores without exclusive create (plain HTTP is read
-only anyway; ``memory://``) fall back to write-then-read-back, which narrows but does not close
-the race: documented in the README.
+(a Dask task rerun after its worker died). fsspec stores (``memory://``, ``s3://``, ``gs://``;
+plain HTTP is read only) create it through the filesystem's async API, under any ctzarr
+wrapper. Other store objects fall back to write-then-read-back, which narrows but does not
+close the race: documented in the README.
 """
 
 from __future__ import annotations
