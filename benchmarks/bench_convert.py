@@ -96,7 +96,7 @@ def subdivide_labels(labels: np.ndarray, free_ids: list[int], target: int) -> di
     n_extra = min(n_extra, len(free_ids))
     heap = [(-int(counts[i]), i, 1) for i in present]  # (-voxels per part, id, parts)
     heapq.heapify(heap)
-    parts = {i: 1 for i in present}
+    parts = dict.fromkeys(present, 1)
     for _ in range(n_extra):
         neg, i, k = heapq.heappop(heap)
         parts[i] = k + 1

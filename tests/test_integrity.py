@@ -13,7 +13,6 @@ import crc32c
 import numcodecs
 import numpy as np
 import pytest
-import zarr
 
 import ctzarr
 from ctzarr.errors import (

@@ -7,7 +7,6 @@ and pick scattered indices; pyramid levels and crops are checked the same way.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np

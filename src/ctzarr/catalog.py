@@ -222,7 +222,9 @@ def parse_catalog_url(
         Naming the entry and the reason; never another exception.
     """
     if not isinstance(url, str):
-        raise CatalogError(f"catalog entry {entry!r}: {field} must be a string, not {type(url).__name__}")
+        raise CatalogError(
+            f"catalog entry {entry!r}: {field} must be a string, not {type(url).__name__}"
+        )
     shown = _shown(url)
 
     def refuse(reason: str) -> CatalogError:
@@ -239,7 +241,9 @@ def parse_catalog_url(
     # fsspec splits on '::' before anything else (it reads http://[::1]/ as the chain
     # 'http://[' + '1]/'), so no form of '::' can be opened safely
     if "::" in url:
-        raise refuse("'::' chains fsspec protocols (simplecache::file://..., zip::...); write IPv6 hosts without '::'")
+        raise refuse(
+            "'::' chains fsspec protocols (simplecache::file://..., zip::...); write IPv6 hosts without '::'"
+        )
     if "?" in url or "#" in url:
         raise refuse("query or fragment ('?', '#') in a store URL")
     scheme, sep, rest = url.partition("://")
@@ -268,7 +272,9 @@ def parse_catalog_url(
         if not allow_local:
             reason = _non_public_host(host, resolve_host)
             if reason:
-                raise refuse(f"{reason}; private, loopback and link-local hosts are {_LOCAL_OPT_IN}")
+                raise refuse(
+                    f"{reason}; private, loopback and link-local hosts are {_LOCAL_OPT_IN}"
+                )
             # plain http lets anyone on the path swap the store (and its redirects) for another
             if scheme == "http":
                 raise refuse(f"plain http:// (use https://); http:// is {_LOCAL_OPT_IN}")
@@ -276,7 +282,9 @@ def parse_catalog_url(
         return f"{scheme}://{netloc}/{path}".rstrip("/")
     why = _REFUSED_PROTOCOLS.get(scheme, f"protocol {scheme}:// is not allowed in a catalog")
     allowed = ", ".join(f"{p}://" for p in REMOTE_PROTOCOLS)
-    raise refuse(f"{why} (allowed: {allowed}; http://, file:// and local paths with the local opt-in)")
+    raise refuse(
+        f"{why} (allowed: {allowed}; http://, file:// and local paths with the local opt-in)"
+    )
 
 
 def parse_catalog_storage_options(
@@ -320,7 +328,9 @@ def parse_catalog_storage_options(
     if options is None:
         return None
     if not isinstance(options, dict):
-        raise CatalogError(f"catalog entry {entry!r}: storage_options must be a mapping, not {type(options).__name__}")
+        raise CatalogError(
+            f"catalog entry {entry!r}: storage_options must be a mapping, not {type(options).__name__}"
+        )
     if not options:
         return None
     protocol = url.partition("://")[0] if "://" in url else "local"
@@ -466,7 +476,9 @@ def _non_public_host(host: str, resolve_host: ResolveHost | None) -> str | None:
     try:
         addresses = list((resolve_host or _getaddrinfo)(name))
     except (OSError, ValueError) as exc:  # gaierror offline; UnicodeError for odd labels
-        logger.debug("catalog host %s does not resolve (%s); checked again on connection", name, exc)
+        logger.debug(
+            "catalog host %s does not resolve (%s); checked again on connection", name, exc
+        )
         return None
     for text in addresses:
         try:
@@ -572,7 +584,10 @@ def _matching(pattern: str, description: str) -> _OptionCheck:
 def _one_of(*choices: str) -> _OptionCheck:
     def check(value: object, where: str, ctx: _OptionContext) -> object:
         if value not in choices:
-            raise ctx.refuse(where, f"must be one of {list(choices)} (credentials and token files do not belong in a catalog)")
+            raise ctx.refuse(
+                where,
+                f"must be one of {list(choices)} (credentials and token files do not belong in a catalog)",
+            )
         return value
 
     return check
@@ -626,13 +641,36 @@ _OPTION_SPECS: dict[str, dict[str, _OptionCheck]] = {
     },
 }
 _CHAINING_KEYS = frozenset(
-    {"protocol", "target_protocol", "target_options", "fo", "remote_protocol", "remote_options",
-     "fs", "target", "cache_storage", "template", "ref_storage_args"}
+    {
+        "protocol",
+        "target_protocol",
+        "target_options",
+        "fo",
+        "remote_protocol",
+        "remote_options",
+        "fs",
+        "target",
+        "cache_storage",
+        "template",
+        "ref_storage_args",
+    }
 )
 _SECRET_KEYS = frozenset(
-    {"key", "secret", "token", "session_token", "password", "username", "access_key",
-     "secret_key", "aws_access_key_id", "aws_secret_access_key", "aws_session_token",
-     "profile", "credentials"}
+    {
+        "key",
+        "secret",
+        "token",
+        "session_token",
+        "password",
+        "username",
+        "access_key",
+        "secret_key",
+        "aws_access_key_id",
+        "aws_secret_access_key",
+        "aws_session_token",
+        "profile",
+        "credentials",
+    }
 )
 
 
@@ -652,7 +690,9 @@ def _check_options(
                 reason = "credentials do not belong in a catalog (use your environment or profile)"
             else:
                 allowed = sorted(spec) or "none"
-                reason = f"not an option a catalog may set for {ctx.protocol}:// (allowed: {allowed})"
+                reason = (
+                    f"not an option a catalog may set for {ctx.protocol}:// (allowed: {allowed})"
+                )
             raise ctx.refuse(here, reason)
         out[key] = check(value, here, ctx)
     return out

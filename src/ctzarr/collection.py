@@ -163,6 +163,7 @@ class Collection:
                 f"case {case_id!r} in {self.url} is incomplete (an interrupted conversion)"
             )
         return Case(self, case_id, grp, meta)
+
     def stats(
         self,
         structures: Sequence[str | int] | None = None,

@@ -174,7 +174,9 @@ def convert(
     listed = set(root.attrs["ctzarr"].get("cases", ()))
     finalize_collection(
         root,
-        changed=[r.case_id for r in report.results if r.status != "skipped" or r.case_id not in listed],
+        changed=[
+            r.case_id for r in report.results if r.status != "skipped" or r.case_id not in listed
+        ],
     )
     return report
 
@@ -309,6 +311,7 @@ STAGING = "staging"
 
 def remove_staging(root: zarr.Group, case_id: str) -> list[str]:
     """Delete leftover staging groups of a case (an interrupted replacement); return them."""
+
     async def find() -> list[str]:
         found = set()
         async for key in root.store.list_prefix(f"{STAGING}/"):

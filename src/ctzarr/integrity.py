@@ -71,7 +71,9 @@ ALLOWED_DTYPES = frozenset(
 #: node names ctzarr writes: segmentation names, levels, "labels", "index", "histogram", "nifti"
 _NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
-_BLOSC_HEADER = struct.Struct("<BBBBIII")  # version, versionlz, flags, typesize, nbytes, blocksize, cbytes
+_BLOSC_HEADER = struct.Struct(
+    "<BBBBIII"
+)  # version, versionlz, flags, typesize, nbytes, blocksize, cbytes
 _CRC = 4  # bytes of the crc32c codec's trailer
 _INDEX_ENTRY = 16  # (offset, nbytes) as two little-endian uint64
 _EMPTY = 2**64 - 1
@@ -247,7 +249,10 @@ def _layout(path: str, meta: Any, where: str) -> ArrayLayout:
         raise bad(f"shape {shape} exceeds the caps ({MAX_ELEMENTS} elements, 3 dimensions)")
     if not isinstance(meta.chunk_grid, RegularChunkGridMetadata):
         raise bad("chunk grid is not regular")
-    if meta.chunk_key_encoding.to_dict() != {"name": "default", "configuration": {"separator": "/"}}:
+    if meta.chunk_key_encoding.to_dict() != {
+        "name": "default",
+        "configuration": {"separator": "/"},
+    }:
         raise bad("chunk key encoding is not the default '/'")
     grid = tuple(int(c) for c in meta.chunk_grid.chunk_shape)
     codecs = list(meta.codecs)
@@ -255,7 +260,9 @@ def _layout(path: str, meta: Any, where: str) -> ArrayLayout:
     if sharded:
         shard = codecs[0]
         inner = tuple(int(c) for c in shard.chunk_shape)
-        if str(getattr(shard.index_location, "value", shard.index_location)) != "end" or [type(c) for c in shard.index_codecs] != [
+        if str(getattr(shard.index_location, "value", shard.index_location)) != "end" or [
+            type(c) for c in shard.index_codecs
+        ] != [
             BytesCodec,
             Crc32cCodec,
         ]:
@@ -368,7 +375,9 @@ def _parse_index(index: bytes, layout: ArrayLayout, where: str) -> np.ndarray:
     return np.frombuffer(body, dtype="<u8").reshape(-1, 2)
 
 
-def _inner_ranges(entries: np.ndarray, shard_nbytes: int, layout: ArrayLayout, where: str) -> list[tuple[int, int]]:
+def _inner_ranges(
+    entries: np.ndarray, shard_nbytes: int, layout: ArrayLayout, where: str
+) -> list[tuple[int, int]]:
     out = []
     for off, n in entries.tolist():
         if off == _EMPTY and n == _EMPTY:
@@ -407,9 +416,7 @@ class CheckedArray:
         self._records = dict(records)
         self._where = where
         store = array.store
-        self._local_dir = (
-            Path(store.root) / array.path if isinstance(store, LocalStore) else None
-        )
+        self._local_dir = Path(store.root) / array.path if isinstance(store, LocalStore) else None
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):  # unpickling looks up __setstate__ before _array exists
@@ -460,13 +467,17 @@ class CheckedArray:
         except FileNotFoundError:
             if rec is None:
                 return  # never stored: all fill (background), as the manifest says
-            raise ChunkMissingError(f"{where}: missing from the store (the manifest lists it)") from None
+            raise ChunkMissingError(
+                f"{where}: missing from the store (the manifest lists it)"
+            ) from None
         except OSError as exc:  # ELOOP: a symlink
             raise UnsafeStoreError(f"{where}: cannot be opened safely: {exc}") from exc
         try:
             size = os.fstat(fd).st_size
             if rec is None:
-                raise ChunkCorruptError(f"{where}: stored but not in the manifest (foreign or moved)")
+                raise ChunkCorruptError(
+                    f"{where}: stored but not in the manifest (foreign or moved)"
+                )
             if size != rec.nbytes:
                 raise ChunkCorruptError(
                     f"{where}: {size} bytes stored, the manifest says {rec.nbytes} (truncated or replaced)"
@@ -478,7 +489,9 @@ class CheckedArray:
             assert lay.index_nbytes is not None
             index = os.pread(fd, lay.index_nbytes, size - lay.index_nbytes)
             if crc32c(index) != rec.index_crc32c:
-                raise ChunkCorruptError(f"{where}: shard index differs from the manifest (swapped or replaced)")
+                raise ChunkCorruptError(
+                    f"{where}: shard index differs from the manifest (swapped or replaced)"
+                )
             for off, n in _inner_ranges(_parse_index(index, lay, where), size, lay, where):
                 _check_chunk(os.pread(fd, n, off), lay, where)
         finally:
@@ -542,7 +555,10 @@ class StrictStore(WrapperStore[Store]):
         return layout, chunk_key, self._manifest.records(array_path).get(chunk_key)
 
     def _check(
-        self, key: str, info: tuple[ArrayLayout, str, ShardRecord | None], byte_range: ByteRequest | None,
+        self,
+        key: str,
+        info: tuple[ArrayLayout, str, ShardRecord | None],
+        byte_range: ByteRequest | None,
         buf: Buffer | None,
     ) -> None:
         layout, chunk_key, rec = info
@@ -564,12 +580,20 @@ class StrictStore(WrapperStore[Store]):
                     _check_header(data[off : off + 16], n, layout, where)
             else:
                 _check_header(data[:16], len(data), layout, where)
-        elif isinstance(byte_range, SuffixByteRequest) and layout.sharded and byte_range.suffix == layout.index_nbytes:
+        elif (
+            isinstance(byte_range, SuffixByteRequest)
+            and layout.sharded
+            and byte_range.suffix == layout.index_nbytes
+        ):
             if crc32c(data) != rec.index_crc32c:
-                raise ChunkCorruptError(f"{where}: shard index differs from the manifest (swapped or replaced)")
+                raise ChunkCorruptError(
+                    f"{where}: shard index differs from the manifest (swapped or replaced)"
+                )
         elif isinstance(byte_range, RangeByteRequest) and layout.sharded:
             if len(data) != byte_range.end - byte_range.start:
-                raise ChunkCorruptError(f"{where}: short read ({len(data)} of {byte_range.end - byte_range.start} bytes)")
+                raise ChunkCorruptError(
+                    f"{where}: short read ({len(data)} of {byte_range.end - byte_range.start} bytes)"
+                )
             _check_header(data[:16], len(data), layout, where)
         else:  # other ranges are not issued by zarr for these layouts
             raise ChunkCorruptError(f"{where}: unexpected partial read {byte_range!r}")
@@ -637,9 +661,13 @@ def check_objects(case: Any) -> list[str]:
         for key in sorted(stored - set(records)):
             problems.append(f"array {array_path!r} chunk {key}: stored but not in the manifest")
         for key, rec in sorted(records.items()):
-            buf = sync(store.get(f"{base}/{array_path}/{key}", prototype=default_buffer_prototype()))
+            buf = sync(
+                store.get(f"{base}/{array_path}/{key}", prototype=default_buffer_prototype())
+            )
             if buf is None:
-                problems.append(f"array {array_path!r} chunk {key}: missing (the manifest lists it)")
+                problems.append(
+                    f"array {array_path!r} chunk {key}: missing (the manifest lists it)"
+                )
                 continue
             data = buf.to_bytes()
             if len(data) != rec.nbytes or crc32c(data) != rec.crc32c:

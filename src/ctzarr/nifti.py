@@ -120,9 +120,7 @@ class NiftiSource:
         header alone (:func:`open_nifti`).
         """
         values = (
-            apply_read_scaling(raw, *_typed_scaling(self.slope, self.inter))
-            if self.scaled
-            else raw
+            apply_read_scaling(raw, *_typed_scaling(self.slope, self.inter)) if self.scaled else raw
         )
         if raw.dtype.kind == "f" and values.size:
             self._check_float_values(raw, values)
@@ -201,7 +199,11 @@ class NiftiSource:
             except (EOFError, OSError, ValueError) as exc:  # gzip CRC/length/deflate faults
                 # Bytes after a complete first member are read as a second member: too few
                 # end it early ("ended before"), more fail its magic ("Not a gzipped file").
-                tail = _bytes_after_first_member(self.path, self.storage_options) if self.compressed else 0
+                tail = (
+                    _bytes_after_first_member(self.path, self.storage_options)
+                    if self.compressed
+                    else 0
+                )
                 if tail:
                     raise self.error(
                         f"trailing data after the gzip stream: {tail} bytes that are not gzip "
@@ -576,9 +578,7 @@ def _scaling(
     slope, inter = float(hdr["scl_slope"]), float(hdr["scl_inter"])
     if slope == 0 or math.isnan(slope):
         if math.isnan(slope) or inter != 0:
-            notes.append(
-                f"scl_slope {slope} (scl_inter {inter}): no scaling applied (NIfTI rule)"
-            )
+            notes.append(f"scl_slope {slope} (scl_inter {inter}): no scaling applied (NIfTI rule)")
         return 1.0, 0.0
     if not math.isfinite(slope) or not math.isfinite(inter):
         raise fail(f"non-finite scaling: scl_slope={slope}, scl_inter={inter}")

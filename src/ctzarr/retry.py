@@ -75,15 +75,31 @@ ENV_MAX_BACKOFF_S = "CTZARR_MAX_BACKOFF_S"
 #: HTTP statuses worth another attempt: request timeout, rate limited, server-side faults.
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 #: S3 error codes worth another attempt (some arrive with a 400 status).
-RETRY_S3_CODES = frozenset({
-    "SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded",
-    "TooManyRequestsException", "RequestThrottled", "RequestTimeout", "InternalError",
-    "ServiceUnavailable", "OperationAborted",
-})
-PERMISSION_S3_CODES = frozenset({
-    "AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch",
-    "ExpiredToken", "InvalidToken", "AccountProblem",
-})
+RETRY_S3_CODES = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "RequestLimitExceeded",
+        "TooManyRequestsException",
+        "RequestThrottled",
+        "RequestTimeout",
+        "InternalError",
+        "ServiceUnavailable",
+        "OperationAborted",
+    }
+)
+PERMISSION_S3_CODES = frozenset(
+    {
+        "AccessDenied",
+        "AllAccessDisabled",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "ExpiredToken",
+        "InvalidToken",
+        "AccountProblem",
+    }
+)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -131,7 +147,12 @@ def parse_seconds(value: str | float, name: str, *, allow_zero: bool) -> float:
         seconds = float(value.strip() if isinstance(value, str) else value)
     except (TypeError, ValueError):
         seconds = math.nan
-    if isinstance(value, bool) or not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
+    if (
+        isinstance(value, bool)
+        or not math.isfinite(seconds)
+        or seconds < 0
+        or (seconds == 0 and not allow_zero)
+    ):
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name} must be a finite number of seconds {bound}, got {value!r}")
     return seconds
@@ -184,10 +205,17 @@ class RetryPolicy:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "retries", parse_retries(self.retries))
-        object.__setattr__(self, "backoff_s", parse_seconds(self.backoff_s, "backoff_s", allow_zero=True))
-        object.__setattr__(self, "max_backoff_s",
-                           parse_seconds(self.max_backoff_s, "max_backoff_s", allow_zero=True))
-        object.__setattr__(self, "timeout_s", parse_seconds(self.timeout_s, "timeout_s", allow_zero=False))
+        object.__setattr__(
+            self, "backoff_s", parse_seconds(self.backoff_s, "backoff_s", allow_zero=True)
+        )
+        object.__setattr__(
+            self,
+            "max_backoff_s",
+            parse_seconds(self.max_backoff_s, "max_backoff_s", allow_zero=True),
+        )
+        object.__setattr__(
+            self, "timeout_s", parse_seconds(self.timeout_s, "timeout_s", allow_zero=False)
+        )
 
     @property
     def attempts(self) -> int:
@@ -196,7 +224,7 @@ class RetryPolicy:
 
     def nominal_backoff_s(self, retry: int) -> float:
         """Nominal sleep before retry number ``retry`` (0-based): the upper end of its range."""
-        return min(self.max_backoff_s, self.backoff_s * 2.0 ** retry)
+        return min(self.max_backoff_s, self.backoff_s * 2.0**retry)
 
     @property
     def max_sleep_s(self) -> float:
@@ -221,7 +249,9 @@ class RetryPolicy:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, base: RetryPolicy | None = None) -> RetryPolicy:
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, base: RetryPolicy | None = None
+    ) -> RetryPolicy:
         """The policy of ``base`` (default: the built-in defaults) with the CTZARR_* variables set
         in ``environ`` (default ``os.environ``) applied; raises ValueError naming a bad one."""
         env = os.environ if environ is None else environ
@@ -229,16 +259,21 @@ class RetryPolicy:
         changes: dict[str, Any] = {}
         if env.get(ENV_RETRIES, "").strip():
             changes["retries"] = parse_retries(env[ENV_RETRIES], ENV_RETRIES)
-        for var, fld, zero in ((ENV_TIMEOUT_S, "timeout_s", False), (ENV_BACKOFF_S, "backoff_s", True),
-                               (ENV_MAX_BACKOFF_S, "max_backoff_s", True)):
+        for var, fld, zero in (
+            (ENV_TIMEOUT_S, "timeout_s", False),
+            (ENV_BACKOFF_S, "backoff_s", True),
+            (ENV_MAX_BACKOFF_S, "max_backoff_s", True),
+        ):
             if env.get(var, "").strip():
                 changes[fld] = parse_seconds(env[var], var, allow_zero=zero)
         return dataclasses.replace(policy, **changes) if changes else policy
 
     def describe(self) -> str:
         """One line for messages: the settings and where to change them."""
-        return (f"retries={self.retries}, timeout_s={self.timeout_s:g} "
-                f"(set {ENV_RETRIES} / {ENV_TIMEOUT_S}, or retry=RetryPolicy(...))")
+        return (
+            f"retries={self.retries}, timeout_s={self.timeout_s:g} "
+            f"(set {ENV_RETRIES} / {ENV_TIMEOUT_S}, or retry=RetryPolicy(...))"
+        )
 
 
 _lock = threading.Lock()
@@ -282,11 +317,11 @@ def retry_policy(policy: RetryPolicy | None = None, /, **changes: Any) -> Iterat
 # what a fault is
 # ------------------------------------------------------------------------------------------------
 class FaultKind(enum.Enum):
-    PASS = "pass"              # not a remote fault (missing key, programming error): untouched
+    PASS = "pass"  # not a remote fault (missing key, programming error): untouched
     PERMISSION = "permission"  # 401/403: fail at once
-    PERMANENT = "permanent"    # other 4xx, TLS: fail at once
-    CONNECT = "connect"        # refused, unknown host, connect timeout: retried once reached
-    TRANSIENT = "transient"    # 5xx, 429, reset, cut body, read timeout: retried
+    PERMANENT = "permanent"  # other 4xx, TLS: fail at once
+    CONNECT = "connect"  # refused, unknown host, connect timeout: retried once reached
+    TRANSIENT = "transient"  # 5xx, 429, reset, cut body, read timeout: retried
 
 
 @dataclass(frozen=True)
@@ -375,7 +410,11 @@ def _one(exc: BaseException) -> Fault | None:
         connect += (boto.EndpointConnectionError, boto.ConnectTimeoutError)
     if isinstance(exc, connect):
         return Fault(FaultKind.CONNECT, f"cannot connect ({_describe(exc)})")
-    transient: tuple[type[BaseException], ...] = (TimeoutError, ConnectionError, asyncio.IncompleteReadError)
+    transient: tuple[type[BaseException], ...] = (
+        TimeoutError,
+        ConnectionError,
+        asyncio.IncompleteReadError,
+    )
     if aiohttp is not None:
         transient += (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError)
     if boto is not None:
@@ -383,7 +422,9 @@ def _one(exc: BaseException) -> Fault | None:
     if isinstance(exc, transient):
         if isinstance(exc, TimeoutError):
             return Fault(FaultKind.TRANSIENT, f"no response in time ({_describe(exc)})")
-        return Fault(FaultKind.TRANSIENT, _describe(exc), answered=not isinstance(exc, ConnectionError))
+        return Fault(
+            FaultKind.TRANSIENT, _describe(exc), answered=not isinstance(exc, ConnectionError)
+        )
     if name == "ResponseParserError":  # botocore: throttling answers sometimes carry invalid XML
         return Fault(FaultKind.TRANSIENT, _describe(exc), answered=True)
     if aiohttp is not None and isinstance(exc, aiohttp.ClientError):
@@ -409,7 +450,10 @@ def classify(exc: BaseException) -> Fault:
         import aiohttp
         import botocore.exceptions as boto
 
-        with_status: tuple[type[BaseException], ...] = (aiohttp.ClientResponseError, boto.ClientError)
+        with_status: tuple[type[BaseException], ...] = (
+            aiohttp.ClientResponseError,
+            boto.ClientError,
+        )
     except ImportError:  # pragma: no cover - s3fs not installed
         import aiohttp
 
@@ -437,7 +481,11 @@ def _single_try_filesystem(store: Store) -> None:
     fs = getattr(store, "fs", None)
     protocols = getattr(fs, "protocol", ())
     protocols = (protocols,) if isinstance(protocols, str) else tuple(protocols)
-    if fs is not None and {"s3", "s3a"} & set(protocols) and isinstance(getattr(fs, "retries", None), int):
+    if (
+        fs is not None
+        and {"s3", "s3a"} & set(protocols)
+        and isinstance(getattr(fs, "retries", None), int)
+    ):
         fs.retries = 1
 
 
@@ -481,7 +529,11 @@ class RetryingStore(WrapperStore[Store]):
         _single_try_filesystem(self._store)  # the unpickled filesystem has the class default
 
     def __eq__(self, value: object) -> bool:
-        return isinstance(value, RetryingStore) and self.policy == value.policy and super().__eq__(value)
+        return (
+            isinstance(value, RetryingStore)
+            and self.policy == value.policy
+            and super().__eq__(value)
+        )
 
     def __repr__(self) -> str:
         return f"RetryingStore({self.url!r}, retries={self.policy.retries}, timeout_s={self.policy.timeout_s:g})"
@@ -510,18 +562,34 @@ class RetryingStore(WrapperStore[Store]):
                     fault.kind is FaultKind.CONNECT and self._answered
                 )
                 if not retry or attempt >= policy.attempts:
-                    raise self._error(operation, key, fault, attempt, time.monotonic() - start,
-                                      retried=retry) from exc
+                    raise self._error(
+                        operation, key, fault, attempt, time.monotonic() - start, retried=retry
+                    ) from exc
                 delay = policy.sleep_s(attempt - 1, fault.retry_after_s)
-                logger.info("%s %s: %s; retry %d of %d in %.2f s", operation, _join(self.url, key),
-                            fault.description, attempt, policy.retries, delay)
+                logger.info(
+                    "%s %s: %s; retry %d of %d in %.2f s",
+                    operation,
+                    _join(self.url, key),
+                    fault.description,
+                    attempt,
+                    policy.retries,
+                    delay,
+                )
                 await asyncio.sleep(delay)
             else:
                 self._answered = True
                 return result
 
-    def _error(self, operation: str, key: str, fault: Fault, attempts: int, elapsed_s: float,
-               *, retried: bool) -> RemoteStoreError:
+    def _error(
+        self,
+        operation: str,
+        key: str,
+        fault: Fault,
+        attempts: int,
+        elapsed_s: float,
+        *,
+        retried: bool,
+    ) -> RemoteStoreError:
         url = _join(self.url, key)
         if retried:
             how = f"gave up after {attempts} attempt{'s' if attempts > 1 else ''} in {elapsed_s:.1f} s"
@@ -536,16 +604,20 @@ class RetryingStore(WrapperStore[Store]):
         return err
 
     # -- reads ------------------------------------------------------------------------------------
-    async def get(self, key: str, prototype: BufferPrototype,
-                  byte_range: ByteRequest | None = None) -> Buffer | None:
+    async def get(
+        self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None
+    ) -> Buffer | None:
         return await self._call("read", key, lambda: self._store.get(key, prototype, byte_range))
 
-    async def get_partial_values(self, prototype: BufferPrototype,
-                                 key_ranges: Iterable[tuple[str, ByteRequest | None]]) -> list[Buffer | None]:
+    async def get_partial_values(
+        self, prototype: BufferPrototype, key_ranges: Iterable[tuple[str, ByteRequest | None]]
+    ) -> list[Buffer | None]:
         pairs = list(key_ranges)
         keys = sorted({k for k, _ in pairs})
         label = keys[0] if len(keys) == 1 else f"{{{len(keys)} keys}}"
-        return await self._call("read", label, lambda: self._store.get_partial_values(prototype, pairs))
+        return await self._call(
+            "read", label, lambda: self._store.get_partial_values(prototype, pairs)
+        )
 
     async def get_ranges(
         self,
@@ -558,10 +630,19 @@ class RetryingStore(WrapperStore[Store]):
         max_coalesced_bytes: int | None = None,
     ) -> AsyncIterator[Sequence[tuple[int, Buffer | None]]]:
         # zarr's own coalescing over our (retried) get; the wrapped FsspecStore has no override
-        kwargs = {k: v for k, v in (("max_concurrency", max_concurrency), ("max_gap_bytes", max_gap_bytes),
-                                    ("max_coalesced_bytes", max_coalesced_bytes)) if v is not None}
+        kwargs = {
+            k: v
+            for k, v in (
+                ("max_concurrency", max_concurrency),
+                ("max_gap_bytes", max_gap_bytes),
+                ("max_coalesced_bytes", max_coalesced_bytes),
+            )
+            if v is not None
+        }
         try:
-            async for group in Store.get_ranges(self, key, byte_ranges, prototype=prototype, **kwargs):
+            async for group in Store.get_ranges(
+                self, key, byte_ranges, prototype=prototype, **kwargs
+            ):
                 yield group
         except BaseExceptionGroup as group_error:
             # the sharding codec reads FileNotFoundError in the group as "shard gone"; our own

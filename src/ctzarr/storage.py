@@ -96,7 +96,9 @@ def remote_storage_options(
         import aiohttp
 
         client_kwargs = dict(options.get("client_kwargs") or {})
-        client_kwargs.setdefault("timeout", aiohttp.ClientTimeout(total=None, sock_connect=t, sock_read=t))
+        client_kwargs.setdefault(
+            "timeout", aiohttp.ClientTimeout(total=None, sock_connect=t, sock_read=t)
+        )
         options["client_kwargs"] = client_kwargs
     elif protocol in ("s3", "s3a"):
         config_kwargs = dict(options.get("config_kwargs") or {})
@@ -158,7 +160,9 @@ def make_store(
     if is_remote(url):
         protocol = _protocol(url)
         if protocol == "memory":  # in-process: nothing transient to retry, nothing to time out
-            return FsspecStore.from_url(url, storage_options=dict(storage_options or {}), read_only=read_only)
+            return FsspecStore.from_url(
+                url, storage_options=dict(storage_options or {}), read_only=read_only
+            )
         policy = retry if retry is not None else current_retry_policy()
         options = remote_storage_options(url, storage_options, policy)
         inner = FsspecStore.from_url(url, storage_options=options, read_only=read_only)

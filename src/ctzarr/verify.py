@@ -123,7 +123,9 @@ def _check_locks_and_staging(
         if not lock_is_stale(rec):
             live.add(cid)
             continue
-        report.problems.append(f"case {cid!r}: stale lock (pid {rec.get('pid')} on {rec.get('host')!r})")
+        report.problems.append(
+            f"case {cid!r}: stale lock (pid {rec.get('pid')} on {rec.get('host')!r})"
+        )
         if repair:
             lock = CaseLock(_writable_store(col, storage_options), cid)
             lock._delete()
@@ -133,9 +135,14 @@ def _check_locks_and_staging(
         cid = name.rpartition("-")[0]
         if not cid or cid in live:
             continue  # a replacement being written right now
-        report.problems.append(f"case {cid!r}: leftover of an interrupted replacement ({STAGING}/{name})")
+        report.problems.append(
+            f"case {cid!r}: leftover of an interrupted replacement ({STAGING}/{name})"
+        )
         if repair:
-            remove_staging(zarr.open_group(_writable_store(col, storage_options), mode="r+", zarr_format=3), cid)
+            remove_staging(
+                zarr.open_group(_writable_store(col, storage_options), mode="r+", zarr_format=3),
+                cid,
+            )
             report.repaired.append(f"{STAGING}/{name}")
 
 
@@ -157,12 +164,16 @@ def _check_case(col: Any, cid: str, report: VerifyReport) -> None:
     for seg in case.segmentation_names:
         lm = col.segmentations.get(seg)
         if lm is None:
-            problems.append(f"case {cid!r}: segmentation {seg!r} has no label map in the collection")
+            problems.append(
+                f"case {cid!r}: segmentation {seg!r} has no label map in the collection"
+            )
             continue
         try:
             idx = case.index(seg)
         except Exception as exc:
-            problems.append(f"case {cid!r}: segmentation {seg!r} index: {type(exc).__name__}: {exc}")
+            problems.append(
+                f"case {cid!r}: segmentation {seg!r} index: {type(exc).__name__}: {exc}"
+            )
             continue
         counts: np.ndarray | None = None
         for level in range(case.levels):

@@ -164,12 +164,19 @@ def _tune_malloc() -> None:
         pass
 
 
-def _warm_kernels(builders: dict[str, LabelIndexBuilder], lab_arrays: dict[str, list[zarr.Array]],
-                  value_dtype: np.dtype[Any]) -> None:
+def _warm_kernels(
+    builders: dict[str, LabelIndexBuilder],
+    lab_arrays: dict[str, list[zarr.Array]],
+    value_dtype: np.dtype[Any],
+) -> None:
     """Run the index kernel once on a tiny slab of each (label, value) dtype pair."""
     for name, builder in builders.items():
-        tiny = LabelIndexBuilder(builder.values, (1, 1, 1), (1, 1, 1), label_dtype=lab_arrays[name][0].dtype)
-        tiny.update(0, np.zeros((1, 1, 1), lab_arrays[name][0].dtype), np.zeros((1, 1, 1), value_dtype))
+        tiny = LabelIndexBuilder(
+            builder.values, (1, 1, 1), (1, 1, 1), label_dtype=lab_arrays[name][0].dtype
+        )
+        tiny.update(
+            0, np.zeros((1, 1, 1), lab_arrays[name][0].dtype), np.zeros((1, 1, 1), value_dtype)
+        )
 
 
 def _read_object(store: Any, key: str) -> bytes | None:
@@ -313,7 +320,9 @@ class CaseWriter:
             # process costs ~0.5 s even from its on-disk cache).
             pending: list[Any] = [
                 index_pool.submit(_warm_kernels, builders, lab_arrays, self.image.value_dtype),
-                write_pool.submit(downsample_image, np.zeros((2, 2, 2), self.image.raw_dtype.newbyteorder("="))),
+                write_pool.submit(
+                    downsample_image, np.zeros((2, 2, 2), self.image.raw_dtype.newbyteorder("="))
+                ),
             ]
             for parts in _prefetch(zip_longest(*streams)):
                 z0, raw = parts[0]
@@ -407,7 +416,9 @@ class CaseWriter:
         for seg, lab in zip(self.segmentations, labels, strict=True):
             self._write_pyramid(lab_arrays[seg.name], z0, lab, downsample_labels)
 
-    def _write_pyramid(self, arrays: list[zarr.Array], z0: int, slab: np.ndarray, down: Any) -> None:
+    def _write_pyramid(
+        self, arrays: list[zarr.Array], z0: int, slab: np.ndarray, down: Any
+    ) -> None:
         for level, arr in enumerate(arrays):
             zl = z0 >> level
             arr[zl : zl + slab.shape[0]] = slab
@@ -522,7 +533,10 @@ class CaseWriter:
         # Consolidate the metadata of every array and group of the case into its zarr.json
         # (one read opens a whole case: a cold crop over HTTP costs 6 requests, not 13), then
         # write the commit marker into that same document, last.
-        with warnings.catch_warnings(), compact_json():  # zarr: v3 consolidation is not in the spec yet
+        with (
+            warnings.catch_warnings(),
+            compact_json(),
+        ):  # zarr: v3 consolidation is not in the spec yet
             warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
             zarr.consolidate_metadata(self.root.store, path=self.path, zarr_format=3)
             case = zarr.open_group(self.root.store, path=self.path, mode="r+", zarr_format=3)
