@@ -199,6 +199,23 @@ def test_every_flipped_byte_of_a_shard_raises(pristine: Path, tmp_path: Path) ->
     assert detected == len(positions)
 
 
+def test_a_read_checks_the_inner_chunks_it_reads(store: Path, source: tuple[Path, Path]) -> None:
+    """Only the inner chunks a read touches are checked (a crop does not read whole shards), and
+    a damaged one among them raises although zarrs' partial decoder skips their crc32c."""
+    path = case_dir(store) / "0" / "c" / "0" / "0" / "0"  # CT shard: 3 x 2 inner chunks
+    data = bytearray(path.read_bytes())
+    index = np.frombuffer(bytes(data[-(6 * 16 + 4) : -4]), "<u8").reshape(6, 2)
+    offset, nbytes = (int(v) for v in index[5])  # inner chunk (y 2, x 1): y 128..130, x 64..70
+    data[offset + nbytes // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    ref = nifti_zyx(source[0].parent / f"{CASE}_ct.nii.gz")
+    image = ctzarr.open_collection(store)[CASE].image
+    np.testing.assert_array_equal(image[:64, :64, :64].values, ref[:64, :64, :64])
+    np.testing.assert_array_equal(image[:, :128, :].values, ref[:, :128, :])
+    with pytest.raises(ChunkCorruptError, match=r"array '0' chunk c/0/0/0.*crc32c"):
+        image[10:20, 129, 66].values  # noqa: B018
+
+
 # -- C4: damaged metadata --------------------------------------------------------------------------
 def _edit_case_json(store: Path, edit) -> None:  # type: ignore[no-untyped-def]
     path = case_dir(store) / "zarr.json"

@@ -9,17 +9,27 @@ rows of the cases it converted are replaced, the others are kept as they were.
 
 from __future__ import annotations
 
+import logging
+import uuid
 from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 import zarr
 
+from .errors import StoreError
 from .labelmaps import LabelMap
 from .stats import INTEGER_COLUMNS, STATS_COLUMNS, CaseGeometry, index_rows
 from .writer import _compressors, index_from_attributes
 
-__all__ = ["TABLE_NUMERIC_COLUMNS", "read_table_columns", "update_collection_table"]
+__all__ = [
+    "TABLE_NUMERIC_COLUMNS",
+    "TableMismatchError",
+    "read_table_columns",
+    "update_collection_table",
+]
+
+logger = logging.getLogger(__name__)
 
 #: numeric columns stored as arrays (case_id, segmentation and structure are stored as codes)
 TABLE_NUMERIC_COLUMNS = (
@@ -37,8 +47,16 @@ def _dtype(col: str) -> type:
     return np.float64
 
 
+class TableMismatchError(StoreError):
+    """The table's arrays and attributes come from different updates (an interrupted one)."""
+
+
 def read_table_columns(root: zarr.Group) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
-    """The stored table as columns plus its attributes, or None when there is none yet."""
+    """The stored table as columns plus its attributes, or None when there is none yet.
+
+    Raises :class:`TableMismatchError` when an update was interrupted between its writes: each
+    update stamps both arrays and, last, the group attributes with one token.
+    """
     if "index" not in root:
         return None
     grp = root["index"]
@@ -46,6 +64,16 @@ def read_table_columns(root: zarr.Group) -> tuple[dict[str, np.ndarray], dict[st
     attrs = grp.attrs.get("ctzarr")
     if not isinstance(attrs, dict) or attrs.get("format") != "stats-table-1":
         return None
+    arrays = [grp.get(name) for name in ("int_columns", "float_columns")]
+    tokens = {attrs.get("update")} | {
+        a.attrs.get("update") if isinstance(a, zarr.Array) else None for a in arrays
+    }
+    if len(tokens) != 1:
+        raise TableMismatchError(
+            f"the collection table of {root.store} is from an interrupted update (its parts "
+            "were written by different runs); a plain re-run of convert or ctzarr verify "
+            "--repair rebuilds it"
+        )
     ints, floats = np.asarray(grp["int_columns"][:]), np.asarray(grp["float_columns"][:])  # type: ignore[index]
     cols = {name: ints[:, i] for i, name in enumerate(attrs["int_columns"])}
     cols |= {name: floats[:, i] for i, name in enumerate(attrs["float_columns"])}
@@ -98,7 +126,11 @@ def _update_table(root: zarr.Group, changed: Iterable[str] | None = None) -> lis
     meta = dict(root.attrs["ctzarr"])
     label_maps = {k: LabelMap.from_dict(v) for k, v in meta.get("segmentations", {}).items()}
     seg_names = list(label_maps)
-    previous = None if changed is None else read_table_columns(root)
+    try:
+        previous = None if changed is None else read_table_columns(root)
+    except TableMismatchError:
+        logger.warning("collection table from an interrupted update: rebuilt from the cases")
+        previous = None
     if previous is None:
         cases_grp = root.require_group("cases")
         candidates = sorted(cases_grp.group_keys())
@@ -167,6 +199,7 @@ def _update_table(root: zarr.Group, changed: Iterable[str] | None = None) -> lis
     for i, name in enumerate(float_names):
         floats[:, i] = np.asarray(columns[name], dtype=np.float64)[order] if n else []
     table = root.require_group("index")
+    update = uuid.uuid4().hex
     for name, data in (("int_columns", ints), ("float_columns", floats)):
         arr = table.create_array(
             name,
@@ -176,6 +209,7 @@ def _update_table(root: zarr.Group, changed: Iterable[str] | None = None) -> lis
             overwrite=True,
             compressors=_compressors(),
             dimension_names=("row", "column"),
+            attributes={"update": update},
         )
         if n:
             arr[:] = data
@@ -183,6 +217,7 @@ def _update_table(root: zarr.Group, changed: Iterable[str] | None = None) -> lis
         {
             "ctzarr": {
                 "format": "stats-table-1",
+                "update": update,
                 "cases": committed,
                 "segmentations": seg_names,
                 "int_columns": int_names,

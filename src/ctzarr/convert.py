@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import zarr
 from zarr.core.sync import sync
+from zarr.abc.store import Store
 from zarr.storage import LocalStore
 
 from . import __version__
@@ -85,7 +86,7 @@ class ConversionReport:
 
 def convert(
     source: str | os.PathLike[str],
-    dest: str | os.PathLike[str],
+    dest: str | os.PathLike[str] | Store,
     *,
     layout: str | None = None,
     cases: Sequence[str] | None = None,
@@ -101,8 +102,9 @@ def convert(
     ----------
     source : str or path
         Dataset directory (or manifest CSV), local or fsspec URL.
-    dest : str or path
-        Collection store (``.zarr``), local or fsspec URL. Created if missing.
+    dest : str, path or zarr Store
+        Collection store (``.zarr``), local or fsspec URL, or a store object (not with
+        ``client``). Created if missing.
     layout : {"dap_atlas", "saros", "pairs"}, optional
         Detected when omitted.
     cases : list of str, optional
@@ -123,9 +125,19 @@ def convert(
     ConversionReport
         One result per case; ``report.ok`` is False when any case failed.
     """
-    source, dest = os.fspath(source), os.fspath(dest)
+    source = os.fspath(source)
+    if isinstance(dest, Store):
+        if client is not None:
+            raise TypeError(
+                "with a cluster, dest must be a path or URL (workers open it themselves), "
+                "not a store object"
+            )
+        dest_store: Store | None = dest
+        dest = str(dest)
+    else:
+        dest_store, dest = None, os.fspath(dest)
     so = dict(storage_options or {})
-    if so and not (is_remote(source) or is_remote(dest)):
+    if so and not (is_remote(source) or (dest_store is None and is_remote(dest))):
         raise TypeError("storage_options are only for remote URLs; source and dest are local")
     ds = load_source(
         source, layout=layout, labels=labels, storage_options=so if is_remote(source) else None
@@ -137,13 +149,13 @@ def convert(
         if unknown:
             raise LayoutError(f"{source}: no such cases: {unknown}")
         specs = [c for c in specs if c.case_id in wanted]
-    dest_so = so if is_remote(dest) else None
+    dest_so = so if dest_store is None and is_remote(dest) else None
     if client is not None:  # refuse credentials bound for a task graph before writing anything
         from .distributed import check_no_secrets
 
         check_no_secrets(dest_so)
         check_no_secrets(ds.storage_options)
-    root = open_or_create_collection(dest, ds, dest_so)
+    root = open_or_create_collection(dest if dest_store is None else dest_store, ds, dest_so)
     report = ConversionReport(dest)
     run = uuid.uuid4().hex  # this conversion, in the case locks and the committed cases
     if client is not None:
@@ -190,7 +202,7 @@ def _progress_bar(specs: Sequence[CaseSpec], enabled: bool) -> Any:
 
 
 def open_or_create_collection(
-    dest: str, ds: DatasetSource, storage_options: Mapping[str, Any] | None
+    dest: str | Store, ds: DatasetSource, storage_options: Mapping[str, Any] | None
 ) -> zarr.Group:
     """Open the collection at dest, creating it when absent; refuse foreign stores."""
     store = make_store(dest, storage_options=dict(storage_options) if storage_options else None)
@@ -199,23 +211,28 @@ def open_or_create_collection(
     except (FileNotFoundError, zarr.errors.GroupNotFoundError):
         root = None
     if root is None:
-        root = zarr.open_group(store, mode="w-", zarr_format=3)
-        root.attrs.put(
-            {
-                "ctzarr": {
-                    "kind": "collection",
-                    "format_version": FORMAT_VERSION,
-                    "dataset_id": ds.dataset_id,
-                    "layout": ds.layout,
-                    "segmentations": {k: v.to_dict() for k, v in ds.label_maps.items()},
-                    "sparse": dict(ds.sparse),
-                    "cases": [],
-                    "writer": f"ctzarr {__version__}",
-                }
+        attributes = {
+            "ctzarr": {
+                "kind": "collection",
+                "format_version": FORMAT_VERSION,
+                "dataset_id": ds.dataset_id,
+                "layout": ds.layout,
+                "segmentations": {k: v.to_dict() for k, v in ds.label_maps.items()},
+                "sparse": dict(ds.sparse),
+                "cases": [],
+                "writer": f"ctzarr {__version__}",
             }
-        )
-        root.require_group("cases")
-        return root
+        }
+        try:
+            # one write: the root zarr.json is born with its attributes (a fault between a
+            # bare group and its attributes would leave a store no later run accepts)
+            root = zarr.open_group(store, mode="w-", zarr_format=3, attributes=attributes)
+        except (FileExistsError, zarr.errors.ContainsGroupError):
+            # another converter created it meanwhile: use theirs (checked below)
+            root = zarr.open_group(store, mode="r+", zarr_format=3)
+        else:
+            root.require_group("cases")
+            return root
     meta = root.attrs.get("ctzarr")
     if not isinstance(meta, dict) or meta.get("kind") != "collection":
         raise StoreError(f"{dest}: exists and is not a ctzarr collection")
@@ -335,9 +352,12 @@ def swap_in(root: zarr.Group, staged: str, case_id: str) -> None:
 
     Local stores: one atomic ``renameat2(RENAME_EXCHANGE)`` of the two directories (readers see
     the old case or the new one, never a mix), then the old one is deleted. Object stores have no
-    rename: the new objects are copied over the old ones and the case's ``zarr.json`` (the
-    commit marker and manifest) last; a reader that opened the old case meanwhile gets an
-    integrity error from the manifest, never mixed voxels.
+    rename: the old case is first marked incomplete (its ``zarr.json`` rewritten without the
+    commit marker), then the new objects are copied over it and the new ``zarr.json`` (marker
+    and manifest) written last. During the copy the case reads as incomplete; a failure or a
+    kill in it leaves an incomplete case, which the next run removes and converts again: never
+    a mix of old and new objects under either manifest. A reader that opened the old case
+    before the swap gets an integrity error from its manifest, never mixed voxels.
     """
     store = root.store
     target = f"cases/{case_id}"
@@ -361,6 +381,7 @@ def swap_in(root: zarr.Group, staged: str, case_id: str) -> None:
     new_keys = sync(keys(f"{staged}/"))
     rel = [k[len(staged) + 1 :] for k in new_keys]
     marker = "zarr.json"
+    _mark_incomplete(store, f"{target}/{marker}")
     for r in sorted(rel, key=lambda k: k == marker):  # the case's zarr.json last
         if r == marker:
             for stale in {k[len(target) + 1 :] for k in sync(keys(f"{target}/"))} - set(rel):
@@ -369,13 +390,42 @@ def swap_in(root: zarr.Group, staged: str, case_id: str) -> None:
         assert buf is not None
         sync(store.set(f"{target}/{r}", buf))
     sync(store.delete_dir(staged))
+    _drop_empty_staging(store)
+
+
+def _mark_incomplete(store: Any, key: str) -> None:
+    """Rewrite a case's ``zarr.json`` with ``ctzarr.complete = false`` (the case disappears)."""
+    import json
+
+    from zarr.core.buffer import default_buffer_prototype
+
+    proto = default_buffer_prototype()
+    buf = sync(store.get(key, prototype=proto))
+    if buf is None:
+        return
+    doc = json.loads(buf.to_bytes())
+    doc.setdefault("attributes", {}).setdefault("ctzarr", {})["complete"] = False
+    sync(store.set(key, proto.buffer.from_bytes(json.dumps(doc, separators=(",", ":")).encode())))
 
 
 def _drop_empty_staging(store: Any) -> None:
-    """Remove an empty local ``staging/`` directory (zarr's hierarchy walk warns about it)."""
-    if isinstance(store, LocalStore):
-        with contextlib.suppress(OSError):  # not empty: another replacement is being built
-            (Path(store.root) / STAGING).rmdir()
+    """Remove ``staging/`` once no replacement is in it.
+
+    zarr wrote ``staging/zarr.json`` (an implicit parent group) when a staged case was
+    created; left behind, every ``--overwrite`` would leave an empty group at the root.
+    """
+
+    async def rest() -> list[str]:
+        return [k async for k in store.list_prefix(f"{STAGING}/")]
+
+    if not store.supports_listing:
+        return
+    if set(sync(rest())) <= {f"{STAGING}/zarr.json"}:
+        with contextlib.suppress(FileNotFoundError):
+            sync(store.delete(f"{STAGING}/zarr.json"))
+        if isinstance(store, LocalStore):
+            with contextlib.suppress(OSError):  # a replacement started meanwhile
+                (Path(store.root) / STAGING).rmdir()
 
 
 def _exchange(a: Path, b: Path) -> bool:

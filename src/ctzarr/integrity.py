@@ -23,6 +23,7 @@ Local stores are checked just before each read (the Rust pipeline reads files it
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import re
@@ -199,26 +200,52 @@ class ArrayLayout:
     def index_nbytes(self) -> int | None:
         return math.prod(self.chunks_per_shard) * _INDEX_ENTRY + _CRC if self.sharded else None
 
-    def keys_for(self, selection: Any) -> list[str]:
-        """Chunk keys of the stored objects a basic selection touches."""
-        ranges = []
+    def _extents(self, selection: Any) -> list[tuple[int, int]] | None:
+        """Per axis, the [start, stop) of elements a selection touches (None: nothing)."""
         sel = selection if isinstance(selection, tuple) else (selection,)
         sel = sel + (slice(None),) * (len(self.shape) - len(sel))
-        for k, n, g in zip(sel, self.shape, self.grid, strict=False):
+        out = []
+        for k, n in zip(sel, self.shape, strict=False):
             if isinstance(k, slice):
-                start, stop, _ = k.indices(n)
+                start, stop, step = k.indices(n)
+                if step < 0:
+                    start, stop = stop + 1, start + 1
                 if stop <= start:
-                    return []
-                ranges.append(range(start // g, (stop - 1) // g + 1))
+                    return None
+                out.append((start, stop))
             elif isinstance(k, (int, np.integer)):
                 i = int(k) % n if n else 0
-                ranges.append(range(i // g, i // g + 1))
-            else:  # fancy or ellipsis selections: every object of the array
-                ranges.append(range(-(-n // g)))
-        keys = [""]
-        for r in ranges:
-            keys = [f"{k}/{i}" for k in keys for i in r]
-        return ["c" + k for k in keys]
+                out.append((i, i + 1))
+            else:  # fancy or ellipsis selections: the whole axis
+                out.append((0, n))
+        return out
+
+    def keys_for(self, selection: Any) -> list[str]:
+        """Chunk keys of the stored objects a basic selection touches."""
+        return [key for key, _ in self.touched(selection)]
+
+    def touched(self, selection: Any) -> list[tuple[str, list[int]]]:
+        """(key, flat indices of the inner chunks read) of each stored object a selection
+        touches; unsharded objects have the one inner chunk 0."""
+        extents = self._extents(selection)
+        if extents is None:
+            return []
+        per_axis = [
+            range(start // g, (stop - 1) // g + 1)
+            for (start, stop), g in zip(extents, self.grid, strict=True)
+        ]
+        out = []
+        for idx in itertools.product(*per_axis):
+            inner_axes = []
+            for (start, stop), i, g, c in zip(extents, idx, self.grid, self.inner, strict=True):
+                lo, hi = max(start, i * g) - i * g, min(stop, (i + 1) * g) - i * g
+                inner_axes.append(range(lo // c, (hi - 1) // c + 1))
+            per_shard = self.chunks_per_shard
+            flat = [
+                int(np.ravel_multi_index(j, per_shard)) for j in itertools.product(*inner_axes)
+            ]
+            out.append(("c/" + "/".join(map(str, idx)), flat))
+        return out
 
 
 def _dtype_name(meta: Any) -> str:
@@ -313,20 +340,24 @@ def validate_case_metadata(group: zarr.Group, where: str) -> dict[str, ArrayLayo
 def check_local_links(root: Path, case_dir: Path, where: str) -> None:
     """Refuse a local case with a symlink (or the case itself) resolving outside the store."""
     top = root.resolve()
-    for path in [case_dir, *_walk(case_dir)]:
-        if path.is_symlink() or path == case_dir:
-            real = path.resolve()
-            if real != top and top not in real.parents:
-                raise UnsafeStoreError(
-                    f"{where}: {path.relative_to(root)} links outside the store (to {real}); refused"
-                )
+    for path in [case_dir, *_symlinks(case_dir)]:
+        real = path.resolve()
+        if real != top and top not in real.parents:
+            raise UnsafeStoreError(
+                f"{where}: {path.relative_to(root)} links outside the store (to {real}); refused"
+            )
 
 
-def _walk(top: Path) -> Iterable[Path]:
-    for dirpath, dirnames, filenames in os.walk(top, followlinks=False):
-        base = Path(dirpath)
-        for name in dirnames + filenames:
-            yield base / name
+def _symlinks(top: Path) -> Iterable[Path]:
+    """Symlinks below ``top``, not followed (``DirEntry`` types cost no extra ``stat``)."""
+    stack = [os.fspath(top)]
+    while stack:
+        with os.scandir(stack.pop()) as entries:
+            for entry in entries:
+                if entry.is_symlink():
+                    yield Path(entry.path)
+                elif entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
 
 
 # -- chunk checks shared by the local and remote paths -----------------------------------------
@@ -439,10 +470,11 @@ class CheckedArray:
         return len(self._array.shape)
 
     def __getitem__(self, selection: Any) -> Any:
-        keys = self._layout.keys_for(selection)
+        touched = self._layout.touched(selection)
+        keys = [key for key, _ in touched]
         if self._local_dir is not None:
-            for key in keys:
-                self._check_local(key)
+            for key, inner in touched:
+                self._check_local(key, inner)
         try:
             return self._array[selection]
         except (ChunkCorruptError, ChunkMissingError, UnsafeStoreError):
@@ -456,8 +488,9 @@ class CheckedArray:
                 f"{type(exc).__name__}: {exc} (run ctzarr verify for the exact chunk)"
             ) from exc
 
-    def _check_local(self, key: str) -> None:
-        """One stored object against the manifest; its frame headers against the chunk size."""
+    def _check_local(self, key: str, inner: Sequence[int]) -> None:
+        """One stored object against the manifest, and the inner chunks about to be read
+        (their crc32c, their frame headers against the chunk size)."""
         assert self._local_dir is not None
         where = _where(self._where, self._layout.path, key)
         rec = self._records.get(key)
@@ -492,7 +525,8 @@ class CheckedArray:
                 raise ChunkCorruptError(
                     f"{where}: shard index differs from the manifest (swapped or replaced)"
                 )
-            for off, n in _inner_ranges(_parse_index(index, lay, where), size, lay, where):
+            entries = _parse_index(index, lay, where)
+            for off, n in _inner_ranges(entries[list(inner)], size, lay, where):
                 _check_chunk(os.pread(fd, n, off), lay, where)
         finally:
             os.close(fd)

@@ -11,6 +11,7 @@ import numpy as np
 import zarr
 
 from .collection import open_collection
+from .collection_table import TableMismatchError, read_table_columns
 from .convert import case_state, finalize_collection, remove_case
 from .integrity import check_objects
 
@@ -91,6 +92,12 @@ def verify(
             _check_case(col, cid, report)
         except Exception as exc:  # a decode failure names the array and chunk
             report.problems.append(f"case {cid!r}: {type(exc).__name__}: {exc}")
+    try:
+        read_table_columns(root)
+    except TableMismatchError as exc:
+        report.problems.append(str(exc))
+        if repair:
+            report.repaired.append("collection table")
     if repair and report.repaired:
         finalize_collection(
             zarr.open_group(_writable_store(col, storage_options), mode="r+", zarr_format=3)
