@@ -21,14 +21,14 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.core.sync import sync
 from zarr.abc.store import Store
+from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
 from . import __version__
 from .errors import CaseExistsError, CaseMismatchError, CtzarrError, LayoutError, StoreError
 from .layouts import CaseSpec, DatasetSource, load_source
-from .locks import case_lock
+from .locks import case_lock, collection_lock, unwrap_store
 from .nifti import NiftiSource, open_nifti
 from .storage import is_remote, make_store
 from .writer import FORMAT_VERSION, CaseWriter, SegmentationSource
@@ -181,15 +181,19 @@ def convert(
         finally:
             if bar:
                 bar.close()
-    # skipped cases are already listed, unless a task of an earlier, interrupted run
-    # committed them after that run had updated the list
-    listed = set(root.attrs["ctzarr"].get("cases", ()))
-    finalize_collection(
-        root,
-        changed=[
-            r.case_id for r in report.results if r.status != "skipped" or r.case_id not in listed
-        ],
-    )
+    with collection_lock(root.store, run):  # one update of the list and table at a time
+        # skipped cases are already listed, unless a task of an earlier, interrupted run
+        # committed them after that run had updated the list
+        root = zarr.open_group(root.store, mode="r+", zarr_format=3)  # the list as it is now
+        listed = set(root.attrs["ctzarr"].get("cases", ()))
+        finalize_collection(
+            root,
+            changed=[
+                r.case_id
+                for r in report.results
+                if r.status != "skipped" or r.case_id not in listed
+            ],
+        )
     return report
 
 
@@ -423,9 +427,9 @@ def _drop_empty_staging(store: Any) -> None:
     if set(sync(rest())) <= {f"{STAGING}/zarr.json"}:
         with contextlib.suppress(FileNotFoundError):
             sync(store.delete(f"{STAGING}/zarr.json"))
-        if isinstance(store, LocalStore):
+        if (local := unwrap_store(store, LocalStore)) is not None:
             with contextlib.suppress(OSError):  # a replacement started meanwhile
-                (Path(store.root) / STAGING).rmdir()
+                (Path(local.root) / STAGING).rmdir()
 
 
 def _exchange(a: Path, b: Path) -> bool:

@@ -241,9 +241,7 @@ class ArrayLayout:
                 lo, hi = max(start, i * g) - i * g, min(stop, (i + 1) * g) - i * g
                 inner_axes.append(range(lo // c, (hi - 1) // c + 1))
             per_shard = self.chunks_per_shard
-            flat = [
-                int(np.ravel_multi_index(j, per_shard)) for j in itertools.product(*inner_axes)
-            ]
+            flat = [int(np.ravel_multi_index(j, per_shard)) for j in itertools.product(*inner_axes)]
             out.append(("c/" + "/".join(map(str, idx)), flat))
         return out
 

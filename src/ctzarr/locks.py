@@ -33,7 +33,15 @@ from zarr.storage import FsspecStore, LocalStore
 
 from .errors import CaseLockedError
 
-__all__ = ["LOCK_TTL_S", "CaseLock", "case_lock", "lock_is_stale", "read_lock"]
+__all__ = [
+    "COLLECTION_LOCK",
+    "LOCK_TTL_S",
+    "CaseLock",
+    "case_lock",
+    "collection_lock",
+    "lock_is_stale",
+    "read_lock",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -53,14 +61,22 @@ def _fs_path(store: FsspecStore, key: str) -> str:
     return f"{store.path.rstrip('/')}/{key}"
 
 
-def _fsspec_store(store: Store) -> FsspecStore | None:
-    """The FsspecStore under any wrappers (``RetryingStore``), or None."""
-    while not isinstance(store, FsspecStore):
+def unwrap_store[S: Store](store: Store, kind: type[S]) -> S | None:
+    """The store of type ``kind`` under any wrappers (``RetryingStore``, test wrappers), or None."""
+    while not isinstance(store, kind):
         inner = getattr(store, "_store", None)
         if not isinstance(inner, Store):
             return None
         store = inner
     return store
+
+
+def _fsspec_store(store: Store) -> FsspecStore | None:
+    return unwrap_store(store, FsspecStore)
+
+
+def _local_store(store: Store) -> LocalStore | None:
+    return unwrap_store(store, LocalStore)
 
 
 def _run(coro: Any) -> Any:
@@ -78,8 +94,8 @@ def read_lock(store: Store, case_id: str) -> dict[str, Any] | None:
     """The holder record of a case's lock, or None when unlocked."""
     key = lock_key(case_id)
     try:
-        if isinstance(store, LocalStore):
-            raw = _local_path(store, key).read_bytes()
+        if (local := _local_store(store)) is not None:
+            raw = _local_path(local, key).read_bytes()
         elif (fss := _fsspec_store(store)) is not None:
             raw = _run(fss.fs._cat_file(_fs_path(fss, key)))
         else:
@@ -147,8 +163,8 @@ class CaseLock:
         """Exclusive create; False when the lock object exists."""
         key = lock_key(self.case_id)
         store = self.store
-        if isinstance(store, LocalStore):
-            path = _local_path(store, key)
+        if (local := _local_store(store)) is not None:
+            path = _local_path(local, key)
             for attempt in range(3):
                 path.parent.mkdir(parents=True, exist_ok=True)
                 try:
@@ -186,8 +202,8 @@ class CaseLock:
     def _put(self, data: bytes) -> None:
         key = lock_key(self.case_id)
         store = self.store
-        if isinstance(store, LocalStore):
-            path = _local_path(store, key)
+        if (local := _local_store(store)) is not None:
+            path = _local_path(local, key)
             tmp = path.with_name(f".{path.name}.{self.token}")
             tmp.write_bytes(data)
             tmp.replace(path)
@@ -203,8 +219,8 @@ class CaseLock:
         key = lock_key(self.case_id)
         store = self.store
         with contextlib.suppress(FileNotFoundError):
-            if isinstance(store, LocalStore):
-                path = _local_path(store, key)
+            if (local := _local_store(store)) is not None:
+                path = _local_path(local, key)
                 path.unlink()
                 # an empty locks/ directory would be an unknown node to zarr's hierarchy walk
                 with contextlib.suppress(OSError):  # not empty: another case is being written
@@ -272,6 +288,34 @@ class CaseLock:
             self._thread.join(timeout=5)
         if not self.lost and self._still_ours():
             self._delete()
+
+
+#: the lock of the collection's case list and table (``@`` is never part of a case id)
+COLLECTION_LOCK = "@collection"
+#: seconds a run waits for another converter's update of the collection table
+COLLECTION_LOCK_WAIT_S = float(os.environ.get("CTZARR_COLLECTION_LOCK_WAIT_S", "300"))
+
+
+@contextlib.contextmanager
+def collection_lock(store: Store, run: str | None = None) -> Iterator[CaseLock]:
+    """Hold the lock of the collection's case list and table, waiting while another converter
+    updates them (their update is a read-modify-write of a few objects)."""
+    deadline = time.monotonic() + COLLECTION_LOCK_WAIT_S
+    pause = 0.02
+    while True:
+        lock = CaseLock(store, COLLECTION_LOCK, run)
+        try:
+            lock.acquire()
+            break
+        except CaseLockedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.5)
+    try:
+        yield lock
+    finally:
+        lock.release()
 
 
 @contextlib.contextmanager

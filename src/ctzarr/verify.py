@@ -14,6 +14,7 @@ from .collection import open_collection
 from .collection_table import TableMismatchError, read_table_columns
 from .convert import case_state, finalize_collection, remove_case
 from .integrity import check_objects
+from .locks import collection_lock
 
 __all__ = ["VerifyReport", "verify"]
 
@@ -99,9 +100,9 @@ def verify(
         if repair:
             report.repaired.append("collection table")
     if repair and report.repaired:
-        finalize_collection(
-            zarr.open_group(_writable_store(col, storage_options), mode="r+", zarr_format=3)
-        )
+        writable = _writable_store(col, storage_options)
+        with collection_lock(writable):
+            finalize_collection(zarr.open_group(writable, mode="r+", zarr_format=3))
     return report
 
 
