@@ -135,3 +135,26 @@ def test_verify_reports_and_repair_removes_leftovers(dap_copy: Path, tmp_path: P
     assert repaired.repaired == ["interrupted_case"]
     assert not (dest / "cases" / "interrupted_case").exists()
     assert verify(dest).ok
+
+
+def test_verify_finds_and_repair_removes_temporary_files_of_interrupted_writes(
+    dap_copy: Path, tmp_path: Path
+) -> None:
+    """B9: zarr's LocalStore writes ``<key>.<hex>.partial`` then renames it; a kill in between
+    leaves the temporary file. Reads are unaffected, verify flags it, --repair removes it."""
+    from ctzarr.verify import verify
+
+    dest = tmp_path / "p.zarr"
+    assert ctzarr.convert(dap_copy, dest, progress=False).ok
+    col = ctzarr.open_collection(dest)
+    cid = col.case_ids[0]
+    stray = dest / "cases" / cid / "zarr.0123abcd.partial"
+    stray.write_bytes(b'{"zarr_format": 3, "node_type": "gr')
+    before = col[cid].image.values
+    report = verify(dest)
+    assert report.problems == [
+        f"leftover temporary file of an interrupted write: cases/{cid}/zarr.0123abcd.partial"
+    ]
+    np.testing.assert_array_equal(ctzarr.open_collection(dest)[cid].image.values, before)
+    assert verify(dest, repair=True).repaired == [f"cases/{cid}/zarr.0123abcd.partial"]
+    assert not stray.exists() and verify(dest).ok

@@ -152,6 +152,15 @@ def _check_locks_and_staging(
                 cid,
             )
             report.repaired.append(f"{STAGING}/{name}")
+    if live:
+        return  # a conversion is running: its temporary files are not leftovers
+    # zarr's LocalStore writes <key>.<hex>.partial and renames it: a kill in between leaves it
+    partial = [k for k in sync(keys("")) if k.endswith(".partial")]
+    for key in partial:
+        report.problems.append(f"leftover temporary file of an interrupted write: {key}")
+        if repair:
+            sync(_writable_store(col, storage_options).delete(key))
+            report.repaired.append(key)
 
 
 def _writable_store(col: Any, storage_options: Mapping[str, Any] | None) -> Any:
