@@ -449,3 +449,21 @@ def test_errors_are_store_errors_for_callers(store: Path) -> None:
     assert issubclass(UnsafeStoreError, StoreError)
     assert issubclass(ChunkMissingError, KeyError)
     assert issubclass(ChunkCorruptError, ValueError)
+
+
+def test_g6_bomb_read_on_a_memory_limited_worker_is_refused_there(store: Path) -> None:
+    """G6: the scan task of a bomb store runs on a worker with a memory limit below the bomb:
+    our check refuses the chunk on the worker, the client gets the error, the worker lives on."""
+    import logging
+
+    import distributed
+
+    _plant_bomb(store, 2**30, fix_manifest=True)  # 1 GiB declared; the worker may use 1 GiB in all
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                                  memory_limit="1GiB", dashboard_address=":0",
+                                  silence_logs=logging.CRITICAL) as cluster, \
+            distributed.Client(cluster) as client:
+        before = set(client.scheduler_info()["workers"])
+        with pytest.raises(ChunkCorruptError, match=r"labels/seg/0.*chunk c/0/0/0"):
+            ctzarr.open_collection(store).stats(method="scan", client=client)
+        assert set(client.scheduler_info()["workers"]) == before  # not killed, not restarted
