@@ -1328,3 +1328,26 @@ def test_a18_header_text_and_extensions_are_not_copied(
         assert hdr[field].item() == b"", field
     assert int(hdr["vox_offset"]) == 352 and arr.shape == (348,)  # no extension kept
     np.testing.assert_array_equal(hdr.get_best_affine(), nib.load(str(good)).affine)
+
+
+@pytest.mark.parametrize(
+    ("value", "ok"),
+    [pytest.param(3507, True, id="int64-small-values"), pytest.param(2**62, False, id="int64-2^62")],
+)
+def test_a12_scaled_int64_is_checked_by_its_values(tmp_path: Path, value: int, ok: bool) -> None:
+    """An int64 image with scl_slope 0.5: the type's range alone exceeds 2**53, its values may
+    not (found by the round-trip property test); the values decide, as they stream."""
+    from ctzarr.nifti import open_nifti
+
+    data = np.full((3, 4, 5), value, np.int64)
+    img = nib.Nifti1Image(data, np.eye(4), dtype=np.int64)
+    img.header.set_slope_inter(0.5, 0.0)
+    path = tmp_path / "ct.nii.gz"
+    img.to_filename(path)
+    src = open_nifti(str(path), case_id="c")
+    if ok:
+        (_, slab), = list(src.iter_slabs(64))
+        np.testing.assert_array_equal(src.scale(slab), np.asanyarray(nib.load(path).dataobj).transpose(2, 1, 0))
+    else:
+        with pytest.raises(InvalidNiftiError, match=r"case 'c'.*takes int64 voxel values to 2.31e\+18, beyond"):
+            src.scale(next(iter(src.iter_slabs(64)))[1])

@@ -116,14 +116,21 @@ class NiftiSource:
 
         Float data are checked on the way: NaN and infinities are kept as they are (the index
         counts them), but a finite value that scaling makes infinite, or a finite value beyond
-        +/-2**53 (see :data:`MAX_ABS_VALUE`), is an error. Integer data were checked from the
-        header alone (:func:`open_nifti`).
+        +/-2**53 (see :data:`MAX_ABS_VALUE`), is an error. Scaled 8-byte integers are checked
+        here too; smaller integer types were checked from the header alone (:func:`open_nifti`).
         """
         values = (
             apply_read_scaling(raw, *_typed_scaling(self.slope, self.inter)) if self.scaled else raw
         )
         if raw.dtype.kind == "f" and values.size:
             self._check_float_values(raw, values)
+        elif self.scaled and raw.dtype.itemsize == 8 and values.size:
+            reach = max(abs(float(values.min())), abs(float(values.max())))
+            if reach > MAX_ABS_VALUE:
+                raise self.error(
+                    f"scaling (scl_slope={self.slope:g}, scl_inter={self.inter:g}) takes "
+                    f"{raw.dtype} voxel values to {reach:.3g}, beyond +/-2**53"
+                )
         return values
 
     def _check_float_values(self, raw: np.ndarray, values: np.ndarray) -> None:
@@ -582,7 +589,9 @@ def _scaling(
         return 1.0, 0.0
     if not math.isfinite(slope) or not math.isfinite(inter):
         raise fail(f"non-finite scaling: scl_slope={slope}, scl_inter={inter}")
-    if (slope, inter) != (1.0, 0.0) and raw_dtype.kind in "iu":
+    # 8-byte integers span beyond 2**53 by themselves: their scaled values are checked as they
+    # stream (NiftiSource.scale), the smaller types here from the header alone
+    if (slope, inter) != (1.0, 0.0) and raw_dtype.kind in "iu" and raw_dtype.itemsize < 8:
         info = np.iinfo(raw_dtype)
         reach = max(abs(float(info.min) * slope + inter), abs(float(info.max) * slope + inter))
         if not reach <= MAX_ABS_VALUE:
