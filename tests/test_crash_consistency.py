@@ -196,7 +196,8 @@ def faulty(dest: Path, fault: Fault) -> FaultyStore:
 def assert_only_interruption_leftovers(report: Any) -> None:
     """verify() found only what an interrupted run leaves: never a fault in a complete case."""
     leftovers = ("incomplete (left by an interrupted conversion)", "stale lock (",
-                 "leftover of an interrupted replacement", "from an interrupted update")
+                 "leftover of an interrupted replacement", "from an interrupted update",
+                 "leftover temporary file of an interrupted write")
     assert all(any(s in p for s in leftovers) for p in report.problems), str(report)
 
 

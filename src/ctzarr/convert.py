@@ -30,7 +30,7 @@ from .errors import CaseExistsError, CaseMismatchError, CtzarrError, LayoutError
 from .layouts import CaseSpec, DatasetSource, load_source
 from .locks import case_lock, collection_lock, unwrap_store
 from .nifti import NiftiSource, open_nifti
-from .storage import is_remote, make_store
+from .storage import is_remote, make_store, read_key, write_key
 from .writer import FORMAT_VERSION, CaseWriter, SegmentationSource
 
 __all__ = ["AFFINE_TOLERANCE_MM", "CaseResult", "ConversionReport", "convert"]
@@ -401,15 +401,12 @@ def _mark_incomplete(store: Any, key: str) -> None:
     """Rewrite a case's ``zarr.json`` with ``ctzarr.complete = false`` (the case disappears)."""
     import json
 
-    from zarr.core.buffer import default_buffer_prototype
-
-    proto = default_buffer_prototype()
-    buf = sync(store.get(key, prototype=proto))
-    if buf is None:
+    raw = read_key(store, key)
+    if raw is None:
         return
-    doc = json.loads(buf.to_bytes())
+    doc = json.loads(raw)
     doc.setdefault("attributes", {}).setdefault("ctzarr", {})["complete"] = False
-    sync(store.set(key, proto.buffer.from_bytes(json.dumps(doc, separators=(",", ":")).encode())))
+    write_key(store, key, json.dumps(doc, separators=(",", ":")).encode())
 
 
 def _drop_empty_staging(store: Any) -> None:

@@ -29,9 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from zarr.abc.store import Store
+from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore
 
 from .errors import CaseLockedError
+from .storage import read_key, write_key
 
 __all__ = [
     "COLLECTION_LOCK",
@@ -79,34 +81,10 @@ def _local_store(store: Store) -> LocalStore | None:
     return unwrap_store(store, LocalStore)
 
 
-def _run(coro: Any) -> Any:
-    """Run a filesystem coroutine on zarr's event loop, where the store's async fs lives.
-
-    The filesystems behind zarr stores are asynchronous instances (``memory://`` is wrapped in
-    ``AsyncFileSystemWrapper``): their blocking methods have no loop of their own.
-    """
-    from zarr.core.sync import sync
-
-    return sync(coro)
-
-
 def read_lock(store: Store, case_id: str) -> dict[str, Any] | None:
     """The holder record of a case's lock, or None when unlocked."""
-    key = lock_key(case_id)
-    try:
-        if (local := _local_store(store)) is not None:
-            raw = _local_path(local, key).read_bytes()
-        elif (fss := _fsspec_store(store)) is not None:
-            raw = _run(fss.fs._cat_file(_fs_path(fss, key)))
-        else:
-            from zarr.core.buffer import default_buffer_prototype
-            from zarr.core.sync import sync
-
-            buf = sync(store.get(key, prototype=default_buffer_prototype()))
-            if buf is None:
-                return None
-            raw = buf.to_bytes()
-    except FileNotFoundError:
+    raw = read_key(store, lock_key(case_id))
+    if raw is None:
         return None
     try:
         rec = json.loads(raw)
@@ -181,13 +159,13 @@ class CaseLock:
         if (fss := _fsspec_store(store)) is not None:
             path = _fs_path(fss, key)
             try:
-                _run(fss.fs._pipe_file(path, data, mode="create"))
+                sync(fss.fs._pipe_file(path, data, mode="create"))
             except FileExistsError:
                 return False
             except (TypeError, NotImplementedError):  # no conditional put: best effort
-                if _run(fss.fs._exists(path)):
+                if sync(fss.fs._exists(path)):
                     return False
-                _run(fss.fs._pipe_file(path, data))
+                sync(fss.fs._pipe_file(path, data))
             except OSError as exc:  # S3 answers 412 Precondition Failed
                 if "412" in str(exc) or "PreconditionFailed" in str(exc):
                     return False
@@ -200,37 +178,16 @@ class CaseLock:
         return self._still_ours()
 
     def _put(self, data: bytes) -> None:
-        key = lock_key(self.case_id)
-        store = self.store
-        if (local := _local_store(store)) is not None:
-            path = _local_path(local, key)
-            tmp = path.with_name(f".{path.name}.{self.token}")
-            tmp.write_bytes(data)
-            tmp.replace(path)
-        elif (fss := _fsspec_store(store)) is not None:
-            _run(fss.fs._pipe_file(_fs_path(fss, key), data))
-        else:
-            from zarr.core.buffer import default_buffer_prototype
-            from zarr.core.sync import sync
-
-            sync(store.set(key, default_buffer_prototype().buffer.from_bytes(data)))
+        write_key(self.store, lock_key(self.case_id), data)  # whole object (local: rename)
 
     def _delete(self) -> None:
         key = lock_key(self.case_id)
-        store = self.store
         with contextlib.suppress(FileNotFoundError):
-            if (local := _local_store(store)) is not None:
-                path = _local_path(local, key)
-                path.unlink()
-                # an empty locks/ directory would be an unknown node to zarr's hierarchy walk
-                with contextlib.suppress(OSError):  # not empty: another case is being written
-                    path.parent.rmdir()
-            elif (fss := _fsspec_store(store)) is not None:
-                _run(fss.fs._rm_file(_fs_path(fss, key)))
-            else:
-                from zarr.core.sync import sync
-
-                sync(store.delete(key))
+            sync(self.store.delete(key))
+        if (local := _local_store(self.store)) is not None:
+            # an empty locks/ directory would be an unknown node to zarr's hierarchy walk
+            with contextlib.suppress(OSError):  # not empty: another case is being written
+                _local_path(local, key).parent.rmdir()
 
     def _still_ours(self) -> bool:
         rec = read_lock(self.store, self.case_id)

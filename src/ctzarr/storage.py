@@ -13,7 +13,14 @@ from zarr.storage import FsspecStore, LocalStore
 
 from .retry import RetryingStore, RetryPolicy, current_retry_policy, redact_url
 
-__all__ = ["codec_pipeline", "compact_json", "make_store", "remote_storage_options"]
+__all__ = [
+    "codec_pipeline",
+    "compact_json",
+    "make_store",
+    "read_key",
+    "remote_storage_options",
+    "write_key",
+]
 
 #: zarr-python's Rust codec pipeline (PyPI ``zarrs``): reads 2-3x faster than the default
 #: pipeline on sharded arrays (benchmarks/README.md). Arrays bind their pipeline when they are
@@ -109,6 +116,28 @@ def remote_storage_options(
     elif protocol in _SELF_RETRYING:
         options.setdefault("requests_timeout", t)
     return options
+
+
+def read_key(store: Store, key: str) -> bytes | None:
+    """The bytes stored under one key, or None when absent (local files read directly)."""
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    if isinstance(store, LocalStore):
+        try:
+            return (store.root / key).read_bytes()
+        except FileNotFoundError:
+            return None
+    buf = sync(store.get(key, prototype=default_buffer_prototype()))
+    return None if buf is None else buf.to_bytes()
+
+
+def write_key(store: Store, key: str, data: bytes) -> None:
+    """Store the bytes under one key (a whole object)."""
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    sync(store.set(key, default_buffer_prototype().buffer.from_bytes(data)))
 
 
 def make_store(

@@ -30,20 +30,18 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import zip_longest
-from pathlib import Path
 from typing import Any
 
 import numba
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
-from zarr.storage import LocalStore
 
 from .integrity import ManifestBuilder
 from .label_index import LabelIndex, LabelIndexBuilder
 from .labelmaps import LabelMap
 from .nifti import NiftiSource
-from .storage import codec_pipeline, compact_json
+from .storage import codec_pipeline, compact_json, read_key
 
 __all__ = ["CHUNK", "FORMAT_VERSION", "CaseWriter", "SegmentationSource"]
 
@@ -177,20 +175,6 @@ def _warm_kernels(
         tiny.update(
             0, np.zeros((1, 1, 1), lab_arrays[name][0].dtype), np.zeros((1, 1, 1), value_dtype)
         )
-
-
-def _read_object(store: Any, key: str) -> bytes | None:
-    """The stored bytes of one key (None when absent)."""
-    if isinstance(store, LocalStore):
-        try:
-            return (Path(store.root) / key).read_bytes()
-        except FileNotFoundError:
-            return None
-    from zarr.core.buffer import default_buffer_prototype
-    from zarr.core.sync import sync
-
-    buf = sync(store.get(key, prototype=default_buffer_prototype()))
-    return None if buf is None else buf.to_bytes()
 
 
 def _prefetch(items: Iterator[Any], depth: int = 1) -> Iterator[Any]:
@@ -443,7 +427,7 @@ class CaseWriter:
         rest = [range(-(-n // g)) for n, g in zip(arr.shape[1:], grid[1:], strict=True)]
         for idx in itertools.product(zs, *rest):
             key = "c/" + "/".join(map(str, idx))
-            self.manifest.add(rel, key, _read_object(arr.store, f"{arr.path}/{key}"), index_nbytes)
+            self.manifest.add(rel, key, read_key(arr.store, f"{arr.path}/{key}"), index_nbytes)
 
     # -- metadata ---------------------------------------------------------------------------
     def write_index(self) -> None:
