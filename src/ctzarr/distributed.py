@@ -410,20 +410,24 @@ def _scan_task(url: str, options: dict[str, Any], case_id: str, segmentation: st
 
 def _scan_case(url: str, options: dict[str, Any], case_id: str, segmentation: str) -> Any:
     import dask
+    import zarr
     from distributed import get_worker
 
     from .collection import open_collection
     from .stats import scan_index_graph
 
-    col = open_collection(url, storage_options=options or None)
-    graph = scan_index_graph(col[case_id], segmentation)
     # use the threads the worker was given, not every core of the machine (oversubscription
-    # cost 35 % per case with two 1-thread workers on 2 cores, benchmarks/CLOUD.md)
+    # cost 35 % per case with two 1-thread workers on 2 cores, benchmarks/CLOUD.md): the dask
+    # pool inside the task, and the zarrs codec pipeline's decoding threads (bound when the
+    # arrays are opened, so the setting wraps the open)
     nthreads = get_worker().state.nthreads
-    if nthreads <= 1:
-        (idx,) = dask.compute(graph, scheduler="sync")
-    else:
-        (idx,) = dask.compute(graph, scheduler="threads", num_workers=nthreads)
+    with zarr.config.set({"threading.max_workers": nthreads}):
+        col = open_collection(url, storage_options=options or None)
+        graph = scan_index_graph(col[case_id], segmentation)
+        if nthreads <= 1:
+            (idx,) = dask.compute(graph, scheduler="sync")
+        else:
+            (idx,) = dask.compute(graph, scheduler="threads", num_workers=nthreads)
     return idx
 
 
