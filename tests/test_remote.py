@@ -127,14 +127,16 @@ def s3(s3_endpoint: str) -> Any:
     return s3_filesystem(s3_endpoint)
 
 
-BACKENDS = ["local", "memory", "s3", "http"]
+#: s3 and http are read through obstore by default (ctzarr.obstore_io); "-fsspec" reads the
+#: same store through s3fs / fsspec's HTTP filesystem (CTZARR_IO=fsspec)
+BACKENDS = ["local", "memory", "s3", "s3-fsspec", "http", "http-fsspec"]
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
 def backend(request: pytest.FixtureRequest, dap_source: Path, dap_store: Path,
             tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict[str, Any] | None]]:
     """(url, storage_options) of the DAP phantom collection on one backend."""
-    kind = request.param
+    kind = request.param.removesuffix("-fsspec")
     if kind == "local":
         yield str(dap_store), None
     elif kind == "memory":
@@ -159,6 +161,22 @@ def backend(request: pytest.FixtureRequest, dap_source: Path, dap_store: Path,
 # --------------------------------------------------------------------------------------------
 class TestBackends:
     """The collection reads the same on every backend (in the manner of zarr-python's StoreTests)."""
+
+    @pytest.fixture(autouse=True)
+    def io_path(self, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Pin the read library: obstore for "s3"/"http" (must be what the default picks), fsspec
+        for the "-fsspec" backends."""
+        param = request.node.callspec.params["backend"]
+        if param.endswith("-fsspec"):
+            monkeypatch.setenv("CTZARR_IO", "fsspec")
+        else:
+            monkeypatch.delenv("CTZARR_IO", raising=False)
+        url, so = request.getfixturevalue("backend")
+        store = ctzarr.open_collection(url, storage_options=so).root.store
+        inner = type(getattr(store, "_store", store)).__name__
+        expected = {"local": "LocalStore", "memory": "FsspecStore", "s3": "ObjectStore",
+                    "http": "ObjectStore"}.get(param, "FsspecStore")
+        assert inner == expected, (param, inner)
 
     def test_case_ids(self, backend: tuple[str, dict[str, Any] | None], dap_store: Path) -> None:
         url, so = backend
@@ -288,8 +306,16 @@ def _no_v2_probes_and_no_head(entries: list[tuple[str, str, str | None, int]]) -
         assert not path.endswith((".zarray", ".zgroup", ".zattrs", ".zmetadata")), entries
 
 
+@pytest.fixture(params=["obstore", "fsspec"])
+def io(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Reads through obstore (the default) or fsspec (CTZARR_IO=fsspec)."""
+    monkeypatch.setenv("CTZARR_IO", str(request.param))
+    return str(request.param)
+
+
 def test_cold_crop_over_http_within_request_budget(tall_server: tuple[str, Any],
-                                                   tall_site: tuple[Path, np.ndarray, np.ndarray]) -> None:
+                                                   tall_site: tuple[Path, np.ndarray, np.ndarray],
+                                                   io: str) -> None:
     url, log = tall_server
     _, ct, mask = tall_site
     log.clear()
@@ -310,7 +336,8 @@ def test_cold_crop_over_http_within_request_budget(tall_server: tuple[str, Any],
 
 
 def test_scan_over_http_reads_each_shard_about_once(tall_server: tuple[str, Any],
-                                                     tall_site: tuple[Path, np.ndarray, np.ndarray]) -> None:
+                                                     tall_site: tuple[Path, np.ndarray, np.ndarray],
+                                                     io: str) -> None:
     url, log = tall_server
     site, _, mask = tall_site
     store_dir = site / "t.zarr"
@@ -367,7 +394,7 @@ def _messages(exc: BaseException) -> str:
 
 
 def test_secret_never_leaks(s3_endpoint: str, s3: Any, dap_source: Path, tmp_path: Path,
-                            caplog: pytest.LogCaptureFixture) -> None:
+                            caplog: pytest.LogCaptureFixture, io: str) -> None:
     assert os.environ["AWS_SECRET_ACCESS_KEY"] == SECRET  # credentials of the environment...
     caplog.set_level(logging.DEBUG, logger="ctzarr")
     env_so = s3_options(s3_endpoint)
@@ -397,6 +424,12 @@ def test_secret_never_leaks(s3_endpoint: str, s3: Any, dap_source: Path, tmp_pat
         crop = case.crop("liver", margin_mm=2)
         crop.image.compute()
         texts.append(repr(crop))
+        if so is env_so:  # a graph shipped to dask workers resolves credentials there
+            import cloudpickle
+
+            graph = cloudpickle.dumps(dict(crop.image.data.__dask_graph__()))
+            assert SECRET.encode() not in graph
+            assert ACCESS_KEY.encode() not in graph
         col.stats()
         col.stats(method="scan")
 

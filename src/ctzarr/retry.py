@@ -375,6 +375,11 @@ def _describe(exc: BaseException) -> str:
 def _one(exc: BaseException) -> Fault | None:
     """The fault one exception of a chain stands for, or None to look further down the chain."""
     name = type(exc).__name__
+    from .obstore_io import classify_obstore_error
+
+    fault = classify_obstore_error(exc)
+    if fault is not None:
+        return fault
     try:
         import aiohttp
     except ImportError:  # pragma: no cover - fsspec's HTTP and s3fs both need it

@@ -11,6 +11,7 @@ import zarr
 from zarr.abc.store import Store
 from zarr.storage import FsspecStore, LocalStore
 
+from .obstore_io import object_store
 from .retry import RetryingStore, RetryPolicy, current_retry_policy, redact_url
 
 __all__ = [
@@ -146,6 +147,7 @@ def make_store(
     storage_options: Mapping[str, Any] | None = None,
     read_only: bool = False,
     retry: RetryPolicy | None = None,
+    io: str | None = None,
 ) -> Store:
     """Return the zarr store for a local path, an fsspec URL or an existing store.
 
@@ -172,6 +174,12 @@ def make_store(
         ``CTZARR_RETRIES`` / ``CTZARR_TIMEOUT_S`` / ``CTZARR_BACKOFF_S`` /
         ``CTZARR_MAX_BACKOFF_S`` environment variables, else the defaults). The store carries
         its policy, also to dask workers.
+    io : {"auto", "fsspec", "obstore"}, optional
+        The I/O library of a read-only ``s3://`` or ``http(s)://`` store. ``auto`` (the default,
+        or the ``CTZARR_IO`` environment variable) reads through obstore when it is installed
+        and can express the options (:mod:`ctzarr.obstore_io`: no per-process client cost, no
+        HEAD before GETs), else through fsspec; ``obstore`` is the same; ``fsspec`` always uses
+        fsspec. Writable stores always use fsspec.
 
     Raises
     ------
@@ -193,6 +201,10 @@ def make_store(
                 url, storage_options=dict(storage_options or {}), read_only=read_only
             )
         policy = retry if retry is not None else current_retry_policy()
+        if read_only and io != "fsspec":
+            fast = object_store(url, storage_options, policy, io)
+            if fast is not None:
+                return RetryingStore(fast, policy=policy, url=redact_url(url))
         options = remote_storage_options(url, storage_options, policy)
         inner = FsspecStore.from_url(url, storage_options=options, read_only=read_only)
         if protocol in _SELF_RETRYING:

@@ -1,0 +1,339 @@
+"""Reads from S3 and HTTP(S) through obstore (Rust ``object_store``), when it is installed.
+
+Why not fsspec for reads: a cold ``open_collection(s3://...)`` plus one crop spends most of its
+time creating an s3fs/aiobotocore client (session, credential chain, service model: ~200 ms
+per new client here) and signing requests in Python; s3fs also sends a HEAD before every
+whole-object GET. obstore's client is built in about a millisecond, signs in Rust, and sends
+exactly the GET or ranged GET zarr asks for (suffix ranges included), so a cold crop over
+S3 costs about what TensorStore's does (benchmarks/CLOUD.md). Writes (conversion, locks,
+``verify --repair``) stay on fsspec: they need exclusive creates, listings and deletes that
+our fsspec code paths already cover and test.
+
+The translation from fsspec ``storage_options`` is deliberately narrow: an option with no exact
+obstore equivalent (a botocore profile, custom ``client_kwargs``, fsspec HTTP auth...) means
+the store is left to fsspec, so nothing the user set is silently dropped. ``CTZARR_IO=fsspec``
+(or ``make_store(..., io="fsspec")``) turns this path off.
+
+Credentials: with none in ``storage_options``, obstore resolves them itself where the I/O
+happens (environment variables, web identity, ECS/instance roles) and pickles only the options
+it was given, so a store shipped to a dask worker carries no secret. A botocore *profile*
+(``AWS_PROFILE`` or ``~/.aws`` files without credentials in the environment) is not read by
+obstore: such stores stay on fsspec.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import re
+from collections.abc import Mapping
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from zarr.abc.store import Store
+
+    from .retry import Fault, RetryPolicy
+
+__all__ = ["IO_ENV", "available", "classify_obstore_error", "object_store"]
+
+logger = logging.getLogger(__name__)
+
+#: ``fsspec`` forces fsspec for every remote store; ``obstore`` or ``auto`` (the default) uses
+#: obstore for read-only s3/http(s) stores whose options it can express
+IO_ENV = "CTZARR_IO"
+
+#: fsspec options that only tune fsspec's own caching or concurrency: meaningless for obstore
+_S3_IGNORED = frozenset(
+    {
+        "skip_instance_cache",
+        "use_listings_cache",
+        "listings_expiry_time",
+        "max_paths",
+        "max_concurrency",
+        "default_block_size",
+        "default_fill_cache",
+        "default_cache_type",
+        "cache_regions",
+    }
+)
+_HTTP_IGNORED = frozenset(
+    {"skip_instance_cache", "block_size", "simple_links", "same_scheme", "cache_type", "size_policy"}
+)
+#: the botocore settings ctzarr itself fills in (storage.remote_storage_options)
+_OUR_CONFIG_KWARGS = frozenset({"connect_timeout", "read_timeout", "retries"})
+_AWS = "s3.amazonaws.com"
+
+
+def available() -> bool:
+    """True when obstore and zarr's ObjectStore can be imported."""
+    try:
+        import obstore  # noqa: F401
+        from zarr.storage import ObjectStore  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _client_options(policy: RetryPolicy, http: bool) -> dict[str, Any]:
+    t = timedelta(seconds=policy.timeout_s)
+    # connect and per-read timeouts as for fsspec (aiohttp sock_connect / sock_read); the total
+    # is only a backstop for a body trickling in forever
+    return {
+        "allow_http": http,
+        "connect_timeout": t,
+        "read_timeout": t,
+        "timeout": timedelta(seconds=max(policy.timeout_s * 20, 600.0)),
+    }
+
+
+def _single_attempt() -> dict[str, Any]:
+    # ctzarr's RetryingStore owns the retry loop (ctzarr.retry); obstore tries once
+    return {"max_retries": 0, "retry_timeout": timedelta(seconds=1)}
+
+
+def _profile_in_use(environ: Mapping[str, str]) -> bool:
+    """True when botocore would read a profile that obstore cannot (no keys in the environment)."""
+    if environ.get("AWS_ACCESS_KEY_ID") and environ.get("AWS_SECRET_ACCESS_KEY"):
+        return False
+    if environ.get("AWS_PROFILE") or environ.get("AWS_DEFAULT_PROFILE"):
+        return True
+    for var, default in (
+        ("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials"),
+        ("AWS_CONFIG_FILE", "~/.aws/config"),
+    ):
+        path = Path(environ.get(var) or default).expanduser()
+        try:
+            if path.is_file() and path.stat().st_size > 0:
+                return True
+        except OSError:
+            continue
+    return False
+
+
+_region_cache: dict[str, str | None] = {}
+_store_cache: dict[tuple[Any, ...], Any] = {}
+_CACHE_SIZE = 64
+
+
+def _bucket_region(bucket: str, timeout_s: float) -> str | None:
+    """The AWS region of a bucket, from the ``x-amz-bucket-region`` header of one anonymous HEAD.
+
+    botocore follows S3's region redirects by itself; object_store does not, so a bucket outside
+    the default region needs its region up front. Cached per process; None when it cannot be
+    told (the store then stays on fsspec).
+    """
+    if bucket in _region_cache:
+        return _region_cache[bucket]
+    import urllib.error
+    import urllib.request
+
+    region: str | None = None
+    request = urllib.request.Request(f"https://{_AWS}/{bucket}", method="HEAD")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            region = response.headers.get("x-amz-bucket-region")
+    except urllib.error.HTTPError as err:  # 301/403 answers carry the header too
+        region = err.headers.get("x-amz-bucket-region") if err.headers else None
+    except (OSError, ValueError):
+        region = None
+    _region_cache[bucket] = region
+    return region
+
+
+def _s3_store(url: str, options: Mapping[str, Any], policy: RetryPolicy) -> Any | None:
+    from obstore.store import S3Store
+
+    bucket, _, prefix = url.split("://", 1)[1].partition("/")
+    if not bucket:
+        return None
+    config: dict[str, Any] = {}
+    endpoint: str | None = None
+    for name, value in options.items():
+        if name in _S3_IGNORED:
+            continue
+        if name == "anon":
+            if value:
+                config["skip_signature"] = True
+        elif name in ("key", "secret", "token"):
+            if value is not None:
+                config[{"key": "access_key_id", "secret": "secret_access_key",
+                        "token": "session_token"}[name]] = value
+        elif name == "endpoint_url":
+            endpoint = value
+        elif name == "requester_pays":
+            if value:
+                config["request_payer"] = True
+        elif name == "client_kwargs":
+            for k, v in dict(value or {}).items():
+                if k == "endpoint_url":
+                    endpoint = v
+                elif k == "region_name":
+                    config["region"] = v
+                else:
+                    return None
+        elif name == "config_kwargs":
+            if set(dict(value or {})) - _OUR_CONFIG_KWARGS:
+                return None
+        else:
+            return None
+    if not config.get("skip_signature") and "access_key_id" not in config and _profile_in_use(os.environ):
+        return None
+    if "region" not in config and not (os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")):
+        if endpoint is None:
+            region = _bucket_region(bucket, min(policy.timeout_s, 10.0))
+            if region is None:
+                return None
+            config["region"] = region
+        else:  # a custom endpoint (MinIO, moto, Ceph...): its region is whatever it accepts
+            config["region"] = "us-east-1"
+    if endpoint is not None:
+        config["endpoint"] = endpoint.rstrip("/")
+    http = endpoint is not None and endpoint.startswith("http://")
+    return S3Store(
+        bucket,
+        prefix=prefix.strip("/") or None,
+        config=config,
+        client_options=_client_options(policy, http),
+        retry_config=_single_attempt(),
+    )
+
+
+def _http_store(url: str, options: Mapping[str, Any], policy: RetryPolicy) -> Any | None:
+    from obstore.store import HTTPStore
+
+    if "?" in url or "#" in url or "@" in url.split("://", 1)[1].split("/", 1)[0]:
+        return None  # a signed URL, a fragment, or user:password@ (fsspec's auth handles it)
+    client = _client_options(policy, url.startswith("http://"))
+    for name, value in options.items():
+        if name in _HTTP_IGNORED:
+            continue
+        if name == "headers":
+            client["default_headers"] = dict(value or {})
+        elif name == "client_kwargs":
+            if set(dict(value or {})) - {"timeout"}:
+                return None
+        else:
+            return None
+    return HTTPStore.from_url(url.rstrip("/"), client_options=client, retry_config=_single_attempt())
+
+
+def object_store(
+    url: str,
+    storage_options: Mapping[str, Any] | None,
+    policy: RetryPolicy,
+    io: str | None = None,
+) -> Store | None:
+    """A read-only zarr ``ObjectStore`` for ``url``, or None to use fsspec instead.
+
+    None when obstore is not installed, ``io`` (default: ``CTZARR_IO``, else ``auto``) is
+    ``fsspec``, the protocol is not s3/http(s), or an option has no obstore equivalent.
+    """
+    if io is None:
+        choice, where = os.environ.get(IO_ENV, "auto").strip().lower() or "auto", IO_ENV
+    else:
+        choice, where = io, "io"
+    if choice not in ("auto", "obstore", "fsspec"):
+        raise ValueError(f"{where} must be 'auto', 'obstore' or 'fsspec', got {choice!r}")
+    if choice == "fsspec" or not available():
+        return None
+    from zarr.storage import ObjectStore
+
+    protocol = url.split("://", 1)[0].lower() if "://" in url and "::" not in url else ""
+    if protocol not in ("s3", "s3a", "http", "https"):
+        return None
+    options = dict(storage_options or {})
+    # one client per URL, options and timeouts in a process (fsspec's instance cache does the
+    # same for its filesystems): a new obstore client costs 5-15 ms (TLS roots, connection
+    # pool), once per process instead of once per open_collection
+    # (obstore reads AWS_* variables when a store is made: they are part of the key)
+    aws_env = hash(tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_"))))
+    key = (os.getpid(), url, repr(sorted(options.items(), key=lambda kv: kv[0])),
+           policy.timeout_s, aws_env)
+    cached = None if options.get("skip_instance_cache") else _store_cache.get(key)
+    if cached is not None:
+        return ObjectStore(cached, read_only=True)
+    if protocol in ("s3", "s3a"):
+        inner = _s3_store(url, options, policy)
+    else:
+        inner = _http_store(url, options, policy)
+    if inner is not None and not options.get("skip_instance_cache"):
+        if len(_store_cache) >= _CACHE_SIZE:
+            _store_cache.pop(next(iter(_store_cache)))
+        _store_cache[key] = inner
+    if inner is None:
+        logger.debug("%s: read through fsspec (options or protocol not expressible in obstore)",
+                     protocol or "url")
+        return None
+    return ObjectStore(inner, read_only=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# faults: obstore raises one exception per failed request, its text describing the HTTP error
+# ------------------------------------------------------------------------------------------------
+_STATUS = re.compile(r"non-2xx status code: (\d{3})(?: ([A-Za-z -]+))?")
+_S3_CODE = re.compile(r"<Code>([A-Za-z]+)</Code>")
+_S3_MESSAGE = re.compile(r"<Message>([^<]*)</Message>")
+_KIND = re.compile(r"HttpError \{\s*kind: (\w+)")
+_OS_MESSAGE = re.compile(r'(?:message|error): "([^"]+)"')
+_PREFIX = re.compile(r"^Generic \w+ error: |Error performing \w+ \S+ in [\d.]+\S* - ")
+
+
+def _first_line(exc: BaseException) -> str:
+    """obstore's one-line summary, without its store prefix, URL and timing."""
+    text = str(exc).split("\n\nDebug source:", 1)[0]
+    return _PREFIX.sub("", " ".join(text.split())).strip()
+
+
+def classify_obstore_error(exc: BaseException) -> Fault | None:
+    """The fault an obstore exception stands for, or None when ``exc`` is not one of obstore's.
+
+    Descriptions follow the fsspec path's (``HTTP 503 Service Unavailable SlowDown: ...``).
+    """
+    if not type(exc).__module__.startswith("obstore"):
+        return None
+    from obstore import exceptions as obx
+
+    from .retry import Fault, FaultKind, _status_fault
+
+    if isinstance(exc, obx.NotFoundError):
+        return Fault(FaultKind.PASS, answered=True)
+    text = str(exc)
+    head = _first_line(exc)
+    status_match = _STATUS.search(text)
+    if status_match:
+        status = int(status_match.group(1))
+        code_match, message_match = _S3_CODE.search(text), _S3_MESSAGE.search(text)
+        code = code_match.group(1) if code_match else ""
+        description = f"HTTP {status} {(status_match.group(2) or '').strip()}".strip()
+        if code:
+            description += f" {code}"
+            if message_match and message_match.group(1).strip():
+                description += f": {message_match.group(1).strip()}"
+        if isinstance(exc, (obx.PermissionDeniedError, obx.UnauthenticatedError)):
+            return Fault(FaultKind.PERMISSION, description, status, answered=True)
+        fault = _status_fault(status, description, None, code)
+        if status == 429:
+            # obstore keeps the response headers to itself, so a Retry-After cannot be read: a
+            # rate-limited request waits the policy's longest backoff instead (max_backoff_s)
+            fault = dataclasses.replace(fault, retry_after_s=math.inf)
+        return fault
+    if isinstance(exc, (obx.PermissionDeniedError, obx.UnauthenticatedError)):
+        return Fault(FaultKind.PERMISSION, head, 403, answered=True)
+    if "certificate" in text.lower():
+        return Fault(FaultKind.PERMANENT, head)
+    kind = _KIND.search(text)
+    kind_name = kind.group(1) if kind else ""
+    detail = _OS_MESSAGE.search(text)
+    if kind_name == "Connect":
+        return Fault(FaultKind.CONNECT, f"cannot connect ({detail.group(1) if detail else head})")
+    if kind_name == "Timeout":
+        return Fault(FaultKind.TRANSIENT, f"no response in time ({head})")
+    if kind_name == "Request" and "IncompleteMessage" in text:
+        return Fault(FaultKind.TRANSIENT, f"Connection closed without an answer ({head})")
+    if kind_name in ("Request", "Interrupted", "Decode") or "body error" in text:
+        return Fault(FaultKind.TRANSIENT, head, answered=kind_name in ("Interrupted", "Decode"))
+    return Fault(FaultKind.PERMANENT, head)
