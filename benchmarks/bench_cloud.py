@@ -407,10 +407,11 @@ def child_crop(tool: str, mode: str, endpoint: str, key: str, case_id: str, stru
     # every module the tool will use, imported up front (ctzarr imports lazily), so "first"
     # below is the first crop's own cost: client and session set-up, first requests
     if tool.startswith("ctzarr"):
+        import obstore  # noqa: F401
         import s3fs
         import xarray  # noqa: F401
 
-        import ctzarr.collection  # noqa: F401
+        import ctzarr.collection
     elif tool == "zarr":
         import s3fs  # noqa: F401
         import zarr  # noqa: F401
