@@ -177,7 +177,7 @@ def make_store(
     io : {"auto", "fsspec", "obstore"}, optional
         The I/O library of a read-only ``s3://`` or ``http(s)://`` store. ``auto`` (the default,
         or the ``CTZARR_IO`` environment variable) reads through obstore when it is installed
-        and can express the options (:mod:`ctzarr.obstore_io`: no per-process client cost, no
+        and can express the options (:mod:`ctzarr.obstore_io`: a new client in milliseconds, no
         HEAD before GETs), else through fsspec; ``obstore`` is the same; ``fsspec`` always uses
         fsspec. Writable stores always use fsspec.
 
