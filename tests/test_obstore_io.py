@@ -31,7 +31,8 @@ KEY_ID = "ctzarr-obstore-fake-key"
 @pytest.fixture
 def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
     """Credentials in the environment, no profile files, a region set, no CTZARR_IO."""
-    for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "CTZARR_IO"):
+    for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "CTZARR_IO",
+                 "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", KEY_ID)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
@@ -91,6 +92,10 @@ def test_a_profile_without_environment_keys_stays_on_fsspec(aws_env: None, monke
     credentials.write_text("[default]\naws_access_key_id = a\naws_secret_access_key = b\n")
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(credentials))
     assert library(make_store("s3://b/x.zarr", storage_options=ENDPOINT, read_only=True)) == "FsspecStore"
+    # an endpoint from botocore's environment variables, not the options: left to s3fs
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")
+    assert library(make_store("s3://b/x.zarr", read_only=True)) == "FsspecStore"
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3")
     # anonymous access needs no credentials at all: obstore again
     anon = {"anon": True, **ENDPOINT}
     assert library(make_store("s3://b/x.zarr", storage_options=anon, read_only=True)) == "ObjectStore"

@@ -66,6 +66,7 @@ _HTTP_IGNORED = frozenset(
 #: the botocore settings ctzarr itself fills in (storage.remote_storage_options)
 _OUR_CONFIG_KWARGS = frozenset({"connect_timeout", "read_timeout", "retries"})
 _AWS = "s3.amazonaws.com"
+_ENDPOINT_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT")
 
 
 def available() -> bool:
@@ -182,6 +183,8 @@ def _s3_store(url: str, options: Mapping[str, Any], policy: RetryPolicy) -> Any 
             return None
     if not config.get("skip_signature") and "access_key_id" not in config and _profile_in_use(os.environ):
         return None
+    if endpoint is None and any(os.environ.get(v) for v in _ENDPOINT_ENV):
+        return None  # botocore's endpoint variables: left to s3fs, which reads them
     if "region" not in config and not (os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")):
         if endpoint is None:
             region = _bucket_region(bucket, min(policy.timeout_s, 10.0))
