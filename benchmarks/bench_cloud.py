@@ -345,20 +345,14 @@ def _crop_fns(tool: str, endpoint: str, key: str, case_id: str, structure: str, 
         # I/O path ctzarr used before obstore; "ctzarr" takes the default (obstore when installed)
         if tool == "ctzarr-fsspec":
             os.environ["CTZARR_IO"] = "fsspec"
-        extra: dict[str, Any] = {}
 
-        def cold() -> tuple[np.ndarray, np.ndarray]:
-            ds = ctzarr.open_collection(url, storage_options=s3_options(endpoint, **extra)
-                                        )[case_id].crop(structure, margin).compute()
+        def read(cold_client: bool) -> tuple[np.ndarray, np.ndarray]:
+            so = s3_options(endpoint, cold=cold_client)
+            ds = ctzarr.open_collection(url, storage_options=so)[case_id].crop(structure, margin)
+            ds = ds.compute()
             return ds["image"].values, ds["labels"].values
 
-        def reused() -> tuple[np.ndarray, np.ndarray]:
-            so = s3_options(endpoint, cold=False, **extra)
-            ds = ctzarr.open_collection(url, storage_options=so
-                                        )[case_id].crop(structure, margin).compute()
-            return ds["image"].values, ds["labels"].values
-
-        return cold, reused
+        return (lambda: read(True)), (lambda: read(False))
     if tool == "zarr":
         import zarr
         from zarr.storage import FsspecStore

@@ -20,7 +20,7 @@ from ctzarr.obstore_io import object_store
 from ctzarr.retry import RetryPolicy
 from ctzarr.storage import make_store
 
-from .servers import fault_server
+from .servers import Reply, fault_server, unused_port
 
 pytest.importorskip("obstore")
 
@@ -148,3 +148,31 @@ def test_pickled_store_carries_no_environment_secret_and_reads(aws_env: None, si
     for text in (repr(store), str(store)):
         assert SECRET not in text and KEY_ID not in text
     assert os.environ["AWS_SECRET_ACCESS_KEY"] == SECRET
+
+
+def test_bucket_region_is_asked_once_when_nothing_gives_it(aws_env: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No region in the options or the environment and no custom endpoint: one anonymous HEAD
+    (here to a local stand-in for s3.amazonaws.com) reads ``x-amz-bucket-region``."""
+    from ctzarr import obstore_io
+
+    for name in ("AWS_REGION", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(obstore_io, "_region_cache", {})
+    with fault_server() as aws:
+        monkeypatch.setattr(obstore_io, "AWS_S3_URL", aws.base)
+        aws.plan("/bkt-eu", [], then=Reply(301, b"", (("x-amz-bucket-region", "eu-central-1"),)))
+        aws.plan("/bkt-us", [], then=Reply(200, b"", (("x-amz-bucket-region", "us-west-2"),)))
+        aws.plan("/bkt-gone", [], then=404)
+        for bucket, region in (("bkt-eu", "eu-central-1"), ("bkt-us", "us-west-2")):
+            for _ in range(2):
+                store = make_store(f"s3://{bucket}/x.zarr", storage_options={"skip_instance_cache": True},
+                                   read_only=True)
+                assert library(store) == "ObjectStore"
+                assert store._store.store.config["region"] == region
+            assert [(m, p) for m, p, *_ in aws.requests(f"/{bucket}")] == [("HEAD", f"/{bucket}")]  # once
+        # a bucket whose region cannot be told stays on s3fs (which follows region redirects)
+        assert library(make_store("s3://bkt-gone/x.zarr", read_only=True)) == "FsspecStore"
+    # nobody answering: s3fs too, and the next open asks again
+    monkeypatch.setattr(obstore_io, "AWS_S3_URL", f"http://127.0.0.1:{unused_port()}")
+    assert library(make_store("s3://bkt-new/x.zarr", read_only=True)) == "FsspecStore"
+    assert all(bucket != "bkt-new" for _, bucket in obstore_io._region_cache)

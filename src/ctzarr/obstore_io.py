@@ -28,6 +28,8 @@ import logging
 import math
 import os
 import re
+import urllib.error
+import urllib.request
 from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
@@ -65,7 +67,8 @@ _HTTP_IGNORED = frozenset(
 )
 #: the botocore settings ctzarr itself fills in (storage.remote_storage_options)
 _OUR_CONFIG_KWARGS = frozenset({"connect_timeout", "read_timeout", "retries"})
-_AWS = "s3.amazonaws.com"
+#: where a bucket's region is asked when neither the options nor the environment give one
+AWS_S3_URL = "https://s3.amazonaws.com"
 _ENDPOINT_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT")
 
 
@@ -115,33 +118,37 @@ def _profile_in_use(environ: Mapping[str, str]) -> bool:
     return False
 
 
-_region_cache: dict[str, str | None] = {}
+_region_cache: dict[tuple[str, str], str | None] = {}
 _store_cache: dict[tuple[Any, ...], Any] = {}
 _CACHE_SIZE = 64
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None  # a 301 names the region itself: it is the answer, not a detour
+
+
 def _bucket_region(bucket: str, timeout_s: float) -> str | None:
-    """The AWS region of a bucket, from the ``x-amz-bucket-region`` header of one anonymous HEAD.
+    """The AWS region of a bucket, from the ``x-amz-bucket-region`` header of one anonymous HEAD
+    to :data:`AWS_S3_URL` (AWS sends it with 200, 301 and 403 answers alike).
 
     botocore follows S3's region redirects by itself; object_store does not, so a bucket outside
     the default region needs its region up front. Cached per process; None when it cannot be
     told (the store then stays on fsspec).
     """
-    if bucket in _region_cache:
-        return _region_cache[bucket]
-    import urllib.error
-    import urllib.request
-
-    region: str | None = None
-    request = urllib.request.Request(f"https://{_AWS}/{bucket}", method="HEAD")
+    key = (AWS_S3_URL, bucket)
+    if key in _region_cache:
+        return _region_cache[key]
+    request = urllib.request.Request(f"{AWS_S3_URL}/{bucket}", method="HEAD")
+    opener = urllib.request.build_opener(_NoRedirect)
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        with opener.open(request, timeout=timeout_s) as response:
             region = response.headers.get("x-amz-bucket-region")
-    except urllib.error.HTTPError as err:  # 301/403 answers carry the header too
+    except urllib.error.HTTPError as err:
         region = err.headers.get("x-amz-bucket-region") if err.headers else None
     except (OSError, ValueError):
-        region = None
-    _region_cache[bucket] = region
+        return None  # unreachable now: not cached, the next open asks again
+    _region_cache[key] = region
     return region
 
 

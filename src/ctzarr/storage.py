@@ -201,7 +201,7 @@ def make_store(
                 url, storage_options=dict(storage_options or {}), read_only=read_only
             )
         policy = retry if retry is not None else current_retry_policy()
-        if read_only and io != "fsspec":
+        if read_only:
             fast = object_store(url, storage_options, policy, io)
             if fast is not None:
                 return RetryingStore(fast, policy=policy, url=redact_url(url))
