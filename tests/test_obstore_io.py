@@ -74,6 +74,7 @@ def test_read_only_remote_stores_read_through_obstore(aws_env: None, url: str,
     ("https://reader:pw@data.example.org/dap.zarr", None),
     ("https://data.example.org/dap.zarr?sig=abc", None),
     ("memory://x/dap.zarr", None),
+    ("gs://bucket/dap.zarr", {"token": "anon"}),  # gcsfs (obstore's GCS store is not wired up)
 ])
 def test_options_obstore_cannot_express_stay_on_fsspec(aws_env: None, url: str,
                                                        options: dict[str, Any] | None) -> None:
