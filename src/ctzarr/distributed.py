@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -291,7 +291,9 @@ def _completed(client: Any, futures: Sequence[Any], poll_s: float = 0.02) -> Any
     while pending:
         done = [f for f in pending if f.done()]
         if done:
-            pending = [f for f in pending if not f.done()]
+            # by identity: a future finishing between two done() calls must not be dropped
+            finished = {id(f) for f in done}
+            pending = [f for f in pending if id(f) not in finished]
             yield from done
             continue
         if client.status not in _LIVE_CLIENT:
@@ -423,7 +425,10 @@ def _scan_case(url: str, options: dict[str, Any], case_id: str, segmentation: st
     nthreads = get_worker().state.nthreads
     with zarr.config.set({"threading.max_workers": nthreads}):
         col = open_collection(url, storage_options=options or None)
-        graph = scan_index_graph(col[case_id], segmentation)
+        case = col[case_id]
+        if segmentation not in case.segmentation_names:
+            return None  # the case has no such segmentation (the client did not open it)
+        graph = scan_index_graph(case, segmentation)
         if nthreads <= 1:
             (idx,) = dask.compute(graph, scheduler="sync")
         else:
@@ -437,12 +442,14 @@ def scan_on_cluster(
     options: Mapping[str, Any] | None,
     jobs: Sequence[tuple[str, str]],
     retries: int | None = None,
-) -> list[Any]:
-    """Scan indexes of (case, segmentation) pairs, one task each.
+) -> Iterator[tuple[int, Any]]:
+    """Scan indexes of (case, segmentation) pairs, one task each; yield ``(job number, index)``
+    as tasks finish, so that the caller's own work overlaps the workers' (the index is None
+    for a case without that segmentation).
 
     A task that fails with a transient I/O error runs again, ``retries`` times at most
     (default :data:`READ_RETRIES`); the first case that still fails stops the scan with an
-    error naming it.
+    error naming it, and the remaining tasks are cancelled (also when the caller stops early).
     """
     opts = check_no_secrets(options)
     retries = READ_RETRIES if retries is None else retries
@@ -459,16 +466,14 @@ def scan_on_cluster(
         ): i
         for i, (cid, seg) in enumerate(jobs)
     }
-    results: list[Any] = [None] * len(jobs)
     try:
         for fut in _completed(client, list(futures)):
             i = futures[fut]
-            results[i] = _scan_result(fut, *jobs[i], retries)
+            yield i, _scan_result(fut, *jobs[i], retries)
     except BaseException:
         with contextlib.suppress(Exception):  # the client may be the thing that failed
             client.cancel(list(futures))
         raise
-    return results
 
 
 def _scan_result(fut: Any, case_id: str, segmentation: str, retries: int) -> Any:
