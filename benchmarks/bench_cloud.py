@@ -510,6 +510,30 @@ def child_cluster(store: str, n_workers: str, reps: str, n_trivial: str, inner_t
     _emit(out)
 
 
+def _spin(n: int) -> float:
+    t0 = time.perf_counter()
+    x = 0
+    for i in range(n):
+        x += i * i
+    return time.perf_counter() - t0
+
+
+def cpu_scaling(reps: int = 3, n: int = 4_000_000) -> list[float]:
+    """What 2 processes get out of this machine against 1, right now: a pure-Python loop run
+    alone, then twice at once; ``2 * alone / slower of the pair`` (2.0 = two free cores). On a
+    shared VM this moves from run to run, and it bounds what any 2-worker scan can reach."""
+    import multiprocessing as mp
+
+    ratios = []
+    with mp.get_context("spawn").Pool(2) as pool:
+        pool.map(_spin, [1000, 1000], chunksize=1)  # both workers started
+        for _ in range(reps):
+            alone = pool.apply(_spin, (n,))
+            pair = pool.map(_spin, [n, n], chunksize=1)
+            ratios.append(2 * alone / max(pair))
+    return ratios
+
+
 def child_local_scan(store: str, reps: str) -> None:
     import ctzarr
 
@@ -611,6 +635,13 @@ def build_rows(r: dict[str, Any]) -> list[tuple[str, ...]]:
     row(f"2a Cohort scan of {two['cases']} cases ({'x'.join(map(str, r['cohort_shape']))}): "
         "`col.stats(method=\"scan\", client=...)`, 2 workers vs 1 (processes, 1 thread each)",
         _fmt_s(t2), _fmt_s(t1), t1 / t2, f">= {TARGET_SCALING}x faster", t1 / t2 >= TARGET_SCALING)
+    cpu = cl.get("cpu_scaling")
+    if cpu:
+        raw = med(cpu)
+        row("2f (info) raw CPU scaling of the machine in this run: a pure-Python loop in 2 processes "
+            "at once vs alone (2.0 = two free cores; before and after the cluster runs: "
+            + ", ".join(f"{x:.2f}" for x in cpu) + "); 2a as a share of it",
+            f"{t1 / t2:.2f}x", f"{raw:.2f}x", (t1 / t2) / raw, "—", None)
     loc = cl.get("local")
     if loc:
         row("2a' (info) same scan without a cluster (threaded scheduler, this process) vs 2 workers",
@@ -754,6 +785,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # ---- 2. cluster scan
     log("2. cohort scan on LocalCluster ...")
     cl: dict[str, Any] = {}
+    cpu = cpu_scaling()
     for nw in (1, 2):
         log(f"   {nw} worker(s) ...")
         cl[f"workers_{nw}"] = run_child("cluster", str(cohort_store), str(nw), str(scan_reps),
@@ -765,6 +797,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                    str(scan_reps), "50", "1")
     log("   threaded scan without a cluster ...")
     cl["local"] = run_child("local_scan", str(cohort_store), str(scan_reps))
+    cl["cpu_scaling"] = cpu + cpu_scaling()
     r["cluster"] = cl
 
     r["total_seconds"] = time.perf_counter() - t_all
