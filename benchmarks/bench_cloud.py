@@ -295,7 +295,7 @@ def child_convert(src: str, store: str, layout: str) -> None:
 
 
 def child_cohort_source(root: str, n: str, z: str, y: str, x: str) -> None:
-    from ctzarr.phantom import write_dap_atlas
+    from ctzarr.testing.phantom import write_dap_atlas
 
     t0 = time.perf_counter()
     names = write_dap_atlas(root, n_cases=int(n), shape_zyx=(int(z), int(y), int(x)))
@@ -405,7 +405,7 @@ def child_crop(tool: str, mode: str, endpoint: str, key: str, case_id: str, stru
         import s3fs
         import xarray  # noqa: F401
 
-        import ctzarr.collection
+        import ctzarr.read.collection
     elif tool == "zarr":
         import s3fs  # noqa: F401
         import zarr  # noqa: F401
@@ -414,7 +414,7 @@ def child_crop(tool: str, mode: str, endpoint: str, key: str, case_id: str, stru
     t_setup = time.perf_counter() - t0
     out: dict[str, Any] = {"tool": tool, "mode": mode, "setup_s": t_setup}
     if tool.startswith("ctzarr") and mode == "time":  # the library reads go through (untimed)
-        probe = ctzarr.collection.open_collection(
+        probe = ctzarr.read.collection.open_collection(
             f"s3://{BUCKET}/{key}", storage_options=s3_options(endpoint)).root.store
         out["io"] = type(getattr(probe, "_store", probe)).__name__
     t0 = time.perf_counter()

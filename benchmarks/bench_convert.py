@@ -179,7 +179,7 @@ def _write_dataset(root: Path, key: dict[str, Any], ct: np.ndarray, labels: np.n
 
 def make_datasets(data: Path, geo: CaseGeometry, tag: str) -> tuple[Dataset, Dataset]:
     """The case and its z-tiled copy, generated once and cached under ``data``."""
-    from ctzarr.labelmaps import builtin_label_map
+    from ctzarr.model.labels import builtin_label_map
 
     key = {"version": DATA_VERSION, **asdict(geo)}
     base_root = data / f"{tag}-{geo.shape_zyx[0]}"
@@ -189,7 +189,7 @@ def make_datasets(data: Path, geo: CaseGeometry, tag: str) -> tuple[Dataset, Dat
     if base is not None and tiled is not None:
         return base, tiled
 
-    from ctzarr.phantom import make_phantom
+    from ctzarr.testing.phantom import make_phantom
 
     print(f"generating {geo.shape_zyx} phantom ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
@@ -244,7 +244,7 @@ def make_warmup(data: Path) -> Dataset:
     cached = _cached(root, key)
     if cached is not None:
         return cached
-    from ctzarr.phantom import make_phantom
+    from ctzarr.testing.phantom import make_phantom
 
     ct, labels = make_phantom(geo.shape_zyx, geo.spacing_zyx, seed=1)
     return _write_dataset(root, key, ct, labels, geo.spacing_zyx, {})

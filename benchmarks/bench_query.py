@@ -139,8 +139,8 @@ def child_generate(data: str, tag: str) -> None:
     if bc._cached(root, key) is not None:
         _emit({"generated": False})
         return
-    from ctzarr.labelmaps import builtin_label_map
-    from ctzarr.phantom import make_phantom
+    from ctzarr.model.labels import builtin_label_map
+    from ctzarr.testing.phantom import make_phantom
 
     t0 = time.perf_counter()
     ct, labels = make_phantom(
@@ -332,7 +332,7 @@ def _dask_arrays(store: str, case_id: str, chunks: str) -> tuple[Any, Any, np.nd
     import dask.array as da
     import zarr
 
-    from ctzarr.storage import codec_pipeline
+    from ctzarr.io.stores import codec_pipeline
 
     with codec_pipeline():
         ct = zarr.open_array(store, path=f"cases/{case_id}/0", mode="r", zarr_format=3)
@@ -383,7 +383,7 @@ def child_daskimage(store: str, case_id: str, chunks: str) -> None:
 def _read_both(store: str, case_id: str) -> tuple[np.ndarray, np.ndarray]:
     import zarr
 
-    from ctzarr.storage import codec_pipeline
+    from ctzarr.io.stores import codec_pipeline
 
     with codec_pipeline():
         ct = zarr.open_array(store, path=f"cases/{case_id}/0", mode="r", zarr_format=3)
@@ -455,7 +455,7 @@ def child_cohort_build(store: str, case_id: str, cohort: str, n_cases: str) -> N
     """Replicate the converted case under new ids (hard links; case zarr.json rewritten)."""
     import zarr
 
-    from ctzarr.convert import finalize_collection
+    from ctzarr.write.convert import finalize_collection
 
     n = int(n_cases)
     src, dst = Path(store), Path(cohort)

@@ -68,11 +68,10 @@ class Timers:
 
 def instrument(t: Timers) -> None:
     """Wrap ctzarr's conversion stages with timers."""
-    import importlib
-
-    from ctzarr import label_index, nifti, writer
-
-    conv = importlib.import_module("ctzarr.convert")  # the attribute ctzarr.convert is the function
+    from ctzarr.sources import nifti
+    from ctzarr.write import case_writer as writer
+    from ctzarr.write import convert as conv
+    from ctzarr.write import index_builder as label_index
 
     orig_iter = nifti.NiftiSource.iter_slabs
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import ctzarr
-from ctzarr.phantom import write_dap_atlas, write_saros
+from ctzarr.testing.phantom import write_dap_atlas, write_saros
 
 
 @pytest.fixture(scope="session")

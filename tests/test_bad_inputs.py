@@ -32,17 +32,17 @@ import pytest
 import zarr
 
 import ctzarr
-from ctzarr.collection import open_collection
-from ctzarr.convert import case_state
+from ctzarr.read.collection import open_collection
+from ctzarr.io.transactions import case_state
 from ctzarr.errors import (
     CtzarrWarning,
     InvalidCaseIdError,
     InvalidNiftiError,
     LayoutError,
 )
-from ctzarr.layouts import validate_case_id
-from ctzarr.nifti import open_nifti
-from ctzarr.phantom import write_dap_atlas
+from ctzarr.sources.layouts import validate_case_id
+from ctzarr.sources.nifti import open_nifti
+from ctzarr.testing.phantom import write_dap_atlas
 
 SHAPE_ZYX = (20, 24, 24)
 
@@ -1337,7 +1337,7 @@ def test_a18_header_text_and_extensions_are_not_copied(
 def test_a12_scaled_int64_is_checked_by_its_values(tmp_path: Path, value: int, ok: bool) -> None:
     """An int64 image with scl_slope 0.5: the type's range alone exceeds 2**53, its values may
     not (found by the round-trip property test); the values decide, as they stream."""
-    from ctzarr.nifti import open_nifti
+    from ctzarr.sources.nifti import open_nifti
 
     data = np.full((3, 4, 5), value, np.int64)
     img = nib.Nifti1Image(data, np.eye(4), dtype=np.int64)

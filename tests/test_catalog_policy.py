@@ -29,12 +29,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ctzarr
-from ctzarr.catalog import (
-    allow_local_targets,
-    parse_catalog_storage_options,
-    parse_catalog_url,
-    resolve_entry,
-)
+from ctzarr.io.urls import allow_local_targets, parse_catalog_storage_options, parse_catalog_url
+from ctzarr.catalog import resolve_entry
 from ctzarr.errors import CatalogError, CtzarrError
 
 ENTRY = "hostile_entry"
@@ -491,7 +487,7 @@ def test_open_collection_refuses_before_any_io(name: str, hostile_catalog: dict[
     def no_dns_lookup(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("DNS lookup for a refused catalog entry")
 
-    monkeypatch.setattr("ctzarr.collection.make_store", no_store)
+    monkeypatch.setattr("ctzarr.read.collection.make_store", no_store)
     monkeypatch.setattr(socket, "getaddrinfo", no_dns_lookup)
     with pytest.raises(CatalogError) as info:
         ctzarr.open_collection(name)
@@ -510,7 +506,7 @@ def test_the_valid_store_opens_once_the_user_opts_in(hostile_catalog: dict[str, 
 
 def test_cli_opt_in_flag_opens_the_same_entry(hostile_catalog: dict[str, Any],
                                               capsys: pytest.CaptureFixture[str]) -> None:
-    from ctzarr.cli import main
+    from ctzarr.cli.main import main
 
     assert main(["info", "valid_store_by_file_url"]) == 1
     assert "refused" in capsys.readouterr().err
@@ -529,7 +525,7 @@ def hook(event, args):
         if secret in os.fsdecode(args[0]):
             os._exit(99)
 sys.addaudithook(hook)
-from ctzarr.cli import main
+from ctzarr.cli.main import main
 sys.exit(main(sys.argv[2:]))
 """
 

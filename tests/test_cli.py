@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import ctzarr
-from ctzarr.cli import main
+from ctzarr.cli.main import main
 
 from .conftest import nifti_zyx
 

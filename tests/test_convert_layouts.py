@@ -11,7 +11,7 @@ import pytest
 import zarr
 
 import ctzarr
-from ctzarr.layouts import detect_layout, load_source
+from ctzarr.sources.layouts import detect_layout, load_source
 
 from .conftest import nifti_zyx, write_pairs
 

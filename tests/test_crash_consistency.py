@@ -36,9 +36,9 @@ from zarr.core.sync import sync
 from zarr.storage import LocalStore, WrapperStore
 
 import ctzarr
-from ctzarr.convert import STAGING, case_state
-from ctzarr.phantom import write_dap_atlas
-from ctzarr.verify import verify
+from ctzarr.io.transactions import STAGING, case_state
+from ctzarr.testing.phantom import write_dap_atlas
+from ctzarr.read.verify import verify
 
 from .conftest import nifti_zyx
 

@@ -146,7 +146,7 @@ def _processing_convert_task(scheduler_processing: dict[str, Any]) -> tuple[str,
 
 
 def test_worker_killed_mid_conversion_does_not_fail_the_job(client: Any, tmp_path: Path) -> None:
-    from ctzarr.phantom import write_dap_atlas
+    from ctzarr.testing.phantom import write_dap_atlas
 
     client.wait_for_workers(2, timeout=60)
     src = tmp_path / "dap"

@@ -29,7 +29,7 @@ import pytest
 import zarr
 
 import ctzarr
-from ctzarr.convert import case_state
+from ctzarr.io.transactions import case_state
 from ctzarr.errors import StoreError
 
 distributed = pytest.importorskip("distributed")
@@ -100,9 +100,9 @@ class Fault(WorkerPlugin):
         # (ctzarr.convert is the function: the package re-exports it over the module's name)
         module = importlib.import_module
         return {
-            "convert": (module("ctzarr.convert"), "convert_case"),
-            "commit": (module("ctzarr.writer").CaseWriter, "commit"),
-            "scan": (module("ctzarr.stats"), "scan_index_graph"),
+            "convert": (module("ctzarr.write.convert"), "convert_case"),
+            "commit": (module("ctzarr.write.case_writer").CaseWriter, "commit"),
+            "scan": (module("ctzarr.read.stats"), "scan_index_graph"),
         }[self.where]
 
     def setup(self, worker: Any) -> None:
@@ -312,12 +312,12 @@ def test_cli_reports_a_worker_killing_case_in_one_line_and_exits_1(
         capsys: pytest.CaptureFixture[str]) -> None:
     import dask
 
-    import ctzarr.distributed
-    from ctzarr.cli import main
+    import ctzarr.run.cluster
+    from ctzarr.cli.main import main
 
     cids = sorted(p.name[: -len(".nii.gz")] for p in (dap_source / "images").iterdir())
     bad = cids[0]
-    start = ctzarr.distributed.start_local_cluster
+    start = ctzarr.run.cluster.start_local_cluster
     clusters: list[Any] = []
 
     def start_with_fault(n_workers: int) -> Any:
@@ -328,7 +328,7 @@ def test_cli_reports_a_worker_killing_case_in_one_line_and_exits_1(
         client.register_plugin(Fault("commit", bad, "exit", marker_dir))
         return client
 
-    monkeypatch.setattr(ctzarr.distributed, "start_local_cluster", start_with_fault)
+    monkeypatch.setattr(ctzarr.run.cluster, "start_local_cluster", start_with_fault)
     dest = tmp_path / "c.zarr"
     try:
         with dask.config.set({"distributed.scheduler.allowed-failures": ALLOWED_FAILURES}):
@@ -350,18 +350,18 @@ def test_cli_reports_a_worker_killing_case_in_one_line_and_exits_1(
 # --------------------------------------------------------------------------------------------
 def test_scan_retries_a_transient_read_error(healthy: Any, dap_store: Path, tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    import ctzarr.distributed
+    import ctzarr.run.cluster
 
     col = ctzarr.open_collection(dap_store)
     victim = col.case_ids[0]
-    assert ctzarr.distributed.READ_RETRIES == 2
+    assert ctzarr.run.cluster.READ_RETRIES == 2
     with injected(healthy, tmp_path, "scan", victim, "oserror", times=2) as fault:
         scan = col.stats(method="scan", client=healthy)
         assert (fault.faults(), fault.calls()) == (2, 3)
     pdt.assert_frame_equal(scan, col.stats(), check_exact=True)
 
     # without retries the first fault ends the scan, naming the case
-    monkeypatch.setattr(ctzarr.distributed, "READ_RETRIES", 0)
+    monkeypatch.setattr(ctzarr.run.cluster, "READ_RETRIES", 0)
     with injected(healthy, tmp_path, "scan", victim, "oserror", times=1) as fault, \
             pytest.raises(StoreError, match=f"scan of case '{victim}'.*ConnectionResetError.*"
                                             r"injected transient fault.*\(tried 1 times\)"):
@@ -440,7 +440,7 @@ def test_client_closed_mid_conversion_commits_no_partial_case_and_rerun_resumes(
 # --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def soak_source(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    from ctzarr.phantom import write_dap_atlas
+    from ctzarr.testing.phantom import write_dap_atlas
 
     root = tmp_path_factory.mktemp("soak")
     src = root / "dap"

@@ -41,7 +41,7 @@ from hypothesis import strategies as st
 
 import ctzarr
 from ctzarr.errors import CtzarrError
-from ctzarr.nifti import _UNEXPECTED, open_nifti
+from ctzarr.sources.nifti import _UNEXPECTED, open_nifti
 
 #: CTZARR_FUZZ_SCALE=20 runs twenty times as many examples (a long hunt, not for CI)
 SCALE = int(os.environ.get("CTZARR_FUZZ_SCALE", "1"))
@@ -280,7 +280,7 @@ def captured_case_errors() -> Iterator[dict[str, BaseException]]:
                 found[str(record.args[0])] = record.args[1]  # type: ignore[assignment]
 
     handler = Grab(level=logging.WARNING)
-    log = logging.getLogger("ctzarr.convert")
+    log = logging.getLogger("ctzarr.write.convert")
     log.addHandler(handler)
     try:
         yield found

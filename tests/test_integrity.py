@@ -22,7 +22,7 @@ from ctzarr.errors import (
     StoreError,
     UnsafeStoreError,
 )
-from ctzarr.verify import verify
+from ctzarr.read.verify import verify
 
 from .conftest import nifti_zyx, write_pairs
 
@@ -294,7 +294,7 @@ def test_edited_metadata_is_refused(store: Path, edit, error: type[Exception], m
         case = col[CASE]
         case.image.values  # noqa: B018
     # the CLI: one line, non-zero exit
-    from ctzarr.cli import main
+    from ctzarr.cli.main import main
 
     assert main(["export", str(store), CASE, str(store.parent / "out")]) != 0
 
@@ -371,7 +371,7 @@ def test_blosc_bomb_refused_under_address_space_limit(store: Path) -> None:
     _plant_bomb(store, 2**30, fix_manifest=True)
     code = f"""
 import resource, sys
-import ctzarr, ctzarr.collection, zarr, numpy, dask.array, xarray, numba, zarrs
+import ctzarr, ctzarr.read.collection, zarr, numpy, dask.array, xarray, numba, zarrs
 vm = int(open('/proc/self/status').read().split('VmSize:')[1].split()[0]) * 1024
 limit = vm + 600 * 2**20
 resource.setrlimit(resource.RLIMIT_AS, (limit, limit))

@@ -11,18 +11,7 @@ import pytest
 import yaml
 
 from ctzarr.errors import LabelMapError, StructureNotFoundError
-from ctzarr.labelmaps import (
-    Label,
-    LabelMap,
-    builtin_label_map,
-    builtin_label_map_names,
-    color_for,
-    enrich,
-    load_label_map_file,
-    match_key,
-    normalize_name,
-    parse_label_map,
-)
+from ctzarr.model.labels import Label, LabelMap, builtin_label_map, builtin_label_map_names, color_for, enrich, load_label_map_file, match_key, normalize_name, parse_label_map
 
 REFERENCE = Path("/work/shared/reference")
 DATA_FILES = ("dap_atlas_labels.yaml", "saros_labels.yaml", "totalsegmentator_total_labels.yaml")

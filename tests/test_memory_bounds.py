@@ -100,11 +100,11 @@ CHILD = textwrap.dedent(
                 errors[str(record.args[0])] = record.args[1]
 
 
-    logging.getLogger("ctzarr.convert").addHandler(Grab(logging.WARNING))
+    logging.getLogger("ctzarr.write.convert").addHandler(Grab(logging.WARNING))
     r0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     if args.get("open_first"):  # the header checks alone first: their own peak
-        from ctzarr.nifti import open_nifti
+        from ctzarr.sources.nifti import open_nifti
 
         for path in args["open_first"]:
             try:

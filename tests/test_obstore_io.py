@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import zarr
 
-from ctzarr.obstore_io import object_store
-from ctzarr.retry import RetryPolicy
-from ctzarr.storage import make_store
+from ctzarr.io.obstore import object_store
+from ctzarr.io.retry import RetryPolicy
+from ctzarr.io.stores import make_store
 
 from .servers import Reply, fault_server, unused_port
 

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import ctzarr
-from ctzarr.phantom import write_dap_atlas
+from ctzarr.testing.phantom import write_dap_atlas
 
 from .conftest import nifti_zyx
 

@@ -22,17 +22,10 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 import ctzarr
-from ctzarr.retry import (
-    RemotePermissionError,
-    RemoteStoreError,
-    RetryingStore,
-    RetryPolicy,
-    current_retry_policy,
-    redact_url,
-    retry_policy,
-    set_retry_policy,
-)
-from ctzarr.storage import make_store, remote_storage_options
+from ctzarr.errors import RemotePermissionError, RemoteStoreError
+from ctzarr.io.retry import RetryingStore, RetryPolicy, current_retry_policy, retry_policy, set_retry_policy
+from ctzarr.io.urls import redact_url
+from ctzarr.io.stores import make_store, remote_storage_options
 
 from .servers import FaultServer, Reply, fault_server, s3_error, unused_port
 

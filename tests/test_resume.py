@@ -15,7 +15,7 @@ import pytest
 import zarr
 
 import ctzarr
-from ctzarr.convert import case_state
+from ctzarr.io.transactions import case_state
 
 from .conftest import nifti_zyx
 
@@ -92,7 +92,7 @@ ctzarr.convert(sys.argv[1], sys.argv[2], progress=False)
 @pytest.mark.parametrize("delay_s", [0.05, 0.6, 1.2], ids=["early", "middle", "late"])
 def test_sigkill_at_any_moment_then_rerun(tmp_path: Path, delay_s: float) -> None:
     """SIGKILL a real conversion; nothing partial is visible; a plain re-run completes it exactly."""
-    from ctzarr.phantom import write_dap_atlas
+    from ctzarr.testing.phantom import write_dap_atlas
 
     src = tmp_path / "src"
     write_dap_atlas(src, n_cases=4, shape_zyx=(130, 96, 96), seed=9)
@@ -119,7 +119,7 @@ def test_sigkill_at_any_moment_then_rerun(tmp_path: Path, delay_s: float) -> Non
 
 
 def test_verify_reports_and_repair_removes_leftovers(dap_copy: Path, tmp_path: Path) -> None:
-    from ctzarr.verify import verify
+    from ctzarr.read.verify import verify
 
     dest = tmp_path / "s.zarr"
     assert ctzarr.convert(dap_copy, dest, progress=False).ok
@@ -142,7 +142,7 @@ def test_verify_finds_and_repair_removes_temporary_files_of_interrupted_writes(
 ) -> None:
     """B9: zarr's LocalStore writes ``<key>.<hex>.partial`` then renames it; a kill in between
     leaves the temporary file. Reads are unaffected, verify flags it, --repair removes it."""
-    from ctzarr.verify import verify
+    from ctzarr.read.verify import verify
 
     dest = tmp_path / "p.zarr"
     assert ctzarr.convert(dap_copy, dest, progress=False).ok

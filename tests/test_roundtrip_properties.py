@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ctzarr
-from ctzarr.label_index import LabelIndexBuilder
+from ctzarr.write.index_builder import LabelIndexBuilder
 
 from .conftest import nifti_zyx
 

@@ -10,18 +10,8 @@ import pytest
 from matplotlib.image import imread
 
 import ctzarr
-from ctzarr.phantom import write_dap_atlas
-from ctzarr.show import (
-    BONE_WINDOW,
-    FIGSIZE_INCHES,
-    LUNG_WINDOW,
-    SOFT_TISSUE_WINDOW,
-    choose_window,
-    render_structure,
-    scale_bar_mm,
-    structure_panels,
-    window_name,
-)
+from ctzarr.testing.phantom import write_dap_atlas
+from ctzarr.read.show import BONE_WINDOW, FIGSIZE_INCHES, LUNG_WINDOW, SOFT_TISSUE_WINDOW, choose_window, render_structure, scale_bar_mm, structure_panels, window_name
 
 LIVER, SPLEEN, KIDNEY_LEFT, KIDNEY_RIGHT = 13, 26, 15, 16
 AUTOCHTHON_LEFT, AORTA, LUNG_UPPER_RIGHT = 40, 114, 124

@@ -9,6 +9,8 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+
+from ctzarr.model.table import STATS_COLUMNS
 from zarr.abc.store import ByteRequest
 from zarr.core.buffer import Buffer, BufferPrototype
 from zarr.storage import LocalStore, WrapperStore
@@ -69,7 +71,7 @@ def test_dap_case_stats_equal_numpy(dap_source: Path, dap_store: Path) -> None:
     for cid in col.case_ids:
         img = nib.load(dap_source / "images" / f"{cid}.nii.gz")
         df = col[cid].stats()
-        assert list(df.columns) == ctzarr.stats.STATS_COLUMNS
+        assert list(df.columns) == STATS_COLUMNS
         check_case_stats(df, nifti_zyx(dap_source / "images" / f"{cid}.nii.gz"),
                          nifti_zyx(dap_source / "masks" / f"{cid}.nii.gz"), img.affine, col[cid].spacing)
 

@@ -8,11 +8,9 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 from typing import TYPE_CHECKING, Any
 
-from .convert import CaseResult, ConversionReport, convert
+from ._version import __version__
 from .errors import (
     CaseExistsError,
     CaseMismatchError,
@@ -28,10 +26,12 @@ from .errors import (
     StructureNotFoundError,
     UnknownLabelError,
 )
-from .labelmaps import Label, LabelMap
+from .model.labels import Label, LabelMap
+from .write.convert import CaseResult, ConversionReport, convert
 
 if TYPE_CHECKING:
-    from .collection import Case, Collection, open_collection
+    from .read.case import Case
+    from .read.collection import Collection, open_collection
 
 # The reading side pulls in dask.array, xarray and pandas (~1.5 s, ~140 MB); a conversion needs
 # none of them, so they load on first use.
@@ -40,13 +40,9 @@ _LAZY = {"Case", "Collection", "open_collection"}
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        from . import collection
+        from .read import case, collection
 
-        return getattr(collection, name)
-    if name == "stats":
-        import importlib
-
-        return importlib.import_module(".stats", __name__)
+        return getattr(case if name == "Case" else collection, name)
     raise AttributeError(f"module 'ctzarr' has no attribute {name!r}")
 
 

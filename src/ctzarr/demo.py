@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .collection import open_collection
-from .convert import convert
-from .phantom import write_dap_atlas, write_saros
+from ctzarr.read.collection import open_collection
+from ctzarr.testing.phantom import write_dap_atlas, write_saros
+from ctzarr.write.convert import convert
 
 __all__ = ["run_demo"]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "CaseExistsError",
+    "ClientGoneError",
     "CaseLockedError",
     "CaseMismatchError",
     "CatalogError",
@@ -21,8 +22,11 @@ __all__ = [
     "InvalidNiftiError",
     "LabelMapError",
     "LayoutError",
+    "RemotePermissionError",
+    "RemoteStoreError",
     "StoreError",
     "StructureNotFoundError",
+    "TableMismatchError",
     "UnknownLabelError",
     "UnsafeStoreError",
 ]
@@ -113,3 +117,31 @@ class UnsafeStoreError(StoreError):
 
 class CaseLockedError(CtzarrError, OSError):
     """Another converter holds the case's lock (two converters aimed at one case)."""
+
+
+class RemoteStoreError(StoreError):
+    """A remote store call failed: retries exhausted, or a fault not worth retrying.
+
+    The message names the operation, the URL of the key (without user info or query string),
+    the fault, the attempts made and the time spent. Attributes: ``url``, ``operation``,
+    ``fault``, ``attempts``, ``elapsed_s``, ``status`` (HTTP status or None).
+    """
+
+    url: str = ""
+    operation: str = ""
+    fault: str = ""
+    attempts: int = 0
+    elapsed_s: float = 0.0
+    status: int | None = None
+
+
+class RemotePermissionError(RemoteStoreError, PermissionError):
+    """The server refused access (HTTP 401/403, S3 ``AccessDenied``...): never retried."""
+
+
+class TableMismatchError(StoreError):
+    """The collection table's arrays and attributes come from different updates (an interrupted one)."""
+
+
+class ClientGoneError(CtzarrError, ConnectionError):
+    """The dask client or scheduler went away while a job was unfinished."""

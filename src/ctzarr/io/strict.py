@@ -26,15 +26,12 @@ from __future__ import annotations
 import itertools
 import math
 import os
-import re
 import struct
-import threading
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import crc32c as _crc32c
 import numpy as np
 import zarr
 from zarr.abc.store import ByteRequest, RangeByteRequest, Store, SuffixByteRequest
@@ -42,137 +39,42 @@ from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
 from zarr.core.buffer import Buffer, BufferPrototype
 from zarr.storage import LocalStore, WrapperStore
 
-from .errors import ChunkCorruptError, ChunkMissingError, UnsafeStoreError
-
-__all__ = [
-    "MANIFEST_VERSION",
-    "ArrayLayout",
-    "CheckedArray",
-    "Manifest",
-    "ManifestBuilder",
-    "ShardRecord",
-    "StrictStore",
-    "check_frame",
-    "check_local_links",
-    "check_objects",
-    "validate_case_metadata",
-]
-
-MANIFEST_VERSION = 1
+from ctzarr.errors import ChunkCorruptError, ChunkMissingError, UnsafeStoreError
+from ctzarr.model.manifest import Manifest, ShardRecord, _check_relative_path, crc32c
 
 #: caps applied to every array of a case before anything is read (a whole-body CT at 0.5 mm is
 #: ~2000 x 1024 x 1024 = 2^31 voxels)
 MAX_ELEMENTS = 2**34
+
+
 MAX_CHUNKS = 2**20
+
+
 MAX_CHUNK_BYTES = 2**26  # one inner chunk, decoded (ours: 64^3 x 8 bytes at most = 2 MiB)
+
+
 MAX_SHARD_CHUNKS = 2**14
+
+
 ALLOWED_DTYPES = frozenset(
     ["int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64", "float32", "float64"]
 )
-#: node names ctzarr writes: segmentation names, levels, "labels", "index", "histogram", "nifti"
-_NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+
 
 _BLOSC_HEADER = struct.Struct(
     "<BBBBIII"
 )  # version, versionlz, flags, typesize, nbytes, blocksize, cbytes
+
+
 _CRC = 4  # bytes of the crc32c codec's trailer
+
+
 _INDEX_ENTRY = 16  # (offset, nbytes) as two little-endian uint64
+
+
 _EMPTY = 2**64 - 1
-
-
-def crc32c(data: bytes | memoryview | np.ndarray) -> int:
-    """crc32c of a buffer (hardware accelerated)."""
-    return int(_crc32c.crc32c(data))
-
-
-# -- the manifest -----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ShardRecord:
-    """One stored object (a shard, or a whole chunk of an unsharded array)."""
-
-    nbytes: int
-    crc32c: int
-    index_crc32c: int | None  # crc32c of the shard index (its last bytes); None: not sharded
-
-    def to_json(self) -> list[int | None]:
-        return [self.nbytes, self.crc32c, self.index_crc32c]
-
-    @classmethod
-    def from_json(cls, value: Any) -> ShardRecord:
-        if (
-            not isinstance(value, list)
-            or len(value) != 3
-            or not all(isinstance(v, int) and v >= 0 for v in value[:2])
-            or not (value[2] is None or (isinstance(value[2], int) and value[2] >= 0))
-        ):
-            raise ValueError(f"malformed manifest record {value!r}")
-        return cls(int(value[0]), int(value[1]), None if value[2] is None else int(value[2]))
-
-
-@dataclass(frozen=True)
-class Manifest:
-    """Every object of a case: array path (relative to the case) -> chunk key -> record."""
-
-    arrays: Mapping[str, Mapping[str, ShardRecord]]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "version": MANIFEST_VERSION,
-            "arrays": {
-                path: {key: rec.to_json() for key, rec in sorted(recs.items())}
-                for path, recs in sorted(self.arrays.items())
-            },
-        }
-
-    @classmethod
-    def from_dict(cls, value: Any, where: str = "") -> Manifest:
-        """Parse a stored manifest; raises :class:`ChunkCorruptError` when it is malformed."""
-        try:
-            if not isinstance(value, dict) or value.get("version") != MANIFEST_VERSION:
-                raise ValueError("unknown manifest version")
-            arrays = value["arrays"]
-            if not isinstance(arrays, dict):
-                raise ValueError("no arrays")
-            parsed = {}
-            for path, recs in arrays.items():
-                _check_relative_path(path)
-                if not isinstance(recs, dict):
-                    raise ValueError(f"array {path!r}: not a mapping")
-                for key in recs:
-                    if not _CHUNK_KEY.match(key):
-                        raise ValueError(f"array {path!r}: bad chunk key {key!r}")
-                parsed[path] = {k: ShardRecord.from_json(v) for k, v in recs.items()}
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ChunkCorruptError(f"{where}: malformed chunk manifest: {exc}") from exc
-        return cls(parsed)
-
-    def records(self, array_path: str) -> Mapping[str, ShardRecord]:
-        return self.arrays.get(array_path, {})
-
-
-_CHUNK_KEY = re.compile(r"^c(/\d{1,9}){1,8}$")
-
-
-class ManifestBuilder:
-    """Collects the records of the objects a case writer stores (thread-safe)."""
-
-    def __init__(self) -> None:
-        self._arrays: dict[str, dict[str, ShardRecord]] = {}
-        self._lock = threading.Lock()
-
-    def add(self, array_path: str, key: str, data: bytes | None, index_nbytes: int | None) -> None:
-        """Record one stored object (``data`` None: the object was not stored, all fill)."""
-        with self._lock:
-            recs = self._arrays.setdefault(array_path, {})
-            if data is None:
-                recs.pop(key, None)
-                return
-            index_crc = None if index_nbytes is None else crc32c(data[-index_nbytes:])
-            recs[key] = ShardRecord(len(data), crc32c(data), index_crc)
-
-    def build(self) -> Manifest:
-        with self._lock:
-            return Manifest({p: dict(r) for p, r in self._arrays.items()})
 
 
 # -- array layouts: what each array of a case must look like -----------------------------------
@@ -250,10 +152,6 @@ def _dtype_name(meta: Any) -> str:
     return str(meta.data_type.to_native_dtype().newbyteorder("=").name)
 
 
-def _check_relative_path(path: str) -> None:
-    parts = path.split("/")
-    if not path or any(not _NODE_NAME.match(p) or p.startswith("__") for p in parts):
-        raise ValueError(f"node path {path!r} is not a plain relative name")
 
 
 def _layout(path: str, meta: Any, where: str) -> ArrayLayout:
@@ -664,47 +562,3 @@ class StrictStore(WrapperStore[Store]):
                 for i, buf in batch:
                     self._check(key, info, byte_ranges[i], buf)
             yield batch
-
-
-# -- verification --------------------------------------------------------------------------------
-def check_objects(case: Any) -> list[str]:
-    """Problems found comparing every stored object of a case with its manifest (full reads).
-
-    Catches what a strict read cannot see without reading whole objects: an inner chunk
-    replaced in place by another valid chunk of the same size (the shard index still matches).
-    """
-    from zarr.core.buffer import default_buffer_prototype
-    from zarr.core.sync import sync
-
-    store = case.group.store
-    if isinstance(store, StrictStore):
-        store = store._store
-    manifest: Manifest = case._manifest
-    problems = []
-    base = case.group.path
-    for array_path in sorted(case._layouts):
-        records = manifest.records(array_path)
-        prefix = f"{base}/{array_path}/c/"
-
-        async def keys(prefix: str = prefix) -> list[str]:
-            return [k async for k in store.list_prefix(prefix)]
-
-        stored = {k[len(prefix) - 2 :] for k in sync(keys())}
-        for key in sorted(stored - set(records)):
-            problems.append(f"array {array_path!r} chunk {key}: stored but not in the manifest")
-        for key, rec in sorted(records.items()):
-            buf = sync(
-                store.get(f"{base}/{array_path}/{key}", prototype=default_buffer_prototype())
-            )
-            if buf is None:
-                problems.append(
-                    f"array {array_path!r} chunk {key}: missing (the manifest lists it)"
-                )
-                continue
-            data = buf.to_bytes()
-            if len(data) != rec.nbytes or crc32c(data) != rec.crc32c:
-                problems.append(
-                    f"array {array_path!r} chunk {key}: {len(data)} bytes, crc32c {crc32c(data):08x}; "
-                    f"the manifest says {rec.nbytes} bytes, {rec.crc32c:08x}"
-                )
-    return problems

@@ -11,17 +11,9 @@ import zarr
 from zarr.abc.store import Store
 from zarr.storage import FsspecStore, LocalStore
 
-from .obstore_io import object_store
-from .retry import RetryingStore, RetryPolicy, current_retry_policy, redact_url
-
-__all__ = [
-    "codec_pipeline",
-    "compact_json",
-    "make_store",
-    "read_key",
-    "remote_storage_options",
-    "write_key",
-]
+from ctzarr.io.obstore import object_store
+from ctzarr.io.retry import RetryingStore, RetryPolicy, current_retry_policy
+from ctzarr.io.urls import redact_url
 
 #: zarr-python's Rust codec pipeline (PyPI ``zarrs``): reads 2-3x faster than the default
 #: pipeline on sharded arrays (benchmarks/README.md). Arrays bind their pipeline when they are

@@ -22,37 +22,26 @@ and global state are never touched.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+
+    from ctzarr.read.case import Case
+
 import math
 import os
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from dask.base import compute as dask_compute
 from nibabel.orientations import io_orientation
 
-if TYPE_CHECKING:
-    from matplotlib.axes import Axes
-
-    from .collection import Case
-    from .labelmaps import Label
-
-__all__ = [
-    "BONE_WINDOW",
-    "FIGSIZE_INCHES",
-    "LUNG_WINDOW",
-    "SOFT_TISSUE_WINDOW",
-    "Panel",
-    "Window",
-    "choose_window",
-    "render_structure",
-    "scale_bar_mm",
-    "structure_panels",
-    "window_name",
-]
+from ctzarr.model.labels import Label
 
 
 class Window(NamedTuple):
@@ -68,13 +57,21 @@ class Window(NamedTuple):
 
 
 LUNG_WINDOW = Window(1500.0, -600.0)
+
+
 BONE_WINDOW = Window(1800.0, 400.0)
+
+
 SOFT_TISSUE_WINDOW = Window(400.0, 40.0)
+
+
 _WINDOW_NAMES = {LUNG_WINDOW: "lung", BONE_WINDOW: "bone", SOFT_TISSUE_WINDOW: "soft tissue"}
+
 
 #: size of every picture, so the PNG is FIGSIZE_INCHES * dpi pixels (no tight bounding box, whose
 #: size would depend on the text)
 FIGSIZE_INCHES = (12.0, 4.8)
+
 
 # Each panel: (key, title, normal world axis, (row world axis, column world axis)). World axes
 # are RAS+ (0 = x towards R, 1 = y towards A, 2 = z towards S). Every display axis runs towards
@@ -85,9 +82,15 @@ _PANELS: tuple[tuple[str, str, int, tuple[int, int]], ...] = (
     ("coronal", "Coronal", 1, (2, 0)),
     ("sagittal", "Sagittal", 0, (2, 1)),
 )
+
+
 # letters at the start and the end of a display axis running towards negative world direction
 _AXIS_LETTERS = {0: ("R", "L"), 1: ("A", "P"), 2: ("S", "I")}
+
+
 _SCALE_BAR_CHOICES_MM = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0)
+
+
 # used when a label has no colour (alpha 0) or a grey one, which would vanish over the grey CT
 _FALLBACK_COLOUR = (1.0, 0.85, 0.0, 1.0)
 

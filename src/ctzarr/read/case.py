@@ -1,17 +1,25 @@
-"""How a store is read: collections and cases as lazy xarray objects, and NIfTI export.
+"""One case as lazy xarray objects: the CT image, its segmentations, crops and NIfTI export.
 
-Opening a collection reads its root metadata only; a case reads its group metadata when first
-touched; voxels are read when a dask graph is computed.
+Nothing is read until values are needed: the image and labels are dask arrays over the stored
+shards, and a crop reads only the chunks its box touches (from the per-label index).
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ctzarr.errors import ChunkCorruptError, StructureNotFoundError
+from ctzarr.model.layout import level_shapes
+from ctzarr.read.stats import case_stats
+
+if TYPE_CHECKING:
+    from ctzarr.read.collection import Collection
 
 import gzip
 import logging
 import math
 import os
-from collections.abc import Iterator, Mapping, Sequence
-from functools import cached_property
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,220 +29,17 @@ import pandas as pd
 import xarray as xr
 import zarr
 from nibabel.volumeutils import apply_read_scaling
-from zarr.abc.store import Store
 from zarr.core.group import AsyncGroup
 from zarr.storage import LocalStore, StorePath
 
-from .errors import IncompleteCaseError, StoreError, UnsafeStoreError
-from .integrity import (
-    CheckedArray,
-    Manifest,
-    StrictStore,
-    check_local_links,
-    validate_case_metadata,
-)
-from .label_index import LabelIndex
-from .labelmaps import Label, LabelMap
-from .nifti import _typed_scaling, header_from_bytes
-from .storage import codec_pipeline, make_store
-from .writer import index_from_attributes
-
-__all__ = ["Case", "Collection", "open_collection"]
+from ctzarr.io.stores import codec_pipeline
+from ctzarr.io.strict import CheckedArray, StrictStore, check_local_links, validate_case_metadata
+from ctzarr.model.index import LabelIndex, index_from_attributes
+from ctzarr.model.labels import Label
+from ctzarr.model.manifest import Manifest
+from ctzarr.sources.nifti import _typed_scaling, header_from_bytes
 
 logger = logging.getLogger(__name__)
-
-
-def open_collection(
-    url_or_catalog_name: str | os.PathLike[str] | Store,
-    *,
-    storage_options: Mapping[str, Any] | None = None,
-) -> Collection:
-    """Open a converted collection.
-
-    Parameters
-    ----------
-    url_or_catalog_name : str or path
-        Local path, fsspec URL (``s3://``, ``gs://``, ``https://``, ``memory://``), or the
-        name of an entry of ``catalog.yaml`` (``"dap_atlas"``, ``"saros"``).
-    storage_options : dict, optional
-        fsspec options for remote URLs.
-
-    Returns
-    -------
-    Collection
-    """
-    if isinstance(url_or_catalog_name, Store):
-        store = make_store(url_or_catalog_name, storage_options=storage_options)
-        return _open_root(repr(url_or_catalog_name), store, None)
-    target = os.fspath(url_or_catalog_name)
-    so = dict(storage_options) if storage_options else None
-    if "://" not in target and not Path(target).exists() and "/" not in target:
-        from .catalog import load_catalog, resolve_entry
-
-        if target not in load_catalog():
-            raise StoreError(
-                f"{target}: no collection store here, and no catalog entry of that name"
-            )
-        target, entry_so = resolve_entry(target)
-        so = {**(entry_so or {}), **(so or {})} or None
-    return _open_root(target, make_store(target, storage_options=so, read_only=True), so)
-
-
-def _open_root(target: str, store: Store, storage_options: dict[str, Any] | None) -> Collection:
-    """Open the root group of a collection store and check it is one."""
-    try:
-        with codec_pipeline(store):
-            root = zarr.open_group(store, mode="r", zarr_format=3)
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
-        raise StoreError(f"{target}: no collection store here") from exc
-    meta = root.attrs.get("ctzarr")
-    if not isinstance(meta, dict) or meta.get("kind") != "collection":
-        raise StoreError(f"{target}: not a ctzarr collection (no ctzarr collection attributes)")
-    return Collection(target, root, storage_options)
-
-
-class Collection:
-    """A converted dataset: cases, label maps and the collection-wide index table."""
-
-    def __init__(
-        self, url: str, root: zarr.Group, storage_options: dict[str, Any] | None = None
-    ) -> None:
-        self.url = url
-        self.root = root
-        # kept to reopen the store on cluster workers; never shown (may hold credentials)
-        self._storage_options = storage_options
-        self.meta: dict[str, Any] = dict(root.attrs["ctzarr"])
-
-    def __repr__(self) -> str:
-        return f"<ctzarr.Collection {self.meta.get('dataset_id')!r}: {len(self)} cases, segmentations {list(self.segmentations)}>"
-
-    @property
-    def dataset_id(self) -> str:
-        return str(self.meta.get("dataset_id"))
-
-    @property
-    def case_ids(self) -> list[str]:
-        """Ids of the committed cases, sorted."""
-        return list(self.meta.get("cases", []))
-
-    @cached_property
-    def segmentations(self) -> dict[str, LabelMap]:
-        """Label map of each segmentation, by segmentation name."""
-        return {k: LabelMap.from_dict(v) for k, v in self.meta.get("segmentations", {}).items()}
-
-    def __len__(self) -> int:
-        return len(self.case_ids)
-
-    def __iter__(self) -> Iterator[Case]:
-        for cid in self.case_ids:
-            yield self[cid]
-
-    def __contains__(self, case_id: object) -> bool:
-        return case_id in self.case_ids
-
-    def __getitem__(self, case_id: str) -> Case:
-        from .layouts import validate_case_id
-
-        try:
-            validate_case_id(case_id)
-        except ValueError as exc:  # never let a hostile id reach a store key
-            raise KeyError(f"no case {case_id!r} in {self.url}: {exc}") from exc
-        try:
-            with codec_pipeline(self.root.store):
-                grp = zarr.open_group(
-                    self.root.store, path=f"cases/{case_id}", mode="r", zarr_format=3
-                )
-        except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError) as exc:
-            if case_id in self.case_ids:
-                raise StoreError(
-                    f"case {case_id!r} in {self.url} is listed but its group cannot be opened: "
-                    f"{type(exc).__name__}: {exc}"
-                ) from exc
-            raise KeyError(
-                f"no case {case_id!r} in {self.url}; cases: {self.case_ids[:10]}"
-            ) from exc
-        except (ValueError, TypeError, zarr.errors.BaseZarrError) as exc:  # unknown codec, bad JSON
-            raise UnsafeStoreError(
-                f"case {case_id!r} in {self.url}: metadata refused: {type(exc).__name__}: {exc}"
-            ) from exc
-        meta = grp.attrs.get("ctzarr")
-        if not isinstance(meta, dict) or meta.get("complete") is not True:
-            raise IncompleteCaseError(
-                f"case {case_id!r} in {self.url} is incomplete (an interrupted conversion)"
-            )
-        return Case(self, case_id, grp, meta)
-
-    def stats(
-        self,
-        structures: Sequence[str | int] | None = None,
-        cases: Sequence[str] | None = None,
-        segmentation: str | None = None,
-        method: str = "index",
-        client: Any = None,
-    ) -> pd.DataFrame:
-        """Per-structure statistics for a cohort, one row per (case, segmentation, structure).
-
-        Parameters
-        ----------
-        structures : list of str or int, optional
-            Names (matched case-insensitively, ignoring spaces, hyphens and underscores; also
-            normalised and TotalSegmentator names) or ids. Default: every structure present.
-        cases : list of str, optional
-            Default: every case.
-        segmentation : str, optional
-            Default: every segmentation that has the structures.
-        method : {"index", "scan"}
-            ``"index"`` reads only the stored index; ``"scan"`` recomputes from the voxels in
-            one blockwise pass per case. Both give identical numbers.
-        client : dask.distributed.Client, optional
-            Run the scan on this cluster.
-
-        Returns
-        -------
-        pandas.DataFrame
-            Columns of :data:`ctzarr.stats.STATS_COLUMNS` (plus ``annotated_slices`` for sparse
-            label maps).
-        """
-        from .stats import collection_stats
-
-        return collection_stats(self, structures, cases, segmentation, method, client)
-
-    def table(self) -> pd.DataFrame:
-        """The collection table: statistics of every (case, segmentation, structure), read from
-        one small group of the store (no case is opened)."""
-        from .collection_table import read_table_columns
-
-        with codec_pipeline(self.root.store):
-            found = read_table_columns(self.root)
-        if found is None:
-            raise StoreError(
-                f"{self.url}: no collection table (written by ctzarr convert; rebuild with "
-                "ctzarr verify --repair)"
-            )
-        cols, attrs = found
-        lms = self.segmentations
-        seg_names = attrs["segmentations"]
-        data: dict[str, Any] = {
-            "case_id": np.asarray(attrs["cases"], dtype=object)[cols["case"]]
-            if len(cols["case"])
-            else [],
-            "segmentation": np.asarray(seg_names, dtype=object)[cols["segmentation"]]
-            if len(cols["case"])
-            else [],
-            "label": cols["label"],
-            "structure": [
-                lms[seg_names[s]][int(v)].name
-                for s, v in zip(cols["segmentation"].tolist(), cols["label"].tolist(), strict=True)
-            ],
-        }
-        from .stats import STATS_COLUMNS
-
-        for c in STATS_COLUMNS[4:]:
-            data[c] = cols[c]
-        df = pd.DataFrame(data)
-        if len(df) and (cols["annotated_slices"] >= 0).any():
-            df["annotated_slices"] = cols["annotated_slices"]
-        return df
 
 
 class Case:
@@ -427,13 +232,11 @@ class Case:
         client: Any = None,
     ) -> pd.DataFrame:
         """Per-structure statistics of this case (see :meth:`Collection.stats`)."""
-        from .stats import case_stats
 
         return case_stats(self, structures, segmentation, method, client)
 
     def resolve(self, structure: str | int, segmentation: str | None = None) -> tuple[str, Label]:
         """(segmentation, label) of a structure named by id or name."""
-        from .errors import StructureNotFoundError
 
         names = [self._segmentation_name(segmentation)] if segmentation else self.segmentation_names
         errors = []
@@ -448,7 +251,6 @@ class Case:
         self, structure: str | int, margin_mm: float = 0.0, segmentation: str | None = None
     ) -> tuple[str, Label, tuple[slice, slice, slice]]:
         """Bounding box of a structure (from the index) grown by a margin, clipped to the volume."""
-        from .errors import StructureNotFoundError
 
         if margin_mm < 0 or not np.isfinite(margin_mm):
             raise ValueError(f"margin_mm must be a finite number >= 0, got {margin_mm}")
@@ -627,8 +429,6 @@ class Case:
 def _check_shapes(layouts: Mapping[str, Any], meta: Mapping[str, Any], where: str) -> None:
     """Image and label levels must have the shapes the case attributes imply (an edited
     ``shape`` would read fill beyond the stored objects)."""
-    from .errors import ChunkCorruptError
-    from .writer import level_shapes
 
     try:
         levels = level_shapes(tuple(int(n) for n in meta["shape_zyx"]))  # type: ignore[arg-type]

@@ -20,13 +20,15 @@ from typing import Any
 
 import fsspec
 
-from .errors import InvalidCaseIdError, LayoutError
-from .labelmaps import LabelMap, builtin_label_map, load_label_map_file
-
-__all__ = ["LAYOUTS", "CaseSpec", "DatasetSource", "detect_layout", "validate_case_id"]
+from ctzarr.errors import InvalidCaseIdError, LayoutError
+from ctzarr.model.labels import LabelMap, builtin_label_map, load_label_map_file
 
 LAYOUTS = ("dap_atlas", "saros", "pairs")
+
+
 _CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
 _NII = (".nii.gz", ".nii")
 
 

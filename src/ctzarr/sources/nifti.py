@@ -33,20 +33,27 @@ from isal import igzip_threaded
 from nibabel.spatialimages import HeaderDataError
 from nibabel.volumeutils import apply_read_scaling
 
-from .errors import CtzarrWarning, InvalidNiftiError
-
-__all__ = ["NiftiSource", "open_nifti"]
+from ctzarr.errors import CtzarrWarning, InvalidNiftiError
 
 logger = logging.getLogger(__name__)
 
+
 _GZIP_MAGIC = b"\x1f\x8b"
+
+
 #: deflate cannot expand data by more than ~1032:1; a header that declares more voxel bytes
 #: than that ratio allows is a lie (or a bomb) and is refused before anything is allocated.
 _MAX_DEFLATE_RATIO = 1032
+
+
 #: hard cap on one volume, whatever the file size says (64 GiB of voxel data)
 MAX_VOXEL_BYTES = 64 * 2**30
+
+
 #: qform and sform may disagree by this much (mm, at the volume corners) without a warning
 QFORM_SFORM_TOLERANCE_MM = 1e-4
+
+
 #: free-text fields, blanked in the stored header: they may carry identifying text
 _HEADER_TEXT_FIELDS = ("descrip", "aux_file", "db_name", "intent_name", "data_type", "unused_str")
 
@@ -511,6 +518,8 @@ def _validated(
 
 #: NIfTI spatial unit codes (xyzt_units % 8); 4..7 are undefined
 _SPACE_UNITS = {0: "unknown", 1: "meter", 2: "mm", 3: "micron"}
+
+
 #: NIFTI_XFORM_UNKNOWN .. NIFTI_XFORM_TEMPLATE_OTHER
 _XFORM_CODES = range(6)
 

@@ -26,14 +26,8 @@ import nibabel as nib_typed
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["make_phantom", "write_dap_atlas", "write_saros"]
-
 # nibabel's partial annotations make --strict reject every header call (no-untyped-call).
 nib: Any = nib_typed
-
-# --------------------------------------------------------------------------------------------
-# Label tables
-# --------------------------------------------------------------------------------------------
 
 
 def _dap_names() -> dict[int, str]:
@@ -71,6 +65,7 @@ def _dap_names() -> dict[int, str]:
 
 _DAP_NAMES = _dap_names()
 
+
 # Mean HU per DAP id; ids not listed get soft tissue (40).
 _HU: dict[int, float] = {
     0: -1000, 1: 45, 2: 50, 3: -100, 4: 20, 5: 30, 6: 40, 7: 30, 8: 35, 9: 35, 10: 15,
@@ -81,6 +76,7 @@ _HU: dict[int, float] = {
 }  # fmt: skip
 _HU.update(dict.fromkeys(range(43, 67), 420.0))  # vertebrae
 _HU.update(dict.fromkeys(range(120, 125), -850.0))  # lung lobes
+
 
 # Organ ellipsoids in priority order (n_structures takes a prefix), canonical frame:
 # (DAP id, centre u v w, semi-axes u v w). Left structures sit at u < 0.
@@ -120,6 +116,7 @@ _ORGANS: tuple[tuple[int, tuple[float, float, float], tuple[float, float, float]
     (127, (-5, 35, 860), (14, 14, 20)),  # pulmonary artery
 )
 
+
 # SAROS body-region id per DAP id; ids absent here map to background.
 _REGION_SETS: tuple[tuple[int, frozenset[int]], ...] = (
     (1, frozenset({3, 22, 23, 42})),  # subcutaneous_tissue
@@ -133,17 +130,22 @@ _REGION_SETS: tuple[tuple[int, frozenset[int]], ...] = (
     (11, frozenset({24})),  # spinal_cord
     (12, frozenset({29, 30})),  # thyroid_glands
 )
+
+
 _MEDIASTINAL = _REGION_SETS[6][1]
+
 
 # Canonical field of view the anatomy is drawn in: thighs to vertex, and in-plane width.
 _BODY_LENGTH = 1200.0
-_BODY_WIDTH = 520.0
-_DIAPHRAGM_W = 700.0
-_NECK_W = 960.0
 
-# --------------------------------------------------------------------------------------------
-# Phantom
-# --------------------------------------------------------------------------------------------
+
+_BODY_WIDTH = 520.0
+
+
+_DIAPHRAGM_W = 700.0
+
+
+_NECK_W = 960.0
 
 
 @dataclass(frozen=True)
@@ -445,11 +447,6 @@ def make_phantom(
     return p.ct, p.labels
 
 
-# --------------------------------------------------------------------------------------------
-# NIfTI writing
-# --------------------------------------------------------------------------------------------
-
-
 def _affine(
     shape_zyx: tuple[int, int, int], spacing_zyx: tuple[float, float, float], *, lps: bool
 ) -> NDArray[np.float64]:
@@ -485,11 +482,6 @@ def _save_nifti(
     img.set_sform(affine, code=1)
     img.header.set_slope_inter(1.0, 0.0)
     nib.save(img, str(path))
-
-
-# --------------------------------------------------------------------------------------------
-# DAP Atlas
-# --------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -593,12 +585,12 @@ def write_dap_atlas(
     return [c.name for c in cases]
 
 
-# --------------------------------------------------------------------------------------------
-# SAROS
-# --------------------------------------------------------------------------------------------
-
 _SAROS_INPLANE = (0.78125, 0.904, 1.1)
+
+
 _SAROS_SPLITS = ("fold-1", "fold-2", "fold-3", "fold-4", "fold-5", "test")
+
+
 _SAROS_COLLECTIONS = (  # (collection, anatomic_region, tcia_case_id prefix)
     ("NSCLC Radiogenomics", "thorax", "R01-"),
     ("ACRIN-HNSCC-FDG-PET/CT", "wholebody", "ACRIN-HNSCC-FDG-PET-CT-"),

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from .errors import CtzarrError
+from ctzarr.errors import CtzarrError
 
 __all__ = ["main"]
 
@@ -32,7 +32,7 @@ def _storage_options(text: str | None) -> dict[str, Any] | None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from ctzarr.demo import run_demo
 
     run_demo(args.directory, progress=not args.quiet)
     return 0
@@ -40,7 +40,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _client(args: argparse.Namespace) -> Any:
     """A dask client from --scheduler ADDRESS or --workers N, else None (local threads)."""
-    from .distributed import connect, start_local_cluster
+    from ctzarr.run.cluster import connect, start_local_cluster
 
     if getattr(args, "scheduler", None):
         return connect(args.scheduler)
@@ -50,7 +50,7 @@ def _client(args: argparse.Namespace) -> Any:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .convert import convert
+    from ctzarr.write.convert import convert
 
     client = _client(args)
     try:
@@ -73,7 +73,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .collection import open_collection
+    from ctzarr.read.collection import open_collection
 
     col = open_collection(args.store, storage_options=_storage_options(args.storage_options))
     print(col)
@@ -101,7 +101,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .collection import open_collection
+    from ctzarr.read.collection import open_collection
 
     col = open_collection(args.store, storage_options=_storage_options(args.storage_options))
     for role, path in col[args.case].to_nifti(args.outdir).items():
@@ -110,7 +110,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .verify import verify
+    from ctzarr.read.verify import verify
 
     report = verify(
         args.store, storage_options=_storage_options(args.storage_options), repair=args.repair
@@ -120,7 +120,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from .collection import open_collection
+    from ctzarr.read.collection import open_collection
 
     col = open_collection(args.store, storage_options=_storage_options(args.storage_options))
     client = _client(args)
@@ -171,7 +171,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_crop(args: argparse.Namespace) -> int:
-    from .collection import open_collection
+    from ctzarr.read.collection import open_collection
 
     col = open_collection(args.store, storage_options=_storage_options(args.storage_options))
     written = col[args.case].crop_to_nifti(
@@ -186,8 +186,8 @@ def cmd_crop(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from .collection import open_collection
-    from .show import render_structure
+    from ctzarr.read.collection import open_collection
+    from ctzarr.read.show import render_structure
 
     col = open_collection(args.store, storage_options=_storage_options(args.storage_options))
     path = render_structure(
@@ -206,7 +206,7 @@ def _structure(text: str) -> str | int:
 
 
 def cmd_catalog(args: argparse.Namespace) -> int:
-    from .catalog import catalog_path, load_catalog
+    from ctzarr.catalog import catalog_path, load_catalog
 
     sources = load_catalog(args.catalog)
     print(f"catalog: {args.catalog or catalog_path()}")
@@ -219,7 +219,7 @@ def cmd_catalog(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every command."""
-    from . import __version__
+    from ctzarr import __version__
 
     p = argparse.ArgumentParser(
         prog="ctzarr", description=__doc__.split("\n")[0] if __doc__ else None
@@ -336,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    from .catalog import allow_local_targets
+    from ctzarr.io.urls import allow_local_targets
 
     try:
         with allow_local_targets(True if args.allow_local else None):

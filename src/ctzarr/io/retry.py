@@ -23,15 +23,18 @@ defaults of :class:`RetryPolicy`.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from zarr.core.buffer import Buffer, BufferPrototype
+
 import asyncio
 import contextlib
 import dataclasses
-import enum
 import logging
 import math
 import os
 import random
-import re
 import threading
 import time
 from collections.abc import (
@@ -45,84 +48,28 @@ from collections.abc import (
     Sequence,
 )
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Self
+from typing import Any, Self
 
 from zarr.abc.store import ByteRequest, Store
 from zarr.storage import WrapperStore
 
-from .errors import StoreError
-
-if TYPE_CHECKING:
-    from zarr.core.buffer import Buffer, BufferPrototype
-
-__all__ = [
-    "RemotePermissionError",
-    "RemoteStoreError",
-    "RetryPolicy",
-    "RetryingStore",
-    "current_retry_policy",
-    "retry_policy",
-    "set_retry_policy",
-]
+from ctzarr.errors import RemotePermissionError, RemoteStoreError
+from ctzarr.io.faults import Fault, FaultKind, classify
+from ctzarr.io.urls import redact_url
 
 logger = logging.getLogger(__name__)
 
+
 ENV_RETRIES = "CTZARR_RETRIES"
+
+
 ENV_TIMEOUT_S = "CTZARR_TIMEOUT_S"
+
+
 ENV_BACKOFF_S = "CTZARR_BACKOFF_S"
+
+
 ENV_MAX_BACKOFF_S = "CTZARR_MAX_BACKOFF_S"
-
-#: HTTP statuses worth another attempt: request timeout, rate limited, server-side faults.
-RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
-#: S3 error codes worth another attempt (some arrive with a 400 status).
-RETRY_S3_CODES = frozenset(
-    {
-        "SlowDown",
-        "Throttling",
-        "ThrottlingException",
-        "RequestLimitExceeded",
-        "TooManyRequestsException",
-        "RequestThrottled",
-        "RequestTimeout",
-        "InternalError",
-        "ServiceUnavailable",
-        "OperationAborted",
-    }
-)
-PERMISSION_S3_CODES = frozenset(
-    {
-        "AccessDenied",
-        "AllAccessDisabled",
-        "InvalidAccessKeyId",
-        "SignatureDoesNotMatch",
-        "ExpiredToken",
-        "InvalidToken",
-        "AccountProblem",
-    }
-)
-
-
-# ------------------------------------------------------------------------------------------------
-# errors (to move to ctzarr.errors and the package's __all__)
-# ------------------------------------------------------------------------------------------------
-class RemoteStoreError(StoreError):
-    """A remote store call failed: retries exhausted, or a fault not worth retrying.
-
-    The message names the operation, the URL of the key (without user info or query string),
-    the fault, the attempts made and the time spent. Attributes: ``url``, ``operation``,
-    ``fault``, ``attempts``, ``elapsed_s``, ``status`` (HTTP status or None).
-    """
-
-    url: str = ""
-    operation: str = ""
-    fault: str = ""
-    attempts: int = 0
-    elapsed_s: float = 0.0
-    status: int | None = None
-
-
-class RemotePermissionError(RemoteStoreError, PermissionError):
-    """The server refused access (HTTP 401/403, S3 ``AccessDenied``...): never retried."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -277,6 +224,8 @@ class RetryPolicy:
 
 
 _lock = threading.Lock()
+
+
 _process_policy: RetryPolicy | None = None
 
 
@@ -311,166 +260,6 @@ def retry_policy(policy: RetryPolicy | None = None, /, **changes: Any) -> Iterat
         yield chosen
     finally:
         set_retry_policy(previous)
-
-
-# ------------------------------------------------------------------------------------------------
-# what a fault is
-# ------------------------------------------------------------------------------------------------
-class FaultKind(enum.Enum):
-    PASS = "pass"  # not a remote fault (missing key, programming error): untouched
-    PERMISSION = "permission"  # 401/403: fail at once
-    PERMANENT = "permanent"  # other 4xx, TLS: fail at once
-    CONNECT = "connect"  # refused, unknown host, connect timeout: retried once reached
-    TRANSIENT = "transient"  # 5xx, 429, reset, cut body, read timeout: retried
-
-
-@dataclass(frozen=True)
-class Fault:
-    kind: FaultKind
-    description: str = ""
-    status: int | None = None
-    retry_after_s: float | None = None
-    answered: bool = False  # the server sent a response (so it exists and is reachable)
-
-
-_USERINFO = re.compile(r"(\b[a-zA-Z][\w+.-]*://)[^/@\s'\"]*@")
-_QUERY = re.compile(r"(\b[a-zA-Z][\w+.-]*://[^\s?'\"]*)\?[^\s'\"]*")
-
-
-def redact_url(text: str) -> str:
-    """Drop user info (``user:pass@``) and query strings (signed URLs) from URLs in text."""
-    return _QUERY.sub(r"\1?...", _USERINFO.sub(r"\1", text))
-
-
-def _chain(exc: BaseException) -> Iterator[BaseException]:
-    seen: set[int] = set()
-    cur: BaseException | None = exc
-    while cur is not None and id(cur) not in seen and len(seen) < 16:
-        seen.add(id(cur))
-        yield cur
-        cur = cur.__cause__ or cur.__context__
-
-
-def _retry_after(headers: Any) -> float | None:
-    try:
-        value = headers.get("Retry-After") or headers.get("retry-after") if headers else None
-        return float(value) if value is not None else None
-    except (TypeError, ValueError, AttributeError):
-        return None  # an HTTP date: ignored, the backoff applies
-
-
-def _status_fault(status: int, text: str, headers: Any = None, code: str = "") -> Fault:
-    if status in (401, 403) or code in PERMISSION_S3_CODES:
-        return Fault(FaultKind.PERMISSION, text, status, answered=True)
-    if status in RETRY_STATUSES or code in RETRY_S3_CODES:
-        return Fault(FaultKind.TRANSIENT, text, status, _retry_after(headers), answered=True)
-    return Fault(FaultKind.PERMANENT, text, status, answered=True)
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def _one(exc: BaseException) -> Fault | None:
-    """The fault one exception of a chain stands for, or None to look further down the chain."""
-    name = type(exc).__name__
-    from .obstore_io import classify_obstore_error
-
-    fault = classify_obstore_error(exc)
-    if fault is not None:
-        return fault
-    try:
-        import aiohttp
-    except ImportError:  # pragma: no cover - fsspec's HTTP and s3fs both need it
-        aiohttp = None  # type: ignore[assignment]
-    try:
-        import botocore.exceptions as boto
-    except ImportError:  # pragma: no cover - only with s3fs
-        boto = None
-
-    if aiohttp is not None and isinstance(exc, aiohttp.ClientResponseError):
-        return _status_fault(exc.status, f"HTTP {exc.status} {exc.message}".strip(), exc.headers)
-    if boto is not None and isinstance(exc, boto.ClientError):
-        response = getattr(exc, "response", None) or {}
-        err = response.get("Error", {}) or {}
-        meta = response.get("ResponseMetadata", {}) or {}
-        code = str(err.get("Code", ""))
-        status = int(meta.get("HTTPStatusCode") or (int(code) if code.isdigit() else 0))
-        message = str(err.get("Message", "") or "")
-        text = " ".join(p for p in ("HTTP", str(status), "" if code == str(status) else code) if p)
-        text += f": {message}" if message and message != code else ""
-        return _status_fault(status, text, meta.get("HTTPHeaders"), code)
-    if isinstance(exc, PermissionError):
-        return Fault(FaultKind.PERMISSION, _describe(exc), 403, answered=True)
-    # before the connection errors: certificate and TLS faults are not transient
-    if aiohttp is not None and isinstance(exc, aiohttp.ClientSSLError):
-        return Fault(FaultKind.PERMANENT, _describe(exc))
-    if boto is not None and isinstance(exc, boto.SSLError):
-        return Fault(FaultKind.PERMANENT, _describe(exc))
-    connect: tuple[type[BaseException], ...] = (ConnectionRefusedError,)
-    if aiohttp is not None:
-        connect += (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
-    if boto is not None:
-        connect += (boto.EndpointConnectionError, boto.ConnectTimeoutError)
-    if isinstance(exc, connect):
-        return Fault(FaultKind.CONNECT, f"cannot connect ({_describe(exc)})")
-    transient: tuple[type[BaseException], ...] = (
-        TimeoutError,
-        ConnectionError,
-        asyncio.IncompleteReadError,
-    )
-    if aiohttp is not None:
-        transient += (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError)
-    if boto is not None:
-        transient += (boto.HTTPClientError, boto.IncompleteReadError, boto.ConnectionError)
-    if isinstance(exc, transient):
-        if isinstance(exc, TimeoutError):
-            return Fault(FaultKind.TRANSIENT, f"no response in time ({_describe(exc)})")
-        return Fault(
-            FaultKind.TRANSIENT, _describe(exc), answered=not isinstance(exc, ConnectionError)
-        )
-    if name == "ResponseParserError":  # botocore: throttling answers sometimes carry invalid XML
-        return Fault(FaultKind.TRANSIENT, _describe(exc), answered=True)
-    if aiohttp is not None and isinstance(exc, aiohttp.ClientError):
-        return Fault(FaultKind.PERMANENT, _describe(exc))
-    return None
-
-
-_MISSING = (FileNotFoundError, IsADirectoryError, NotADirectoryError, FileExistsError)
-
-
-def classify(exc: BaseException) -> Fault:
-    """What to do about an exception raised by a store call.
-
-    A missing key (``FileNotFoundError``...) is passed through untouched. Otherwise the chain
-    (``__cause__``/``__context__``) is searched for an HTTP status first (s3fs raises an
-    ``OSError`` or ``PermissionError`` whose cause is botocore's ``ClientError``, which has the
-    status and the S3 code), then each exception is matched by type, outermost first.
-    """
-    if isinstance(exc, _MISSING):
-        return Fault(FaultKind.PASS, answered=True)
-    chain = list(_chain(exc))
-    try:
-        import aiohttp
-        import botocore.exceptions as boto
-
-        with_status: tuple[type[BaseException], ...] = (
-            aiohttp.ClientResponseError,
-            boto.ClientError,
-        )
-    except ImportError:  # pragma: no cover - s3fs not installed
-        import aiohttp
-
-        with_status = (aiohttp.ClientResponseError,)
-    ordered = [e for e in chain if isinstance(e, with_status)] + chain
-    for item in ordered:
-        fault = _one(item)
-        if fault is not None:
-            if fault.status == 404:  # a missing key reported without FileNotFoundError
-                return Fault(FaultKind.PASS, answered=True)
-            return dataclasses.replace(fault, description=redact_url(fault.description))
-    return Fault(FaultKind.PASS)
 
 
 # ------------------------------------------------------------------------------------------------

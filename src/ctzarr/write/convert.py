@@ -2,40 +2,55 @@
 
 A plain re-run resumes: complete cases whose source files are unchanged are skipped, leftovers
 of interrupted cases are removed and redone, and a complete case whose source changed is an
-error for that case unless ``overwrite=True``. One failing case never stops the others.
+error for that case unless ``overwrite=True``. One failing case never stops the others. With a
+Dask client the cases run as tasks of the cluster runner (:mod:`ctzarr.run.cluster`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import posixpath
-import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
 from zarr.abc.store import Store
 from zarr.core.sync import sync
-from zarr.storage import LocalStore
 
-from . import __version__
-from .errors import CaseExistsError, CaseMismatchError, CtzarrError, LayoutError, StoreError
-from .layouts import CaseSpec, DatasetSource, load_source
-from .locks import case_lock, collection_lock, unwrap_store
-from .nifti import NiftiSource, open_nifti
-from .storage import is_remote, make_store, read_key, write_key
-from .writer import FORMAT_VERSION, CaseWriter, SegmentationSource
-
-__all__ = ["AFFINE_TOLERANCE_MM", "CaseResult", "ConversionReport", "convert"]
+from ctzarr._version import __version__
+from ctzarr.errors import (
+    CaseExistsError,
+    CaseMismatchError,
+    ClientGoneError,
+    CtzarrError,
+    LayoutError,
+    StoreError,
+)
+from ctzarr.io.locks import case_lock, collection_lock
+from ctzarr.io.stores import is_remote, make_store
+from ctzarr.io.transactions import (
+    STAGING,
+    _drop_empty_staging,
+    case_state,
+    remove_case,
+    remove_staging,
+    swap_in,
+)
+from ctzarr.io.urls import check_no_secrets
+from ctzarr.model.layout import FORMAT_VERSION
+from ctzarr.run import cluster
+from ctzarr.sources.layouts import CaseSpec, DatasetSource, load_source
+from ctzarr.sources.nifti import NiftiSource, open_nifti
+from ctzarr.write.case_writer import CaseWriter, SegmentationSource
+from ctzarr.write.table import update_collection_table
 
 logger = logging.getLogger(__name__)
+
 
 #: image and segmentation grids match when their voxel corners lie within this distance
 AFFINE_TOLERANCE_MM = 1e-3
@@ -151,7 +166,6 @@ def convert(
         specs = [c for c in specs if c.case_id in wanted]
     dest_so = so if dest_store is None and is_remote(dest) else None
     if client is not None:  # refuse credentials bound for a task graph before writing anything
-        from .distributed import check_no_secrets
 
         check_no_secrets(dest_so)
         check_no_secrets(ds.storage_options)
@@ -159,7 +173,6 @@ def convert(
     report = ConversionReport(dest)
     run = uuid.uuid4().hex  # this conversion, in the case locks and the committed cases
     if client is not None:
-        from .distributed import convert_cases_on_cluster
 
         report.results.extend(
             convert_cases_on_cluster(client, ds, specs, dest, dest_so, overwrite, progress, run)
@@ -301,158 +314,6 @@ def _same_source(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
     return True
 
 
-def case_state(root: zarr.Group, case_id: str) -> tuple[str, dict[str, Any] | None]:
-    """("absent" | "partial" | "complete", ctzarr attributes) of a case in the store."""
-    try:
-        grp = zarr.open_group(root.store, path=f"cases/{case_id}", mode="r", zarr_format=3)
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
-        if sync(root.store.exists(f"cases/{case_id}/0/zarr.json")) or _has_keys(
-            root, f"cases/{case_id}/"
-        ):
-            return "partial", None
-        return "absent", None
-    meta = grp.attrs.get("ctzarr")
-    if isinstance(meta, dict) and meta.get("complete") is True:
-        return "complete", meta
-    return "partial", None
-
-
-def _has_keys(root: zarr.Group, prefix: str) -> bool:
-    async def first() -> bool:
-        async for _ in root.store.list_prefix(prefix):
-            return True
-        return False
-
-    return sync(first())
-
-
-#: where replacements of committed cases are built (``--overwrite``)
-STAGING = "staging"
-
-
-def remove_staging(root: zarr.Group, case_id: str) -> list[str]:
-    """Delete leftover staging groups of a case (an interrupted replacement); return them."""
-
-    async def find() -> list[str]:
-        found = set()
-        async for key in root.store.list_prefix(f"{STAGING}/"):
-            name = key[len(STAGING) + 1 :].split("/", 1)[0]
-            if name.rpartition("-")[0] == case_id:
-                found.add(f"{STAGING}/{name}")
-        return sorted(found)
-
-    if not root.store.supports_listing:
-        return []
-    leftovers = sync(find())
-    for path in leftovers:
-        sync(root.store.delete_dir(path))
-    if leftovers:
-        _drop_empty_staging(root.store)
-    return leftovers
-
-
-def swap_in(root: zarr.Group, staged: str, case_id: str) -> None:
-    """Put a committed replacement in place of the case.
-
-    Local stores: one atomic ``renameat2(RENAME_EXCHANGE)`` of the two directories (readers see
-    the old case or the new one, never a mix), then the old one is deleted. Object stores have no
-    rename: the old case is first marked incomplete (its ``zarr.json`` rewritten without the
-    commit marker), then the new objects are copied over it and the new ``zarr.json`` (marker
-    and manifest) written last. During the copy the case reads as incomplete; a failure or a
-    kill in it leaves an incomplete case, which the next run removes and converts again: never
-    a mix of old and new objects under either manifest. A reader that opened the old case
-    before the swap gets an integrity error from its manifest, never mixed voxels.
-    """
-    store = root.store
-    target = f"cases/{case_id}"
-    if isinstance(store, LocalStore):
-        new, old = Path(store.root) / staged, Path(store.root) / target
-        if not _exchange(new, old):
-            trash = old.with_name(f".{old.name}.old")
-            old.rename(trash)
-            new.rename(old)
-            new = trash
-        shutil.rmtree(new)
-        _drop_empty_staging(store)
-        return
-
-    async def keys(prefix: str) -> list[str]:
-        return [k async for k in store.list_prefix(prefix)]
-
-    from zarr.core.buffer import default_buffer_prototype
-
-    proto = default_buffer_prototype()
-    new_keys = sync(keys(f"{staged}/"))
-    rel = [k[len(staged) + 1 :] for k in new_keys]
-    marker = "zarr.json"
-    _mark_incomplete(store, f"{target}/{marker}")
-    for r in sorted(rel, key=lambda k: k == marker):  # the case's zarr.json last
-        if r == marker:
-            for stale in {k[len(target) + 1 :] for k in sync(keys(f"{target}/"))} - set(rel):
-                sync(store.delete(f"{target}/{stale}"))
-        buf = sync(store.get(f"{staged}/{r}", prototype=proto))
-        assert buf is not None
-        sync(store.set(f"{target}/{r}", buf))
-    sync(store.delete_dir(staged))
-    _drop_empty_staging(store)
-
-
-def _mark_incomplete(store: Any, key: str) -> None:
-    """Rewrite a case's ``zarr.json`` with ``ctzarr.complete = false`` (the case disappears)."""
-    import json
-
-    raw = read_key(store, key)
-    if raw is None:
-        return
-    doc = json.loads(raw)
-    doc.setdefault("attributes", {}).setdefault("ctzarr", {})["complete"] = False
-    write_key(store, key, json.dumps(doc, separators=(",", ":")).encode())
-
-
-def _drop_empty_staging(store: Any) -> None:
-    """Remove ``staging/`` once no replacement is in it.
-
-    zarr wrote ``staging/zarr.json`` (an implicit parent group) when a staged case was
-    created; left behind, every ``--overwrite`` would leave an empty group at the root.
-    """
-
-    async def rest() -> list[str]:
-        return [k async for k in store.list_prefix(f"{STAGING}/")]
-
-    if not store.supports_listing:
-        return
-    if set(sync(rest())) <= {f"{STAGING}/zarr.json"}:
-        with contextlib.suppress(FileNotFoundError):
-            sync(store.delete(f"{STAGING}/zarr.json"))
-        if (local := unwrap_store(store, LocalStore)) is not None:
-            with contextlib.suppress(OSError):  # a replacement started meanwhile
-                (Path(local.root) / STAGING).rmdir()
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically exchange two directories (Linux renameat2); False where unsupported."""
-    import ctypes
-    import errno
-
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, os.strerror(err), str(b))
-
-
-def remove_case(root: zarr.Group, case_id: str) -> None:
-    """Delete every key of a case (leftovers of an interrupted run, or a replaced case)."""
-    sync(root.store.delete_dir(f"cases/{case_id}"))
-
-
 def check_same_grid(case_id: str, image: NiftiSource, seg: NiftiSource) -> None:
     """Raise unless image and segmentation share shape and (within tolerance) affine."""
     if seg.shape_zyx != image.shape_zyx:
@@ -583,6 +444,193 @@ def case_attributes(
 
 def finalize_collection(root: zarr.Group, changed: Iterable[str] | None = None) -> list[str]:
     """Update the collection's case list and table (all cases, or only those that changed)."""
-    from .collection_table import update_collection_table
 
     return update_collection_table(root, changed)
+
+
+#: at most this many cases that ended in ``KilledWorker`` are run again, one at a time; beyond
+#: that the workers are too small for the cases, not unlucky
+SOLO_RETRY_LIMIT = 8
+
+
+def _convert_task(
+    spec: Any, ds: Any, dest: str, dest_options: dict[str, Any], overwrite: bool, run: str | None
+) -> Any:
+    """Worker side: open the store from its URL and convert one case."""
+    import zarr
+
+
+    store = make_store(dest, storage_options=dest_options or None)
+    root = zarr.open_group(store, mode="r+", zarr_format=3)
+    return convert_case(root, ds, spec, overwrite=overwrite, run=run)
+
+
+def _worker_died_message(exc: BaseException, alone: BaseException | None) -> str:
+    """One line for a case whose task kept killing the workers that ran it."""
+    attempts = getattr(exc, "allowed_failures", None)
+    tries = f"{attempts + 1} times" if isinstance(attempts, int) else "repeatedly"
+    limit = (
+        f" (distributed.scheduler.allowed-failures = {attempts})" if attempts is not None else ""
+    )
+    if alone is not None:
+        first = getattr(alone, "allowed_failures", None)
+        before = f"{first + 1} times beside other cases, then " if isinstance(first, int) else ""
+        tries = f"{before}{tries} when run alone"
+    return (
+        f"worker died: the worker process converting this case died {tries}{limit}; "
+        "usually out of memory or a crash in native code (see the worker logs). "
+        "Nothing of the case was committed"
+    )
+
+
+def convert_cases_on_cluster(
+    client: Any,
+    ds: Any,
+    specs: Sequence[Any],
+    dest: str,
+    dest_options: Mapping[str, Any] | None,
+    overwrite: bool,
+    progress: bool,
+    run: str | None = None,
+) -> list[Any]:
+    """Convert cases as one task each; a task that keeps killing workers fails its case only.
+
+    Returns one :class:`~ctzarr.convert.CaseResult` per spec, in order. Never raises for a
+    case: bad input, a task that kills its workers and a lost client or scheduler each end as
+    a failed result naming what happened.
+    """
+    from dataclasses import replace
+
+    dest_opts = check_no_secrets(dest_options)
+    ds = replace(ds, storage_options=check_no_secrets(ds.storage_options))
+    killed_worker = cluster.killed_worker_type()
+
+    def submit(spec: Any) -> Any:
+        return client.submit(
+            _convert_task,
+            spec,
+            ds,
+            dest,
+            dest_opts,
+            overwrite,
+            run,
+            pure=False,
+            key=f"ctzarr-convert-{spec.case_id}-{uuid.uuid4().hex}",
+        )
+
+    futures = {submit(spec): spec.case_id for spec in specs}
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(futures), unit="case", desc="convert (cluster)", leave=False)
+    outcomes: dict[str, Any] = {}  # a CaseResult, or the exception the future raised
+    try:
+        for fut in cluster.completed(client, list(futures)):
+            outcomes[futures[fut]] = cluster.outcome(fut)
+            if bar:
+                bar.update(1)
+    except ClientGoneError as exc:
+        for cid in futures.values():
+            outcomes.setdefault(cid, exc)
+    finally:
+        if bar:
+            bar.close()
+
+    # A worker's death counts against every task it held, the one running and those queued
+    # behind it: with several KilledWorker cases some may be innocent. Run each once more,
+    # alone, so that only a case that kills workers by itself fails.
+    killed = [s.case_id for s in specs if isinstance(outcomes[s.case_id], killed_worker)]
+    first_try: dict[str, BaseException] = {}
+    if 2 <= len(killed) <= SOLO_RETRY_LIMIT:
+        spec_of = {s.case_id: s for s in specs}
+        for cid in killed:
+            logger.warning("case %s: its worker died; running it again alone", cid)
+            first_try[cid] = outcomes[cid]
+            try:
+                fut = submit(spec_of[cid])
+                outcomes[cid] = cluster.outcome(next(cluster.completed(client, [fut])))
+            except (ClientGoneError, RuntimeError) as exc:  # the client closed meanwhile
+                outcomes[cid] = exc
+    elif len(killed) > SOLO_RETRY_LIMIT:
+        logger.warning(
+            "%d cases ended with their workers dying; not retrying them one by one", len(killed)
+        )
+    root = None
+    results = []
+    for spec in specs:
+        result = outcomes[spec.case_id]
+        if not isinstance(result, BaseException):
+            results.append(result)
+            continue
+        if root is None:
+            root = _open_dest(dest, dest_opts)
+        gone = client.status not in cluster.LIVE_CLIENT
+        results.append(_failed_case(root, ds, spec, result, first_try.get(spec.case_id), gone))
+    return results
+
+
+def _open_dest(dest: str, options: Mapping[str, Any]) -> Any:
+    import zarr
+
+
+    store = make_store(dest, storage_options=dict(options) or None)
+    return zarr.open_group(store, mode="r+", zarr_format=3)
+
+
+def _committed_from(ds: Any, spec: Any, meta: Mapping[str, Any] | None) -> bool:
+    """True when the committed case was made from the case's current source files."""
+
+    try:
+        files = _source_files(ds, spec)
+        for rec in files.values():
+            rec["abs_path"] = rec["path"]
+        return _same_source((meta or {}).get("source", {}).get("files", {}), files)
+    except Exception:  # a source file gone or unreadable: not provably the same
+        logger.debug("case %s: could not compare its source files", spec.case_id, exc_info=True)
+        return False
+
+
+def _failed_case(
+    root: Any,
+    ds: Any,
+    spec: Any,
+    exc: BaseException,
+    first_try: BaseException | None,
+    client_gone: bool = False,
+) -> Any:
+    """The result of a case whose task raised on the cluster; removes what dead workers left.
+
+    convert_case reports bad input in its result, so an exception here is the cluster's: a
+    worker died, the client or scheduler went away, no worker was left. The task may have got
+    past its commit first; a case committed whole from the current source is converted.
+    """
+    from concurrent.futures import CancelledError
+
+
+    cid = spec.case_id
+    killed = isinstance(exc, cluster.killed_worker_type())
+    state, meta = case_state(root, cid)
+    if state == "complete" and _committed_from(ds, spec, meta):
+        logger.warning("case %s: committed whole before its task was lost (%s)", cid, exc)
+        return CaseResult(cid, "converted")
+    if killed and state == "partial":
+        # every worker that ran it is dead: nothing writes there any more
+        try:
+            remove_case(root, cid)
+        except Exception:  # the next run removes it anyway
+            logger.exception("case %s: could not remove the partial case", cid)
+    if killed:
+        error = _worker_died_message(exc, first_try)
+    elif isinstance(exc, (CancelledError, ClientGoneError)) or client_gone:
+        # a task still running may yet commit the case whole; a re-run skips or redoes it
+        reason = getattr(exc, "reason", None)
+        why = f" (dask: {reason})" if reason and reason != "unknown" else ""
+        error = (
+            "not finished: the dask client or scheduler went away while the case was queued "
+            f"or running{why}; re-run to resume"
+        )
+    else:
+        error = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+    logger.warning("case %s failed on the cluster: %s", cid, error)
+    return CaseResult(cid, "failed", error=error)

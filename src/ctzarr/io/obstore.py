@@ -23,30 +23,29 @@ obstore: such stores stay on fsspec.
 
 from __future__ import annotations
 
-import dataclasses
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from zarr.abc.store import Store
+
 import logging
-import math
 import os
-import re
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from zarr.abc.store import Store
-
-    from .retry import Fault, RetryPolicy
-
-__all__ = ["IO_ENV", "available", "classify_obstore_error", "object_store"]
+from ctzarr.io.retry import RetryPolicy
 
 logger = logging.getLogger(__name__)
+
 
 #: ``fsspec`` forces fsspec for every remote store; ``obstore`` or ``auto`` (the default) uses
 #: obstore for read-only s3/http(s) stores whose options it can express
 IO_ENV = "CTZARR_IO"
+
 
 #: fsspec options that only tune fsspec's own caching or concurrency: meaningless for obstore
 _S3_IGNORED = frozenset(
@@ -62,13 +61,21 @@ _S3_IGNORED = frozenset(
         "cache_regions",
     }
 )
+
+
 _HTTP_IGNORED = frozenset(
     {"skip_instance_cache", "block_size", "simple_links", "same_scheme", "cache_type", "size_policy"}
 )
+
+
 #: the botocore settings ctzarr itself fills in (storage.remote_storage_options)
 _OUR_CONFIG_KWARGS = frozenset({"connect_timeout", "read_timeout", "retries"})
+
+
 #: where a bucket's region is asked when neither the options nor the environment give one
 AWS_S3_URL = "https://s3.amazonaws.com"
+
+
 _ENDPOINT_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT")
 
 
@@ -119,7 +126,11 @@ def _profile_in_use(environ: Mapping[str, str]) -> bool:
 
 
 _region_cache: dict[tuple[str, str], str | None] = {}
+
+
 _store_cache: dict[tuple[Any, ...], Any] = {}
+
+
 _CACHE_SIZE = 64
 
 
@@ -279,71 +290,3 @@ def object_store(
                      protocol or "url")
         return None
     return ObjectStore(inner, read_only=True)
-
-
-# ------------------------------------------------------------------------------------------------
-# faults: obstore raises one exception per failed request, its text describing the HTTP error
-# ------------------------------------------------------------------------------------------------
-_STATUS = re.compile(r"non-2xx status code: (\d{3})(?: ([A-Za-z -]+))?")
-_S3_CODE = re.compile(r"<Code>([A-Za-z]+)</Code>")
-_S3_MESSAGE = re.compile(r"<Message>([^<]*)</Message>")
-_KIND = re.compile(r"HttpError \{\s*kind: (\w+)")
-_OS_MESSAGE = re.compile(r'(?:message|error): "([^"]+)"')
-_PREFIX = re.compile(r"^Generic \w+ error: |Error performing \w+ \S+ in [\d.]+\S* - ")
-
-
-def _first_line(exc: BaseException) -> str:
-    """obstore's one-line summary, without its store prefix, URL and timing."""
-    text = str(exc).split("\n\nDebug source:", 1)[0]
-    return _PREFIX.sub("", " ".join(text.split())).strip()
-
-
-def classify_obstore_error(exc: BaseException) -> Fault | None:
-    """The fault an obstore exception stands for, or None when ``exc`` is not one of obstore's.
-
-    Descriptions follow the fsspec path's (``HTTP 503 Service Unavailable SlowDown: ...``).
-    """
-    if not type(exc).__module__.startswith("obstore"):
-        return None
-    from obstore import exceptions as obx
-
-    from .retry import Fault, FaultKind, _status_fault
-
-    if isinstance(exc, obx.NotFoundError):
-        return Fault(FaultKind.PASS, answered=True)
-    text = str(exc)
-    head = _first_line(exc)
-    status_match = _STATUS.search(text)
-    if status_match:
-        status = int(status_match.group(1))
-        code_match, message_match = _S3_CODE.search(text), _S3_MESSAGE.search(text)
-        code = code_match.group(1) if code_match else ""
-        description = f"HTTP {status} {(status_match.group(2) or '').strip()}".strip()
-        if code:
-            description += f" {code}"
-            if message_match and message_match.group(1).strip():
-                description += f": {message_match.group(1).strip()}"
-        if isinstance(exc, (obx.PermissionDeniedError, obx.UnauthenticatedError)):
-            return Fault(FaultKind.PERMISSION, description, status, answered=True)
-        fault = _status_fault(status, description, None, code)
-        if status == 429:
-            # obstore keeps the response headers to itself, so a Retry-After cannot be read: a
-            # rate-limited request waits the policy's longest backoff instead (max_backoff_s)
-            fault = dataclasses.replace(fault, retry_after_s=math.inf)
-        return fault
-    if isinstance(exc, (obx.PermissionDeniedError, obx.UnauthenticatedError)):
-        return Fault(FaultKind.PERMISSION, head, 403, answered=True)
-    if "certificate" in text.lower():
-        return Fault(FaultKind.PERMANENT, head)
-    kind = _KIND.search(text)
-    kind_name = kind.group(1) if kind else ""
-    detail = _OS_MESSAGE.search(text)
-    if kind_name == "Connect":
-        return Fault(FaultKind.CONNECT, f"cannot connect ({detail.group(1) if detail else head})")
-    if kind_name == "Timeout":
-        return Fault(FaultKind.TRANSIENT, f"no response in time ({head})")
-    if kind_name == "Request" and "IncompleteMessage" in text:
-        return Fault(FaultKind.TRANSIENT, f"Connection closed without an answer ({head})")
-    if kind_name in ("Request", "Interrupted", "Decode") or "body error" in text:
-        return Fault(FaultKind.TRANSIENT, head, answered=kind_name in ("Interrupted", "Decode"))
-    return Fault(FaultKind.PERMANENT, head)

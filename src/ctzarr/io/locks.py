@@ -32,20 +32,11 @@ from zarr.abc.store import Store
 from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore
 
-from .errors import CaseLockedError
-from .storage import read_key, write_key
-
-__all__ = [
-    "COLLECTION_LOCK",
-    "LOCK_TTL_S",
-    "CaseLock",
-    "case_lock",
-    "collection_lock",
-    "lock_is_stale",
-    "read_lock",
-]
+from ctzarr.errors import CaseLockedError
+from ctzarr.io.stores import read_key, write_key
 
 logger = logging.getLogger(__name__)
+
 
 #: seconds after which a lock whose heartbeat stopped is stale (``CTZARR_LOCK_TTL_S``)
 LOCK_TTL_S = float(os.environ.get("CTZARR_LOCK_TTL_S", "600"))
@@ -249,6 +240,8 @@ class CaseLock:
 
 #: the lock of the collection's case list and table (``@`` is never part of a case id)
 COLLECTION_LOCK = "@collection"
+
+
 #: seconds a run waits for another converter's update of the collection table
 COLLECTION_LOCK_WAIT_S = float(os.environ.get("CTZARR_COLLECTION_LOCK_WAIT_S", "300"))
 

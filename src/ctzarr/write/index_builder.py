@@ -16,25 +16,23 @@ resolution``), and the scan statistics use the same binning so both methods agre
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numba
 import numpy as np
 
-__all__ = [
-    "FLOAT_HISTOGRAM_RESOLUTION",
-    "LabelIndex",
-    "LabelIndexBuilder",
-]
+from ctzarr.model.index import FLOAT_HISTOGRAM_RESOLUTION, LabelIndex
 
-#: bin width of value histograms for float images with non-integral values (a power of two, so
-#: integer values fall exactly on bin keys: key = value / resolution)
-FLOAT_HISTOGRAM_RESOLUTION = 2.0**-8
 #: a slab histogram is dense while labels x value range stays under this many bins
 _DENSE_BINS_MAX = 1 << 24
+
+
 _SKIP = -2  # background and ignore value: never indexed
+
+
 _UINT8 = np.dtype(np.uint8)
+
+
 _UNKNOWN = -1  # a value the label map does not define
 
 
@@ -98,41 +96,6 @@ def _scan_runs(
                 if lv == ignore_value:
                     ignored_per_z[zz] += n
                 x0 = x1
-
-
-@dataclass(frozen=True)
-class LabelIndex:
-    """The finished index of one segmentation of one case.
-
-    Arrays are aligned on ``labels`` (the label values present, ascending). Bounding boxes are
-    half-open voxel indices ``[z_start, z_stop, y_start, y_stop, x_start, x_stop]``; coordinate
-    sums are over (z, y, x) voxel indices, so the centroid index is ``coord_sum / voxel_count``.
-    The histogram is in CSR form: label ``labels[i]`` owns entries
-    ``hist_offsets[i]:hist_offsets[i + 1]`` of ``hist_keys`` (value / resolution) and
-    ``hist_counts``.
-    """
-
-    labels: np.ndarray
-    voxel_count: np.ndarray
-    bbox: np.ndarray
-    coord_sum: np.ndarray
-    chunk_ids: tuple[np.ndarray, ...]
-    hist_offsets: np.ndarray
-    hist_keys: np.ndarray
-    hist_counts: np.ndarray
-    histogram_resolution: float
-    annotated_slices: np.ndarray | None
-    chunk_grid: tuple[int, int, int]
-    chunk_shape: tuple[int, int, int]
-    nonfinite_count: np.ndarray
-
-    def histogram(self, label: int) -> tuple[np.ndarray, np.ndarray]:
-        """Values and counts of one label (values = keys * resolution)."""
-        i = int(np.searchsorted(self.labels, label))
-        if i >= len(self.labels) or self.labels[i] != label:
-            return np.zeros(0), np.zeros(0, np.int64)
-        sl = slice(int(self.hist_offsets[i]), int(self.hist_offsets[i + 1]))
-        return self.hist_keys[sl] * self.histogram_resolution, self.hist_counts[sl]
 
 
 class LabelIndexBuilder:

@@ -49,31 +49,32 @@ import yaml
 
 from ctzarr.errors import LabelMapError, StructureNotFoundError
 
-__all__ = [
-    "Label",
-    "LabelMap",
-    "builtin_label_map",
-    "builtin_label_map_names",
-    "color_for",
-    "enrich",
-    "load_label_map_file",
-    "match_key",
-    "normalize_name",
-    "parse_label_map",
-]
-
 MAX_LABEL_VALUE = 65535
+
+
 _NO_COLOUR = (0, 0, 0, 0)
+
+
 _PUNCTUATION = re.compile(r"[\W_]+")
+
+
 _INTEGER = re.compile(r"\s*[+-]?\d+\s*")
+
+
 _ID_KEYS = ("label-value", "value", "id")
+
+
 _LABEL_KEYS = frozenset(
     {"label-value", "name", "normalized_name", "totalsegmentator_name", "rgba", "placeholder"}
 )
+
+
 _MAP_KEYS = frozenset({"name", "background", "ignore_value", "labels"})
+
 
 # "Left to annotate" in the DAP release, "unknown_tissue" in the Hugging Face repack's labels.json.
 _PLACEHOLDER_KEYS = frozenset({"lefttoannotate", "unknowntissue"})
+
 
 # DAP spellings whose TotalSegmentator class differs by more than separators and case.
 _DAP_RENAMES = {
@@ -93,6 +94,7 @@ _DAP_RENAMES = {
     "right internal jugular vein": "internal_jugular_vein_right",
     "left internal jugular vein": "internal_jugular_vein_left",
 }
+
 
 # A map holding any of these parts cannot mean the whole organ by the organ's own name.
 _PARTS_OF = {

@@ -35,53 +35,19 @@ from typing import Any
 import numba
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.codecs import Crc32cCodec
 
-from .integrity import ManifestBuilder
-from .label_index import LabelIndex, LabelIndexBuilder
-from .labelmaps import LabelMap
-from .nifti import NiftiSource
-from .storage import codec_pipeline, compact_json, read_key
-
-__all__ = ["CHUNK", "FORMAT_VERSION", "CaseWriter", "SegmentationSource"]
+from ctzarr.errors import UnknownLabelError
+from ctzarr.io.stores import codec_pipeline, compact_json, read_key
+from ctzarr.model.index import LabelIndex, index_attributes
+from ctzarr.model.labels import LabelMap
+from ctzarr.model.layout import CHUNK, _compressors, chunk_layout, level_shapes
+from ctzarr.model.manifest import ManifestBuilder
+from ctzarr.model.ome import OME_VERSION, image_label, multiscales
+from ctzarr.sources.nifti import NiftiSource
+from ctzarr.write.index_builder import LabelIndexBuilder
 
 logger = logging.getLogger(__name__)
-
-FORMAT_VERSION = 1
-CHUNK = 64
-MAX_LEVELS = 3
-#: a pyramid level exists only while its largest axis keeps at least this many voxels
-MIN_LEVEL_EXTENT = 32
-OME_VERSION = "0.5"
-
-
-def _compressors() -> list[Any]:
-    return [BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"), Crc32cCodec()]
-
-
-def level_shapes(shape_zyx: tuple[int, int, int]) -> list[tuple[int, int, int]]:
-    """Shapes of the pyramid levels (each halves every axis, rounding up)."""
-    shapes = [shape_zyx]
-    while len(shapes) < MAX_LEVELS:
-        nxt = tuple(-(-s // 2) for s in shapes[-1])
-        if max(nxt) < MIN_LEVEL_EXTENT or nxt == shapes[-1]:
-            break
-        shapes.append(nxt)  # type: ignore[arg-type]
-    return shapes
-
-
-def chunk_layout(
-    shape_zyx: tuple[int, int, int], level: int
-) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-    """(inner chunk, shard) shapes of a level: shards are whole-plane slabs of one stream slab."""
-    depth = max(CHUNK >> level, 1)
-    chunk = (depth, min(CHUNK, shape_zyx[1]), min(CHUNK, shape_zyx[2]))
-    shard = (
-        depth,
-        -(-shape_zyx[1] // chunk[1]) * chunk[1],
-        -(-shape_zyx[2] // chunk[2]) * chunk[2],
-    )
-    return chunk, shard
 
 
 @numba.njit(nogil=True, cache=True)
@@ -333,7 +299,6 @@ class CaseWriter:
             for f in pending:
                 f.result()
         self.digests = {k: h.hexdigest() for k, h in hashes.items()}
-        from .errors import UnknownLabelError
 
         for seg in self.segmentations:
             unknown = builders[seg.name].unknown_values()
@@ -348,7 +313,6 @@ class CaseWriter:
         self, seg: SegmentationSource, slab: np.ndarray, dtype: np.dtype[Any]
     ) -> np.ndarray:
         """Label slab in the stored dtype; non-integral or out-of-range values are an error."""
-        from .errors import UnknownLabelError
 
         values = seg.source.scale(slab)
         if values.dtype == dtype:
@@ -525,92 +489,3 @@ class CaseWriter:
             zarr.consolidate_metadata(self.root.store, path=self.path, zarr_format=3)
             case = zarr.open_group(self.root.store, path=self.path, mode="r+", zarr_format=3)
             case.attrs.put(attrs)
-
-
-def multiscales(
-    name: str, spacing_zyx: tuple[float, float, float], levels: list[tuple[int, int, int]]
-) -> dict[str, Any]:
-    """OME 0.5 multiscales block: axes z, y, x in millimetres, one scale (+ shift) per level.
-
-    OME 0.5 cannot express flips or rotations, so the OME transform maps voxels to a scaled
-    voxel space (origin at voxel 0 of level 0); the NIfTI affine is kept in ``ctzarr.affine``
-    and in the ``nifti`` header array.
-    """
-    datasets = []
-    for i, _ in enumerate(levels):
-        f = 2**i
-        scale = [s * f for s in spacing_zyx]
-        shift = [s * (f - 1) / 2 for s in spacing_zyx]
-        transforms: list[dict[str, Any]] = [{"type": "scale", "scale": scale}]
-        if i:
-            transforms.append({"type": "translation", "translation": shift})
-        datasets.append({"path": str(i), "coordinateTransformations": transforms})
-    return {
-        "name": name,
-        "axes": [{"name": a, "type": "space", "unit": "millimeter"} for a in ("z", "y", "x")],
-        "datasets": datasets,
-        "type": "mean (image) / nearest (labels), 2x2x2",
-    }
-
-
-def image_label(label_map: LabelMap) -> dict[str, Any]:
-    """OME ``image-label`` block: colours and properties of each label value."""
-    colors = [{"label-value": lab.value, "rgba": list(lab.rgba)} for lab in label_map]
-    props = []
-    for lab in label_map:
-        p: dict[str, Any] = {
-            "label-value": lab.value,
-            "name": lab.name,
-            "normalized_name": lab.normalized_name,
-        }
-        if lab.totalsegmentator_name:
-            p["totalsegmentator_name"] = lab.totalsegmentator_name
-        if lab.placeholder:
-            p["placeholder"] = True
-        props.append(p)
-    return {
-        "version": OME_VERSION,
-        "colors": colors,
-        "properties": props,
-        "source": {"image": "../../"},
-    }
-
-
-def index_attributes(idx: LabelIndex) -> dict[str, Any]:
-    """The per-label table of an index as JSON (histograms live in the ``histogram`` array)."""
-    return {
-        "labels": idx.labels.tolist(),
-        "voxel_count": idx.voxel_count.tolist(),
-        "bbox": idx.bbox.tolist(),
-        "coord_sum": idx.coord_sum.tolist(),
-        "chunk_ids": [c.tolist() for c in idx.chunk_ids],
-        "chunk_shape": list(idx.chunk_shape),
-        "chunk_grid": list(idx.chunk_grid),
-        "hist_offsets": idx.hist_offsets.tolist(),
-        "histogram_resolution": idx.histogram_resolution,
-        "annotated_slices": None if idx.annotated_slices is None else idx.annotated_slices.tolist(),
-        "nonfinite_count": idx.nonfinite_count.tolist(),
-    }
-
-
-def index_from_attributes(attrs: dict[str, Any], histogram: np.ndarray) -> LabelIndex:
-    """Inverse of :func:`index_attributes`."""
-    n = len(attrs["labels"])
-    hist = np.asarray(histogram, dtype=np.int64).reshape(-1, 2)
-    return LabelIndex(
-        labels=np.asarray(attrs["labels"], np.int64),
-        voxel_count=np.asarray(attrs["voxel_count"], np.int64),
-        bbox=np.asarray(attrs["bbox"], np.int64).reshape(n, 6),
-        coord_sum=np.asarray(attrs["coord_sum"], np.int64).reshape(n, 3),
-        chunk_ids=tuple(np.asarray(c, np.int64) for c in attrs["chunk_ids"]),
-        hist_offsets=np.asarray(attrs["hist_offsets"], np.int64),
-        hist_keys=hist[:, 0].copy(),
-        hist_counts=hist[:, 1].copy(),
-        histogram_resolution=float(attrs["histogram_resolution"]),
-        annotated_slices=None
-        if attrs["annotated_slices"] is None
-        else np.asarray(attrs["annotated_slices"], np.int64),
-        chunk_grid=tuple(attrs["chunk_grid"]),  # type: ignore[arg-type]
-        chunk_shape=tuple(attrs["chunk_shape"]),  # type: ignore[arg-type]
-        nonfinite_count=np.asarray(attrs["nonfinite_count"], np.int64),
-    )

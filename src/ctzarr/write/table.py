@@ -4,7 +4,8 @@ object per case.
 
 Rows are computed from each case's index with the same function as ``Case.stats``, so the table,
 the per-case index and a voxel scan agree exactly. Each run updates the table incrementally:
-rows of the cases it converted are replaced, the others are kept as they were.
+rows of the cases it converted are replaced, the others are kept as they were. Readers read the
+table with :func:`read_table_columns`.
 """
 
 from __future__ import annotations
@@ -17,68 +18,15 @@ from typing import Any
 import numpy as np
 import zarr
 
-from .errors import StoreError
-from .labelmaps import LabelMap
-from .stats import INTEGER_COLUMNS, STATS_COLUMNS, CaseGeometry, index_rows
-from .writer import _compressors, index_from_attributes
-
-__all__ = [
-    "TABLE_NUMERIC_COLUMNS",
-    "TableMismatchError",
-    "read_table_columns",
-    "update_collection_table",
-]
+from ctzarr.errors import TableMismatchError
+from ctzarr.io.stores import compact_json
+from ctzarr.io.transactions import case_state
+from ctzarr.model.index import index_from_attributes
+from ctzarr.model.labels import LabelMap
+from ctzarr.model.layout import _compressors
+from ctzarr.model.table import TABLE_NUMERIC_COLUMNS, CaseGeometry, _dtype, index_rows
 
 logger = logging.getLogger(__name__)
-
-#: numeric columns stored as arrays (case_id, segmentation and structure are stored as codes)
-TABLE_NUMERIC_COLUMNS = (
-    *(c for c in STATS_COLUMNS if c not in ("case_id", "segmentation", "structure")),
-    "annotated_slices",
-)
-_INT_COLUMNS = INTEGER_COLUMNS
-
-
-def _dtype(col: str) -> type:
-    if col in _INT_COLUMNS:
-        return np.int64
-    if col == "touches_border":
-        return np.bool_
-    return np.float64
-
-
-class TableMismatchError(StoreError):
-    """The table's arrays and attributes come from different updates (an interrupted one)."""
-
-
-def read_table_columns(root: zarr.Group) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
-    """The stored table as columns plus its attributes, or None when there is none yet.
-
-    Raises :class:`TableMismatchError` when an update was interrupted between its writes: each
-    update stamps both arrays and, last, the group attributes with one token.
-    """
-    if "index" not in root:
-        return None
-    grp = root["index"]
-    assert isinstance(grp, zarr.Group)
-    attrs = grp.attrs.get("ctzarr")
-    if not isinstance(attrs, dict) or attrs.get("format") != "stats-table-1":
-        return None
-    arrays = [grp.get(name) for name in ("int_columns", "float_columns")]
-    tokens = {attrs.get("update")} | {
-        a.attrs.get("update") if isinstance(a, zarr.Array) else None for a in arrays
-    }
-    if len(tokens) != 1:
-        raise TableMismatchError(
-            f"the collection table of {root.store} is from an interrupted update (its parts "
-            "were written by different runs); a plain re-run of convert or ctzarr verify "
-            "--repair rebuilds it"
-        )
-    ints, floats = np.asarray(grp["int_columns"][:]), np.asarray(grp["float_columns"][:])  # type: ignore[index]
-    cols = {name: ints[:, i] for i, name in enumerate(attrs["int_columns"])}
-    cols |= {name: floats[:, i] for i, name in enumerate(attrs["float_columns"])}
-    cols["touches_border"] = cols["touches_border"].astype(bool)
-    return cols, attrs
 
 
 def _case_rows(
@@ -104,7 +52,6 @@ def _case_rows(
 
 def update_collection_table(root: zarr.Group, changed: Iterable[str] | None = None) -> list[str]:
     """Refresh the table and the collection's case list (compact JSON); see _update_table."""
-    from .storage import compact_json
 
     with compact_json():
         return _update_table(root, changed)
@@ -121,7 +68,6 @@ def _update_table(root: zarr.Group, changed: Iterable[str] | None = None) -> lis
         Cases converted (or removed) since the table was written; only their rows are
         recomputed. ``None`` rebuilds every row from the cases' own indexes.
     """
-    from .convert import case_state
 
     meta = dict(root.attrs["ctzarr"])
     label_maps = {k: LabelMap.from_dict(v) for k, v in meta.get("segmentations", {}).items()}
@@ -229,3 +175,33 @@ def _update_table(root: zarr.Group, changed: Iterable[str] | None = None) -> lis
     meta["cases"] = committed
     root.attrs.put({"ctzarr": meta})
     return committed
+
+
+def read_table_columns(root: zarr.Group) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
+    """The stored table as columns plus its attributes, or None when there is none yet.
+
+    Raises :class:`TableMismatchError` when an update was interrupted between its writes: each
+    update stamps both arrays and, last, the group attributes with one token.
+    """
+    if "index" not in root:
+        return None
+    grp = root["index"]
+    assert isinstance(grp, zarr.Group)
+    attrs = grp.attrs.get("ctzarr")
+    if not isinstance(attrs, dict) or attrs.get("format") != "stats-table-1":
+        return None
+    arrays = [grp.get(name) for name in ("int_columns", "float_columns")]
+    tokens = {attrs.get("update")} | {
+        a.attrs.get("update") if isinstance(a, zarr.Array) else None for a in arrays
+    }
+    if len(tokens) != 1:
+        raise TableMismatchError(
+            f"the collection table of {root.store} is from an interrupted update (its parts "
+            "were written by different runs); a plain re-run of convert or ctzarr verify "
+            "--repair rebuilds it"
+        )
+    ints, floats = np.asarray(grp["int_columns"][:]), np.asarray(grp["float_columns"][:])  # type: ignore[index]
+    cols = {name: ints[:, i] for i, name in enumerate(attrs["int_columns"])}
+    cols |= {name: floats[:, i] for i, name in enumerate(attrs["float_columns"])}
+    cols["touches_border"] = cols["touches_border"].astype(bool)
+    return cols, attrs

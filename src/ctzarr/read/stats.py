@@ -21,177 +21,26 @@ Definitions (README "Statistics"):
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+import pandas as pd
+
+from ctzarr.errors import StructureNotFoundError
+from ctzarr.io.urls import check_no_secrets
+from ctzarr.run.cluster import run_tasks
+from ctzarr.sources.nifti import _typed_scaling
+
+if TYPE_CHECKING:
+    from ctzarr.read.case import Case
+    from ctzarr.read.collection import Collection
+
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
-from .label_index import LabelIndex, LabelIndexBuilder
-from .labelmaps import LabelMap
-
-if TYPE_CHECKING:
-    import pandas as pd
-
-    from .collection import Case, Collection
-
-__all__ = [
-    "STATS_COLUMNS",
-    "case_stats",
-    "collection_stats",
-    "index_rows",
-    "percentiles_from_histogram",
-]
-
-#: integer-valued statistics columns (the others are floats, touches_border is bool)
-INTEGER_COLUMNS = frozenset(
-    {
-        "label",
-        "voxel_count",
-        "z_start",
-        "z_stop",
-        "y_start",
-        "y_stop",
-        "x_start",
-        "x_stop",
-        "annotated_slices",
-    }
-)
-
-STATS_COLUMNS = [
-    "case_id",
-    "segmentation",
-    "label",
-    "structure",
-    "voxel_count",
-    "volume_ml",
-    "hu_mean",
-    "hu_std",
-    "hu_min",
-    "hu_max",
-    "hu_median",
-    "hu_p05",
-    "hu_p25",
-    "hu_p75",
-    "hu_p95",
-    "centroid_x",
-    "centroid_y",
-    "centroid_z",
-    "z_start",
-    "z_stop",
-    "y_start",
-    "y_stop",
-    "x_start",
-    "x_stop",
-    "touches_border",
-]
-_PERCENTILES = (50.0, 5.0, 25.0, 75.0, 95.0)
-
-
-def _lerp(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
-    """numpy's own linear interpolation (numpy/lib/_function_base_impl.py, _lerp)."""
-    diff_b_a = b - a
-    out = np.add(a, diff_b_a * t)
-    np.subtract(
-        b, diff_b_a * (1 - t), out=out, where=t >= 0.5, casting="unsafe", dtype=type(out.dtype)
-    )
-    return out
-
-
-def percentiles_from_histogram(
-    values: np.ndarray, counts: np.ndarray, q: Sequence[float], dtype: np.dtype[Any]
-) -> np.ndarray:
-    """``numpy.percentile(np.repeat(values, counts).astype(dtype), q)`` without the repeat.
-
-    Written by hand because numpy has no weighted percentile with the "linear" method; the
-    index, gamma and interpolation steps copy numpy's (``_QuantileMethods["linear"]``,
-    ``_get_indexes``, ``_get_gamma``, ``_lerp``) so results are bit-identical; a hypothesis
-    test pins this against ``numpy.percentile``.
-    """
-    n = int(counts.sum())
-    quantiles = np.true_divide(np.asarray(q, dtype=np.float64), 100)
-    virtual = np.asanyarray((n - 1) * quantiles)  # numpy's "linear" get_virtual_index
-    prev = np.floor(virtual)
-    nxt = prev + 1
-    above = virtual >= n - 1
-    prev[above] = n - 1
-    nxt[above] = n - 1
-    below = virtual < 0
-    prev[below] = 0
-    nxt[below] = 0
-    gamma = np.asanyarray(virtual - np.floor(virtual), dtype=virtual.dtype)
-    cum = np.cumsum(counts)
-    a = values[np.searchsorted(cum, prev.astype(np.int64), side="right")].astype(dtype)
-    b = values[np.searchsorted(cum, nxt.astype(np.int64), side="right")].astype(dtype)
-    return _lerp(a, b, gamma)
-
-
-@dataclass(frozen=True)
-class CaseGeometry:
-    """What statistics need to know of a case besides its index."""
-
-    case_id: str
-    affine: np.ndarray
-    spacing: tuple[float, float, float]
-    shape: tuple[int, int, int]
-    value_dtype: np.dtype[Any]
-
-    @classmethod
-    def of(cls, case: Case) -> CaseGeometry:
-        return cls(
-            case.case_id,
-            case.affine,
-            case.spacing,
-            case.shape,
-            np.dtype(case.meta["nifti"]["value_dtype"]),
-        )
-
-    @classmethod
-    def from_dict(cls, case_id: str, d: dict[str, Any]) -> CaseGeometry:
-        return cls(
-            case_id,
-            np.asarray(d["affine"], np.float64),
-            tuple(d["spacing_zyx"]),  # type: ignore[arg-type]
-            tuple(d["shape_zyx"]),
-            np.dtype(d["value_dtype"]),
-        )  # type: ignore[arg-type]
-
-
-def index_rows(
-    geom: CaseGeometry,
-    segmentation: str,
-    label_map: LabelMap,
-    idx: LabelIndex,
-    labels: Iterable[int] | None = None,
-    annotated: int | None = None,
-) -> list[dict[str, Any]]:
-    """Statistics rows of one case and segmentation from an index (present or requested labels)."""
-    voxel_mm3 = float(np.prod(geom.spacing))
-    res = idx.histogram_resolution
-    wanted = idx.labels.tolist() if labels is None else list(labels)
-    pos = {int(v): i for i, v in enumerate(idx.labels.tolist())}
-    if annotated is None and idx.annotated_slices is not None:
-        annotated = len(idx.annotated_slices)
-    rows = []
-    for label in wanted:
-        row: dict[str, Any] = {
-            "case_id": geom.case_id,
-            "segmentation": segmentation,
-            "label": int(label),
-            "structure": label_map[int(label)].name if int(label) in label_map else str(label),
-        }
-        i = pos.get(int(label))
-        if i is None:
-            row = _absent_row(geom.case_id, segmentation, label_map, int(label))
-        else:
-            row.update(
-                _label_stats(idx, i, res, geom.value_dtype, geom.affine, voxel_mm3, geom.shape)
-            )
-        if annotated is not None:
-            row["annotated_slices"] = annotated
-        rows.append(row)
-    return rows
+from ctzarr.model.table import INTEGER_COLUMNS, STATS_COLUMNS, CaseGeometry, index_rows
+from ctzarr.write.index_builder import LabelIndexBuilder
 
 
 def _from_table(
@@ -243,82 +92,6 @@ def _from_table(
     return out[list(table.columns)]
 
 
-def _absent_row(case_id: str, segmentation: str, label_map: LabelMap, label: int) -> dict[str, Any]:
-    """The row of a requested structure that the case does not contain."""
-    row: dict[str, Any] = {
-        "case_id": case_id,
-        "segmentation": segmentation,
-        "label": int(label),
-        "structure": label_map[int(label)].name if int(label) in label_map else str(label),
-        "voxel_count": 0,
-        "volume_ml": 0.0,
-        "touches_border": False,
-    }
-    row.update({c: np.nan for c in STATS_COLUMNS if c not in row})
-    for c in ("z_start", "z_stop", "y_start", "y_stop", "x_start", "x_stop"):
-        row[c] = -1
-    return row
-
-
-def _label_stats(
-    idx: LabelIndex,
-    i: int,
-    res: float,
-    dtype: np.dtype[Any],
-    affine: np.ndarray,
-    voxel_mm3: float,
-    shape: tuple[int, int, int],
-) -> dict[str, Any]:
-    n = int(idx.voxel_count[i])
-    sl = slice(int(idx.hist_offsets[i]), int(idx.hist_offsets[i + 1]))
-    keys, counts = idx.hist_keys[sl], idx.hist_counts[sl]
-    out: dict[str, Any] = {"voxel_count": n, "volume_ml": n * voxel_mm3 / 1000.0}
-    m = int(counts.sum())  # == n unless non-finite voxels were set aside
-    if m:
-        if len(keys) and int(np.abs(keys).max()) <= 2**16 and m <= 2**30:  # int64 cannot overflow
-            s1 = int(np.dot(keys, counts))
-            s2 = int(np.dot(keys * keys, counts))
-        else:  # exact with Python integers
-            s1 = sum(int(k) * int(c) for k, c in zip(keys.tolist(), counts.tolist(), strict=True))
-            s2 = sum(
-                int(k) * int(k) * int(c)
-                for k, c in zip(keys.tolist(), counts.tolist(), strict=True)
-            )
-        mean = (s1 / m) * res
-        var = ((m * s2 - s1 * s1) / (m * m)) * res * res
-        values = keys.astype(np.float64) * res if res != 1.0 else keys
-        pct = percentiles_from_histogram(values, counts, _PERCENTILES, dtype)
-        vmin = float(np.asarray(values[0]).astype(dtype))
-        vmax = float(np.asarray(values[-1]).astype(dtype))
-        out.update(
-            hu_mean=float(mean),
-            hu_std=math.sqrt(var),
-            hu_min=vmin,
-            hu_max=vmax,
-            hu_median=float(pct[0]),
-            hu_p05=float(pct[1]),
-            hu_p25=float(pct[2]),
-            hu_p75=float(pct[3]),
-            hu_p95=float(pct[4]),
-        )
-    else:
-        out.update(dict.fromkeys((c for c in STATS_COLUMNS if c.startswith("hu_")), np.nan))
-    mean_zyx = idx.coord_sum[i].astype(np.float64) / n
-    world = affine @ np.array([mean_zyx[2], mean_zyx[1], mean_zyx[0], 1.0])
-    out.update(centroid_x=float(world[0]), centroid_y=float(world[1]), centroid_z=float(world[2]))
-    b = idx.bbox[i].tolist()
-    out.update(z_start=b[0], z_stop=b[1], y_start=b[2], y_stop=b[3], x_start=b[4], x_stop=b[5])
-    out["touches_border"] = bool(
-        b[0] == 0
-        or b[2] == 0
-        or b[4] == 0
-        or b[1] == shape[0]
-        or b[3] == shape[1]
-        or b[5] == shape[2]
-    )
-    return out
-
-
 # -- scan -------------------------------------------------------------------------------------
 class _ImageSlab:
     """Reads one z-slab of a case's image (scaled) when a scan block needs its values."""
@@ -329,7 +102,6 @@ class _ImageSlab:
     def read(self) -> np.ndarray:
         from nibabel.volumeutils import apply_read_scaling
 
-        from .nifti import _typed_scaling
 
         raw = np.asarray(self.arr[self.z0 : self.z1])
         if (self.slope, self.inter) == (1.0, 0.0):
@@ -415,7 +187,6 @@ def _resolve_targets(
     segmentation: str | None,
 ) -> dict[str, list[int] | None]:
     """Segmentation -> label ids to report (None: every label present)."""
-    from .errors import StructureNotFoundError
 
     segs = (
         [segmentation]
@@ -491,28 +262,30 @@ def _stats(
             # the collection table answers a cohort with one small read, whatever its size
             return _from_table(col, ids, targets)
         for case in cases:
-            geom = CaseGeometry.of(case)
+            geom = _geometry(case)
             for seg, labels in targets.items():
                 if seg in case.segmentation_names:
                     rows += index_rows(geom, seg, col.segmentations[seg], case.index(seg), labels)
     elif client is not None:
-        from .distributed import scan_on_cluster
-
         # one task per case and segmentation; workers open the store from its URL. The tasks
         # are submitted before any case is opened here: the client opens each case (for its
         # geometry) and builds its rows while the other tasks still run (opening 8 cases
         # first cost ~0.1-0.25 s of a 0.7 s scan on 2 workers, benchmarks/CLOUD.md)
         opened = {case.case_id: case for case in cases or ()}
         jobs = [(cid, seg) for cid in ids for seg in targets]
+        options = check_no_secrets(col.storage_options)
+        tasks = [
+            (f"scan of case {cid!r} ({seg})", (col.url, options, cid, seg)) for cid, seg in jobs
+        ]
         per_job: list[list[dict[str, Any]]] = [[] for _ in jobs]
-        for i, idx in scan_on_cluster(client, col.url, col._storage_options, jobs):
+        for i, idx in run_tasks(client, col.scan_task, tasks):
             if idx is None:  # this case has no such segmentation
                 continue
             cid, seg = jobs[i]
             if cid not in opened:
                 opened[cid] = col[cid]
             case = opened[cid]
-            per_job[i] = index_rows(CaseGeometry.of(case), seg, col.segmentations[seg], idx, targets[seg])
+            per_job[i] = index_rows(_geometry(case), seg, col.segmentations[seg], idx, targets[seg])
         rows = [row for job_rows in per_job for row in job_rows]
     else:
         import dask
@@ -528,10 +301,21 @@ def _stats(
             *[scan_index_graph(case, seg) for case, seg, _ in pairs], scheduler="threads"
         )
         for (case, seg, labels), idx in zip(pairs, results, strict=True):
-            rows += index_rows(CaseGeometry.of(case), seg, col.segmentations[seg], idx, labels)
+            rows += index_rows(_geometry(case), seg, col.segmentations[seg], idx, labels)
     import pandas as pd
 
     columns = STATS_COLUMNS + (
         ["annotated_slices"] if any("annotated_slices" in r for r in rows) else []
     )
     return pd.DataFrame(rows, columns=columns)
+
+
+def _geometry(case: Case) -> CaseGeometry:
+    """What statistics need to know of a case besides its index."""
+    return CaseGeometry(
+        case.case_id,
+        case.affine,
+        case.spacing,
+        case.shape,
+        np.dtype(case.meta["nifti"]["value_dtype"]),
+    )

@@ -1,0 +1,1 @@
+"""The store format: typed metadata of collections, cases, label maps, index, manifest and OME blocks."""

@@ -1,0 +1,252 @@
+"""Opening a store: a collection of cases, its label maps and its collection table.
+
+Opening a collection reads its root metadata only; a case reads its group metadata when first
+indexed (``col[case_id]``). Catalog names resolve through :mod:`ctzarr.catalog`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import zarr
+from zarr.abc.store import Store
+
+from ctzarr.catalog import load_catalog, resolve_entry
+from ctzarr.errors import IncompleteCaseError, StoreError, UnsafeStoreError
+from ctzarr.io.stores import codec_pipeline, make_store
+from ctzarr.model.labels import LabelMap
+from ctzarr.model.table import STATS_COLUMNS
+from ctzarr.read.case import Case
+from ctzarr.read.stats import collection_stats, scan_index_graph
+from ctzarr.write.table import read_table_columns
+from ctzarr.sources.layouts import validate_case_id
+
+
+def open_collection(
+    url_or_catalog_name: str | os.PathLike[str] | Store,
+    *,
+    storage_options: Mapping[str, Any] | None = None,
+) -> Collection:
+    """Open a converted collection.
+
+    Parameters
+    ----------
+    url_or_catalog_name : str or path
+        Local path, fsspec URL (``s3://``, ``gs://``, ``https://``, ``memory://``), or the
+        name of an entry of ``catalog.yaml`` (``"dap_atlas"``, ``"saros"``).
+    storage_options : dict, optional
+        fsspec options for remote URLs.
+
+    Returns
+    -------
+    Collection
+    """
+    if isinstance(url_or_catalog_name, Store):
+        store = make_store(url_or_catalog_name, storage_options=storage_options)
+        return _open_root(repr(url_or_catalog_name), store, None)
+    target = os.fspath(url_or_catalog_name)
+    so = dict(storage_options) if storage_options else None
+    if "://" not in target and not Path(target).exists() and "/" not in target:
+
+        if target not in load_catalog():
+            raise StoreError(
+                f"{target}: no collection store here, and no catalog entry of that name"
+            )
+        target, entry_so = resolve_entry(target)
+        so = {**(entry_so or {}), **(so or {})} or None
+    return _open_root(target, make_store(target, storage_options=so, read_only=True), so)
+
+
+def _open_root(target: str, store: Store, storage_options: dict[str, Any] | None) -> Collection:
+    """Open the root group of a collection store and check it is one."""
+    try:
+        with codec_pipeline(store):
+            root = zarr.open_group(store, mode="r", zarr_format=3)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
+        raise StoreError(f"{target}: no collection store here") from exc
+    meta = root.attrs.get("ctzarr")
+    if not isinstance(meta, dict) or meta.get("kind") != "collection":
+        raise StoreError(f"{target}: not a ctzarr collection (no ctzarr collection attributes)")
+    return Collection(target, root, storage_options)
+
+
+class Collection:
+    """A converted dataset: cases, label maps and the collection-wide index table."""
+
+    def __init__(
+        self, url: str, root: zarr.Group, storage_options: dict[str, Any] | None = None
+    ) -> None:
+        self.url = url
+        self.root = root
+        # kept to reopen the store on cluster workers; never shown (may hold credentials)
+        self._storage_options = storage_options
+        self.meta: dict[str, Any] = dict(root.attrs["ctzarr"])
+
+    @property
+    def storage_options(self) -> dict[str, Any] | None:
+        """The options the store was opened with (for workers that reopen it; never shown)."""
+        return dict(self._storage_options) if self._storage_options else None
+
+    @property
+    def scan_task(self) -> Callable[..., Any]:
+        """The worker side of a cluster scan (a module-level function: tasks pickle it by name)."""
+        return scan_task
+
+    def __repr__(self) -> str:
+        return f"<ctzarr.Collection {self.meta.get('dataset_id')!r}: {len(self)} cases, segmentations {list(self.segmentations)}>"
+
+    @property
+    def dataset_id(self) -> str:
+        return str(self.meta.get("dataset_id"))
+
+    @property
+    def case_ids(self) -> list[str]:
+        """Ids of the committed cases, sorted."""
+        return list(self.meta.get("cases", []))
+
+    @cached_property
+    def segmentations(self) -> dict[str, LabelMap]:
+        """Label map of each segmentation, by segmentation name."""
+        return {k: LabelMap.from_dict(v) for k, v in self.meta.get("segmentations", {}).items()}
+
+    def __len__(self) -> int:
+        return len(self.case_ids)
+
+    def __iter__(self) -> Iterator[Case]:
+        for cid in self.case_ids:
+            yield self[cid]
+
+    def __contains__(self, case_id: object) -> bool:
+        return case_id in self.case_ids
+
+    def __getitem__(self, case_id: str) -> Case:
+
+        try:
+            validate_case_id(case_id)
+        except ValueError as exc:  # never let a hostile id reach a store key
+            raise KeyError(f"no case {case_id!r} in {self.url}: {exc}") from exc
+        try:
+            with codec_pipeline(self.root.store):
+                grp = zarr.open_group(
+                    self.root.store, path=f"cases/{case_id}", mode="r", zarr_format=3
+                )
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError) as exc:
+            if case_id in self.case_ids:
+                raise StoreError(
+                    f"case {case_id!r} in {self.url} is listed but its group cannot be opened: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+            raise KeyError(
+                f"no case {case_id!r} in {self.url}; cases: {self.case_ids[:10]}"
+            ) from exc
+        except (ValueError, TypeError, zarr.errors.BaseZarrError) as exc:  # unknown codec, bad JSON
+            raise UnsafeStoreError(
+                f"case {case_id!r} in {self.url}: metadata refused: {type(exc).__name__}: {exc}"
+            ) from exc
+        meta = grp.attrs.get("ctzarr")
+        if not isinstance(meta, dict) or meta.get("complete") is not True:
+            raise IncompleteCaseError(
+                f"case {case_id!r} in {self.url} is incomplete (an interrupted conversion)"
+            )
+        return Case(self, case_id, grp, meta)
+
+    def stats(
+        self,
+        structures: Sequence[str | int] | None = None,
+        cases: Sequence[str] | None = None,
+        segmentation: str | None = None,
+        method: str = "index",
+        client: Any = None,
+    ) -> pd.DataFrame:
+        """Per-structure statistics for a cohort, one row per (case, segmentation, structure).
+
+        Parameters
+        ----------
+        structures : list of str or int, optional
+            Names (matched case-insensitively, ignoring spaces, hyphens and underscores; also
+            normalised and TotalSegmentator names) or ids. Default: every structure present.
+        cases : list of str, optional
+            Default: every case.
+        segmentation : str, optional
+            Default: every segmentation that has the structures.
+        method : {"index", "scan"}
+            ``"index"`` reads only the stored index; ``"scan"`` recomputes from the voxels in
+            one blockwise pass per case. Both give identical numbers.
+        client : dask.distributed.Client, optional
+            Run the scan on this cluster.
+
+        Returns
+        -------
+        pandas.DataFrame
+            Columns of :data:`ctzarr.stats.STATS_COLUMNS` (plus ``annotated_slices`` for sparse
+            label maps).
+        """
+
+        return collection_stats(self, structures, cases, segmentation, method, client)
+
+    def table(self) -> pd.DataFrame:
+        """The collection table: statistics of every (case, segmentation, structure), read from
+        one small group of the store (no case is opened)."""
+
+        with codec_pipeline(self.root.store):
+            found = read_table_columns(self.root)
+        if found is None:
+            raise StoreError(
+                f"{self.url}: no collection table (written by ctzarr convert; rebuild with "
+                "ctzarr verify --repair)"
+            )
+        cols, attrs = found
+        lms = self.segmentations
+        seg_names = attrs["segmentations"]
+        data: dict[str, Any] = {
+            "case_id": np.asarray(attrs["cases"], dtype=object)[cols["case"]]
+            if len(cols["case"])
+            else [],
+            "segmentation": np.asarray(seg_names, dtype=object)[cols["segmentation"]]
+            if len(cols["case"])
+            else [],
+            "label": cols["label"],
+            "structure": [
+                lms[seg_names[s]][int(v)].name
+                for s, v in zip(cols["segmentation"].tolist(), cols["label"].tolist(), strict=True)
+            ],
+        }
+
+        for c in STATS_COLUMNS[4:]:
+            data[c] = cols[c]
+        df = pd.DataFrame(data)
+        if len(df) and (cols["annotated_slices"] >= 0).any():
+            df["annotated_slices"] = cols["annotated_slices"]
+        return df
+
+
+def scan_task(url: str, options: dict[str, Any], case_id: str, segmentation: str) -> Any:
+    """Worker side of a cluster scan: open the case from its URL, rebuild one index from its
+    voxels (blockwise, with the worker's threads); None when the case lacks the segmentation."""
+    import dask
+    import zarr
+    from distributed import get_worker
+
+
+    # use the threads the worker was given, not every core of the machine (oversubscription
+    # cost 35 % per case with two 1-thread workers on 2 cores, benchmarks/CLOUD.md): the dask
+    # pool inside the task, and the zarrs codec pipeline's decoding threads (bound when the
+    # arrays are opened, so the setting wraps the open)
+    nthreads = get_worker().state.nthreads
+    with zarr.config.set({"threading.max_workers": nthreads}):
+        col = open_collection(url, storage_options=options or None)
+        case = col[case_id]
+        if segmentation not in case.segmentation_names:
+            return None  # the case has no such segmentation (the client did not open it)
+        graph = scan_index_graph(case, segmentation)
+        if nthreads <= 1:
+            (idx,) = dask.compute(graph, scheduler="sync")
+        else:
+            (idx,) = dask.compute(graph, scheduler="threads", num_workers=nthreads)
+    return idx

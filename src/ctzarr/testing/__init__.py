@@ -1,0 +1,1 @@
+"""Test data for ctzarr and its users: synthetic phantoms in the datasets' layouts."""

@@ -1,0 +1,1 @@
+"""Writing a store: the index builder, the case writer, the collection table and convert."""
