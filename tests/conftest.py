@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
+import tempfile
 from pathlib import Path
 
 import nibabel as nib
@@ -11,6 +14,32 @@ import pytest
 
 import ctzarr
 from ctzarr.testing.phantom import write_dap_atlas, write_saros
+
+# Tests read nothing outside the repository: an audit hook records every file this process
+# opens beside the checkout (``../shared``, another checkout), and the session fails on any.
+_REPO = Path(__file__).resolve().parents[1]
+_BESIDE = str(_REPO.parent) + os.sep
+_TEMP = tempfile.gettempdir() + os.sep
+# a checkout directly in /, the home or the temp directory has no "beside" to guard
+_GUARDED = _BESIDE not in ("/", str(Path.home()) + os.sep, _TEMP)
+_OUTSIDE_READS: list[str] = []
+
+
+def _audit(event: str, args: tuple[object, ...]) -> None:
+    if event != "open" or not _GUARDED or not isinstance(args[0], (str, bytes, os.PathLike)):
+        return
+    path = os.path.abspath(os.fsdecode(args[0]))
+    if path.startswith(_BESIDE) and not path.startswith((str(_REPO) + os.sep, _TEMP)):
+        _OUTSIDE_READS.append(path)
+
+
+sys.addaudithook(_audit)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _OUTSIDE_READS:
+        print(f"\ntests opened files outside the repository: {sorted(set(_OUTSIDE_READS))[:10]}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="session")

@@ -102,7 +102,7 @@ class Fault(WorkerPlugin):
         return {
             "convert": (module("ctzarr.write.convert"), "convert_case"),
             "commit": (module("ctzarr.write.case_writer").CaseWriter, "commit"),
-            "scan": (module("ctzarr.read.stats"), "scan_index_graph"),
+            "scan": (module("ctzarr.read.collection"), "scan_index_graph"),  # the worker task calls it there
         }[self.where]
 
     def setup(self, worker: Any) -> None:

@@ -13,6 +13,7 @@ __all__ = [
     "CaseLockedError",
     "CaseMismatchError",
     "CatalogError",
+    "ConfigError",
     "ChunkCorruptError",
     "ChunkMissingError",
     "CtzarrError",
@@ -22,6 +23,7 @@ __all__ = [
     "InvalidNiftiError",
     "LabelMapError",
     "LayoutError",
+    "MetadataError",
     "RemotePermissionError",
     "RemoteStoreError",
     "StoreError",
@@ -34,6 +36,10 @@ __all__ = [
 
 class CtzarrError(Exception):
     """Root of every error ctzarr raises on purpose."""
+
+
+class ConfigError(CtzarrError, ValueError):
+    """A setting (``ctzarr.config`` or its ``CTZARR_*`` environment variable) is malformed."""
 
 
 class CtzarrWarning(UserWarning):
@@ -109,6 +115,21 @@ class ChunkMissingError(CtzarrError, KeyError):
 
 class ChunkCorruptError(CtzarrError, ValueError):
     """A stored object is truncated, corrupt, swapped, or would decompress beyond its size."""
+
+
+class MetadataError(ChunkCorruptError):
+    """Stored ctzarr attributes are malformed: a key missing, of the wrong type or out of range.
+
+    A ``zarr.json`` is a stored object, so this is a :class:`ChunkCorruptError` (and a
+    ``ValueError``). The message names the store or case and the key at fault; attributes
+    ``where`` and ``key``.
+    """
+
+    def __init__(self, where: str, key: str, fault: str) -> None:
+        self.where = where
+        self.key = key
+        self.fault = fault
+        super().__init__(f"{where}: attribute {key}: {fault}" if where else f"attribute {key}: {fault}")
 
 
 class UnsafeStoreError(StoreError):

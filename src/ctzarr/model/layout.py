@@ -6,9 +6,6 @@ from typing import Any
 
 from zarr.codecs import BloscCodec, Crc32cCodec
 
-FORMAT_VERSION = 1
-
-
 CHUNK = 64
 
 
@@ -19,7 +16,8 @@ MAX_LEVELS = 3
 MIN_LEVEL_EXTENT = 32
 
 
-def _compressors() -> list[Any]:
+def compressors() -> list[Any]:
+    """The codec chain of every data array: blosc zstd with bitshuffle, then crc32c."""
     return [BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"), Crc32cCodec()]
 
 

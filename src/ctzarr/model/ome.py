@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ctzarr.errors import MetadataError
 from ctzarr.model.labels import LabelMap
 
 OME_VERSION = "0.5"
@@ -56,3 +58,43 @@ def image_label(label_map: LabelMap) -> dict[str, Any]:
         "properties": props,
         "source": {"image": "../../"},
     }
+
+
+def image_attributes(
+    name: str, spacing_zyx: tuple[float, float, float], levels: Sequence[tuple[int, int, int]]
+) -> dict[str, Any]:
+    """The ``ome`` block of a case group: OME version and the image's multiscales."""
+    return {"version": OME_VERSION, "multiscales": [multiscales(name, spacing_zyx, list(levels))]}
+
+
+def label_image_attributes(
+    name: str,
+    spacing_zyx: tuple[float, float, float],
+    levels: Sequence[tuple[int, int, int]],
+    label_map: LabelMap,
+) -> dict[str, Any]:
+    """The ``ome`` block of a segmentation's label image group."""
+    return {
+        "version": OME_VERSION,
+        "multiscales": [multiscales(name, spacing_zyx, list(levels))],
+        "image-label": image_label(label_map),
+    }
+
+
+def labels_attributes(names: Sequence[str]) -> dict[str, Any]:
+    """The ``ome`` block of a case's ``labels`` group: the segmentation names."""
+    return {"version": OME_VERSION, "labels": list(names)}
+
+
+def parse_level_paths(ome: Any, where: str) -> tuple[str, ...]:
+    """Paths of the pyramid levels listed by an ``ome`` block's first multiscales."""
+    try:
+        if not isinstance(ome, Mapping):
+            raise TypeError("not a JSON object")
+        datasets = ome["multiscales"][0]["datasets"]
+        paths = tuple(d["path"] for d in datasets)
+        if not paths or not all(isinstance(p, str) for p in paths):
+            raise ValueError("no level paths")
+    except (KeyError, IndexError, TypeError, ValueError) as exc:
+        raise MetadataError(where, "ome.multiscales", f"malformed ({exc})") from None
+    return paths
