@@ -16,7 +16,7 @@ import ctzarr
 from ctzarr.testing.phantom import write_dap_atlas, write_saros
 
 # Tests read nothing outside the repository: an audit hook records every file this process
-# opens beside the checkout (``../shared``, another checkout), and the session fails on any.
+# opens beside the checkout (a sibling directory, another checkout), and the session fails on any.
 _REPO = Path(__file__).resolve().parents[1]
 _BESIDE = str(_REPO.parent) + os.sep
 _TEMP = tempfile.gettempdir() + os.sep
@@ -28,7 +28,7 @@ _OUTSIDE_READS: list[str] = []
 def _audit(event: str, args: tuple[object, ...]) -> None:
     if event != "open" or not _GUARDED or not isinstance(args[0], (str, bytes, os.PathLike)):
         return
-    path = os.path.abspath(os.fsdecode(args[0]))
+    path = os.path.abspath(os.fsdecode(args[0]))  # noqa: PTH100 - normalises "..", no symlink resolution
     if path.startswith(_BESIDE) and not path.startswith((str(_REPO) + os.sep, _TEMP)):
         _OUTSIDE_READS.append(path)
 

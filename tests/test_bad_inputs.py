@@ -554,7 +554,7 @@ def test_4d_single_volume_is_squeezed(ds: Dataset, roles: tuple[str, ...]) -> No
     np.testing.assert_array_equal(case.image.values, nifti_zyx(ds.original("image")))
     np.testing.assert_array_equal(case.labels("anatomy").values, nifti_zyx(ds.original("mask")))
     np.testing.assert_array_equal(case.affine, nib.load(str(ds.original("image"))).affine)
-    assert any("squeezed" in n for n in case.meta["nifti"]["notes"])
+    assert any("squeezed" in n for n in case.meta.nifti.notes)
     assert_good_case_readable(ds)
 
 
@@ -647,7 +647,7 @@ def test_qform_sform_disagreement_warns_and_uses_sform(ds: Dataset) -> None:
     case = open_collection(ds.dest)[ds.bad]
     np.testing.assert_array_equal(case.affine, sform)
     np.testing.assert_array_equal(case.image.values, nifti_zyx(ds.original("image")))
-    assert any("disagree" in n for n in case.meta["nifti"]["notes"])
+    assert any("disagree" in n for n in case.meta.nifti.notes)
 
 
 def test_valid_dataset_and_tiny_qform_gap_emit_no_warning(ds: Dataset) -> None:
@@ -677,7 +677,7 @@ def test_rerun_after_failure_skips_good_and_fails_bad_again(ds: Dataset) -> None
     assert second.skipped == [ds.good]
     assert second.converted == []
     assert [(r.case_id, r.error) for r in second.failed] == [(ds.bad, err)]
-    assert open_collection(ds.dest)[ds.good].meta["committed_at"] == good_meta["committed_at"]
+    assert open_collection(ds.dest)[ds.good].meta.committed_at == good_meta.committed_at
     assert_good_case_readable(ds)
     assert_case_absent(ds.dest, ds.bad)
 
@@ -860,7 +860,7 @@ def test_dap_file_name_that_is_not_a_plain_id(ds: Dataset) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Reliability rows A1-A18 (../shared/background/reliability.md section 7.A) not covered above:
+# Bad-input cases A1-A18 (the A-numbers label the tests below) not covered above:
 # uncompressed .nii files, vox_offset, scaling, float CT with NaN, geometry codes, PHI
 # --------------------------------------------------------------------------------------------
 
@@ -1152,7 +1152,7 @@ def test_a7_vox_offset_0_reads_right_after_the_header(ds: Dataset, suffix: str) 
     assert report.ok, str(report)
     case = open_collection(ds.dest)[ds.bad]
     np.testing.assert_array_equal(case.image.values, nifti_zyx(ds.original("image")))
-    assert any("vox_offset 0" in n for n in case.meta["nifti"]["notes"])
+    assert any("vox_offset 0" in n for n in case.meta.nifti.notes)
 
 
 @pytest.mark.parametrize(
@@ -1171,8 +1171,8 @@ def test_a12_slope_0_or_nan_is_identity_and_recorded(
     assert ref.dtype == np.int16  # nibabel: no scaling (NIfTI rule)
     np.testing.assert_array_equal(case.image.values, ref)
     assert case.image.dtype == np.int16
-    assert (case.meta["nifti"]["scl_slope"], case.meta["nifti"]["scl_inter"]) == (1.0, 0.0)
-    assert any("no scaling applied" in n for n in case.meta["nifti"]["notes"])
+    assert (case.meta.nifti.scl_slope, case.meta.nifti.scl_inter) == (1.0, 0.0)
+    assert any("no scaling applied" in n for n in case.meta.nifti.notes)
 
 
 def test_a14_float_ct_with_nan_and_inf_converts_exactly_and_counts_them(ds: Dataset) -> None:
@@ -1219,7 +1219,7 @@ def test_a15_both_codes_0_warn_pixdim_only_affine(ds: Dataset) -> None:
     assert any(str(f) in str(w.message) for w in record)
     case = open_collection(ds.dest)[ds.bad]
     np.testing.assert_array_equal(case.affine, nib.load(str(f)).affine)
-    assert any("pixdim-only affine" in n for n in case.meta["nifti"]["notes"])
+    assert any("pixdim-only affine" in n for n in case.meta.nifti.notes)
     np.testing.assert_array_equal(case.image.values, nifti_zyx(ds.original("image")))
 
 
@@ -1232,7 +1232,7 @@ def test_a15_qfac_0_is_read_as_1(ds: Dataset) -> None:
     assert report.ok, str(report)
     case = open_collection(ds.dest)[ds.bad]
     np.testing.assert_array_equal(case.affine, nib.load(str(ds.file("image"))).affine)
-    assert any("qfac" in n for n in case.meta["nifti"]["notes"])
+    assert any("qfac" in n for n in case.meta.nifti.notes)
 
 
 @pytest.mark.parametrize(
@@ -1268,8 +1268,8 @@ def test_a11_dtype_byte_order_and_version_convert_exactly(
     assert case.image.dtype == np.dtype(dtype)
     arr = zarr.open_array(str(ds.dest / "cases" / ds.bad / "0"), mode="r")
     assert arr.dtype == np.dtype(dtype).newbyteorder("<")
-    assert case.meta["nifti"]["version"] == version
-    assert case.meta["nifti"]["source_byteorder"] == ("big" if endian == ">" else "little")
+    assert case.meta.nifti.version == version
+    assert case.meta.nifti.source_byteorder == ("big" if endian == ">" else "little")
 
 
 def test_a13_float_labels_with_inf_fail_only_their_case(ds: Dataset) -> None:

@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 import ctzarr
 from ctzarr.io.urls import allow_local_targets, parse_catalog_storage_options, parse_catalog_url
 from ctzarr.catalog import resolve_entry
-from ctzarr.errors import CatalogError, CtzarrError
+from ctzarr.errors import CatalogError, ConfigError, CtzarrError
 
 ENTRY = "hostile_entry"
 
@@ -412,7 +412,7 @@ def test_opt_in_by_keyword_environment_and_context(tmp_path: Path, clean_env: py
     with pytest.raises(CatalogError):
         resolve_entry(ENTRY, catalog)
     clean_env.setenv("CTZARR_ALLOW_LOCAL", "perhaps")
-    with pytest.raises(CatalogError, match="CTZARR_ALLOW_LOCAL"):
+    with pytest.raises(ConfigError, match="CTZARR_ALLOW_LOCAL"):  # a malformed setting
         resolve_entry(ENTRY, catalog)
 
     clean_env.delenv("CTZARR_ALLOW_LOCAL")

@@ -403,7 +403,7 @@ def test_fuzzed_case_converts_equal_to_nibabel_or_fails_alone(case: dict[str, An
                 continue
             assert result.status == "converted", result
             stored = col[cid]
-            assert stored.meta["complete"] is True
+            assert stored.meta.complete is True
             img_path, lab_path = files[cid]
             assert_equal_to_nibabel(img_path, stored.image.values, stored.affine, stored.shape)
             ref_lab, _ = nibabel_read(lab_path, stored.shape)

@@ -76,7 +76,7 @@ def read_all(store: Path) -> None:
 
 def test_manifest_lists_every_stored_object(pristine: Path) -> None:
     case = ctzarr.open_collection(pristine)[CASE]
-    manifest = case.meta["manifest"]["arrays"]
+    manifest = case.manifest.arrays
     stored = {
         str(p.relative_to(case_dir(pristine))) for p in case_dir(pristine).rglob("c/*") if p.is_file()
     } | {
@@ -112,7 +112,7 @@ def test_missing_object_raises_not_fill(store: Path, array: str, key: str) -> No
         if array == "nifti":
             case.nifti_header_bytes  # noqa: B018
         else:
-            case._array(array)[:]
+            case.array(array)[:]
     report = verify(store)
     assert not report.ok
     assert any(f"array '{array}' chunk {key}: missing" in p for p in report.problems), report
@@ -182,7 +182,7 @@ def test_every_flipped_byte_of_a_shard_raises(pristine: Path, tmp_path: Path) ->
     path = case_dir(dest) / "labels" / "seg" / "0" / "c" / "0" / "0" / "0"
     original = path.read_bytes()
     col = ctzarr.open_collection(dest)
-    arr = col[CASE]._array("labels/seg/0")
+    arr = col[CASE].array("labels/seg/0")
     detected = 0
     positions = range(len(original))
     for pos in positions:

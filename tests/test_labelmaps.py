@@ -11,7 +11,18 @@ import pytest
 import yaml
 
 from ctzarr.errors import LabelMapError, StructureNotFoundError
-from ctzarr.model.labels import Label, LabelMap, builtin_label_map, builtin_label_map_names, color_for, enrich, load_label_map_file, match_key, normalize_name, parse_label_map
+from ctzarr.model.labels import (
+    Label,
+    LabelMap,
+    builtin_label_map,
+    builtin_label_map_names,
+    color_for,
+    enrich,
+    load_label_map_file,
+    match_key,
+    normalize_name,
+    parse_label_map,
+)
 
 #: the reference tables, copied into the repository (tests/data/reference/README.md)
 REFERENCE = Path(__file__).parent / "data" / "reference"

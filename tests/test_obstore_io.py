@@ -1,4 +1,4 @@
-"""Which library a store reads through (ctzarr.obstore_io): obstore for read-only s3/http(s)
+"""Which library a store reads through (ctzarr.io.obstore): obstore for read-only s3/http(s)
 stores whose options it can express, fsspec otherwise; and what an obstore-backed store pickles.
 
 The read behaviour itself (values, request budget, faults and retries) is tested for both
@@ -154,7 +154,7 @@ def test_pickled_store_carries_no_environment_secret_and_reads(aws_env: None, si
 def test_bucket_region_is_asked_once_when_nothing_gives_it(aws_env: None, monkeypatch: pytest.MonkeyPatch) -> None:
     """No region in the options or the environment and no custom endpoint: one anonymous HEAD
     (here to a local stand-in for s3.amazonaws.com) reads ``x-amz-bucket-region``."""
-    from ctzarr import obstore_io
+    from ctzarr.io import obstore as obstore_io
 
     for name in ("AWS_REGION", "AWS_DEFAULT_REGION"):
         monkeypatch.delenv(name, raising=False)

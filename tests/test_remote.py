@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import shutil
+import time
 import traceback
 import uuid
 from collections import Counter
@@ -225,6 +226,34 @@ class TestBackends:
 # --------------------------------------------------------------------------------------------
 # conversion straight to S3
 # --------------------------------------------------------------------------------------------
+def test_touched_remote_source_is_rehashed_with_its_storage_options(
+        s3_endpoint: str, s3: Any, dap_source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A source object rewritten with the same bytes (new mtime) is re-hashed through the
+    source's own storage options (endpoint and credentials) and found unchanged: skipped."""
+    prefix = f"{BUCKET}/{unique_prefix('touched')}/dap"
+    s3.put(str(dap_source), prefix, recursive=True)
+    s3.rm(f"{prefix}/labels.json")  # the builtin DAP Atlas map (a remote labels.json is not read yet)
+    # the credentials travel only in the storage options, as they would for a user's bucket
+    so = {**s3_options(s3_endpoint), "key": ACCESS_KEY, "secret": SECRET}
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    source, dest = f"s3://{prefix}", tmp_path / "dap.zarr"
+    first = ctzarr.convert(source, dest, storage_options=so, progress=False)
+    assert first.ok, first
+    cid = sorted(first.converted)[0]
+    image = f"{prefix}/images/{cid}.nii.gz"
+    before = s3.info(image)["LastModified"]
+    time.sleep(1.1)  # S3 modification times have one-second resolution
+    s3.pipe(image, (dap_source / "images" / f"{cid}.nii.gz").read_bytes())
+    s3.invalidate_cache()
+    assert s3.info(image)["LastModified"] != before
+    s3fs.S3FileSystem.clear_instance_cache()
+
+    again = ctzarr.convert(source, dest, storage_options=so, progress=False)
+    assert again.ok, again
+    assert cid in again.skipped and not again.converted, again
+
+
 def test_convert_to_s3_resumes_and_replaces_interrupted_case(s3_endpoint: str, s3: Any, dap_source: Path,
                                                              dap_store: Path) -> None:
     so = s3_options(s3_endpoint)

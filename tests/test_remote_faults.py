@@ -22,8 +22,8 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 import ctzarr
-from ctzarr.errors import RemotePermissionError, RemoteStoreError
-from ctzarr.io.retry import RetryingStore, RetryPolicy, current_retry_policy, retry_policy, set_retry_policy
+from ctzarr.errors import ConfigError, RemotePermissionError, RemoteStoreError
+from ctzarr.io.retry import RetryingStore, RetryPolicy
 from ctzarr.io.urls import redact_url
 from ctzarr.io.stores import make_store, remote_storage_options
 
@@ -74,12 +74,12 @@ def server(module_server: FaultServer) -> FaultServer:
 
 @pytest.fixture(autouse=True)
 def clean_policy(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """No CTZARR_* variable from the caller's environment; the process-wide policy restored."""
+    """No CTZARR_* variable from the caller's environment, no setting made in Python; the
+    process-wide settings restored afterwards."""
     for name in ("CTZARR_RETRIES", "CTZARR_TIMEOUT_S", "CTZARR_BACKOFF_S", "CTZARR_MAX_BACKOFF_S"):
         monkeypatch.delenv(name, raising=False)
-    previous = set_retry_policy(None)
-    yield
-    set_retry_policy(previous)
+    with ctzarr.config.set(dict.fromkeys(("retries", "timeout_s", "backoff_s", "max_backoff_s"))):
+        yield
 
 
 @pytest.fixture
@@ -155,8 +155,9 @@ def test_policy_rejects_bad_values(changes: dict[str, Any], match: str) -> None:
 
 def test_bad_environment_value_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, server: FaultServer) -> None:
     monkeypatch.setenv("CTZARR_RETRIES", "three")
-    with pytest.raises(ValueError, match="CTZARR_RETRIES.*'three'"):
+    with pytest.raises(ConfigError, match="CTZARR_RETRIES.*'three'") as info:
         make_store(http_url(server))
+    assert isinstance(info.value, ValueError)
 
 
 # --------------------------------------------------------------------------------------------
@@ -419,7 +420,7 @@ def test_environment_sets_retries_and_timeout(server: FaultServer, monkeypatch: 
     assert _failing_read_attempts(server) == 1
     monkeypatch.setenv("CTZARR_RETRIES", "4")
     assert _failing_read_attempts(server) == 5
-    assert current_retry_policy() == RetryPolicy(retries=4, backoff_s=0.01)
+    assert RetryPolicy.from_config() == RetryPolicy(retries=4, backoff_s=0.01)
 
     # the timeout reaches aiohttp and obstore: one hang costs 0.5 s, not 30 s
     monkeypatch.setenv("CTZARR_TIMEOUT_S", "0.5")
@@ -437,23 +438,22 @@ def test_keyword_setter_and_context_manager(server: FaultServer, monkeypatch: py
     assert _failing_read_attempts(server, retry=quick) == 4  # the keyword beats the environment
     assert _failing_read_attempts(server) == 1
 
-    previous = set_retry_policy(quick.replace(retries=1))  # process-wide beats the environment
+    ctzarr.config.set(retries=1, backoff_s=0.01)  # process-wide beats the environment
     try:
-        assert previous is None
         assert _failing_read_attempts(server) == 2
-        with retry_policy(retries=2) as inside:  # built on the current policy
-            assert inside == quick.replace(retries=2)
+        with ctzarr.config.set(retries=2):  # a block, over the process-wide settings
+            assert RetryPolicy.from_config() == quick.replace(retries=2)
             assert _failing_read_attempts(server) == 3
         assert _failing_read_attempts(server) == 2
     finally:
-        set_retry_policy(previous)
+        ctzarr.config.set(retries=None, backoff_s=None)  # back to the environment
     assert _failing_read_attempts(server) == 1
 
 
 def test_open_collection_uses_the_policy(server: FaultServer) -> None:
     """The library entry point goes through make_store: a 503 on the root becomes our error."""
     server.plan("/bucket/x.zarr/zarr.json", [], then=503)
-    with retry_policy(retries=1, backoff_s=0.01), pytest.raises(RemoteStoreError, match="gave up after 2"):
+    with ctzarr.config.set(retries=1, backoff_s=0.01), pytest.raises(RemoteStoreError, match="gave up after 2"):
         ctzarr.open_collection(http_url(server))
     assert count(server, "/bucket/x.zarr/zarr.json") == 2
 

@@ -51,7 +51,7 @@ def test_leftovers_of_an_interrupted_case_are_invisible_and_replaced(dap_copy: P
     assert report.converted == [cid] and report.ok
     case = ctzarr.open_collection(dest)[cid]
     np.testing.assert_array_equal(case.image.values, nifti_zyx(dap_copy / "images" / f"{cid}.nii.gz"))
-    assert case.meta["source"] == attrs["ctzarr"]["source"]
+    assert case.meta.to_attributes()["ctzarr"]["source"] == attrs["ctzarr"]["source"]
 
 
 def test_changed_source_is_an_error_unless_overwrite(dap_copy: Path, tmp_path: Path) -> None:

@@ -11,47 +11,23 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ctzarr
+from ctzarr.testing.strategies import chunk_shapes, shapes_zyx, volumes
 from ctzarr.write.index_builder import LabelIndexBuilder
 
 from .conftest import nifti_zyx
 
-DTYPES = ["int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "float32", "float64"]
 
-
-@st.composite
-def volumes(draw: st.DrawFn) -> dict:
-    shape = tuple(draw(st.integers(1, 9)) for _ in range(3))
-    dtype = np.dtype(draw(st.sampled_from(DTYPES)))
-    seed = draw(st.integers(0, 2**16))
-    rng = np.random.default_rng(seed)
-    if dtype.kind == "f":
-        data = rng.normal(0, 300, size=shape).astype(dtype)
-        if draw(st.booleans()):
-            data = np.round(data)
-    else:
-        info = np.iinfo(dtype)
-        lo, hi = max(info.min, -5000), min(info.max, 5000)
-        data = rng.integers(lo, hi, size=shape, endpoint=True).astype(dtype)
-    zooms = [draw(st.floats(0.3, 6.0)) for _ in range(3)]
-    flips = [draw(st.sampled_from([-1.0, 1.0])) for _ in range(3)]
-    angle = draw(st.sampled_from([0.0, 0.0, 0.3]))
-    rot = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
-    affine = np.eye(4)
-    affine[:3, :3] = rot @ np.diag(np.array(zooms) * flips)
-    affine[:3, 3] = [draw(st.floats(-300, 300)) for _ in range(3)]
-    scaled = dtype.kind in "iu" and draw(st.booleans())
-    return {
-        "data": data,
-        "affine": affine,
-        "endian": draw(st.sampled_from(["<", ">"])),
-        "version": draw(st.sampled_from([1, 2])),
-        "slope_inter": (draw(st.sampled_from([0.5, 2.0, 1.25])), draw(st.sampled_from([0.0, -1024.0, 3.5]))) if scaled else None,
-        "mask": rng.integers(0, 4, size=shape).astype(np.uint8),
-    }
-
-
-def _write(path: Path, data: np.ndarray, affine: np.ndarray, endian: str, version: int, slope_inter: tuple | None) -> None:
-    klass, hklass = (nib.Nifti1Image, nib.Nifti1Header) if version == 1 else (nib.Nifti2Image, nib.Nifti2Header)
+def _write(
+    path: Path,
+    data: np.ndarray,
+    affine: np.ndarray,
+    endian: str,
+    version: int,
+    slope_inter: tuple | None,
+) -> None:
+    klass, hklass = (
+        (nib.Nifti1Image, nib.Nifti1Header) if version == 1 else (nib.Nifti2Image, nib.Nifti2Header)
+    )
     hdr = hklass(endianness=endian)
     hdr.set_data_dtype(data.dtype)
     img = klass(data.transpose(2, 1, 0), affine, header=hdr)
@@ -66,11 +42,20 @@ def test_convert_read_back_equals_nibabel(vol: dict) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "src"
         root.mkdir()
-        _write(root / "c_ct.nii.gz", vol["data"], vol["affine"], vol["endian"], vol["version"], vol["slope_inter"])
+        _write(
+            root / "c_ct.nii.gz",
+            vol["data"],
+            vol["affine"],
+            vol["endian"],
+            vol["version"],
+            vol["slope_inter"],
+        )
         _write(root / "c_seg.nii.gz", vol["mask"], vol["affine"], "<", 1, None)
         (root / "manifest.csv").write_text("case_id,image,seg\nc,c_ct.nii.gz,c_seg.nii.gz\n")
         (root / "labels.json").write_text('{"0": "background", "1": "a", "2": "b", "3": "c"}')
-        report = ctzarr.convert(root, Path(tmp) / "s.zarr", labels=[str(root / "labels.json")], progress=False)
+        report = ctzarr.convert(
+            root, Path(tmp) / "s.zarr", labels=[str(root / "labels.json")], progress=False
+        )
         assert report.ok, report
         case = ctzarr.open_collection(Path(tmp) / "s.zarr")["c"]
         ref_img = nib.load(root / "c_ct.nii.gz")
@@ -92,8 +77,8 @@ def test_convert_read_back_equals_nibabel(vol: dict) -> None:
 
 @settings(max_examples=40, deadline=None)
 @given(
-    shape=st.tuples(st.integers(1, 12), st.integers(1, 9), st.integers(1, 9)),
-    chunk=st.tuples(st.integers(1, 5), st.integers(1, 5), st.integers(1, 5)),
+    shape=shapes_zyx((12, 9, 9)),
+    chunk=chunk_shapes(5),
     slab=st.integers(1, 7),
     seed=st.integers(0, 2**16),
     ignore=st.booleans(),
@@ -103,7 +88,7 @@ def test_index_equals_numpy(shape: tuple, chunk: tuple, slab: int, seed: int, ig
     rng = np.random.default_rng(seed)
     lab = rng.integers(0, 5, size=shape).astype(np.uint8)
     if ignore:
-        lab[:: 3] = 255
+        lab[::3] = 255
     val = rng.integers(-2000, 32000, size=shape).astype(np.int16)
     b = LabelIndexBuilder(range(5), shape, chunk, ignore_value=255 if ignore else None)
     for z0 in range(0, shape[0], slab):
@@ -115,12 +100,23 @@ def test_index_equals_numpy(shape: tuple, chunk: tuple, slab: int, seed: int, ig
         m = lab == label
         zz, yy, xx = np.nonzero(m)
         assert idx.voxel_count[i] == m.sum()
-        assert idx.bbox[i].tolist() == [zz.min(), zz.max() + 1, yy.min(), yy.max() + 1, xx.min(), xx.max() + 1]
+        assert idx.bbox[i].tolist() == [
+            zz.min(),
+            zz.max() + 1,
+            yy.min(),
+            yy.max() + 1,
+            xx.min(),
+            xx.max() + 1,
+        ]
         assert idx.coord_sum[i].tolist() == [zz.sum(), yy.sum(), xx.sum()]
         values, counts = idx.histogram(label)
         np.testing.assert_array_equal(np.repeat(values, counts), np.sort(val[m]))
         grid = idx.chunk_grid
-        expected_chunks = np.unique(np.ravel_multi_index((zz // chunk[0], yy // chunk[1], xx // chunk[2]), grid))
+        expected_chunks = np.unique(
+            np.ravel_multi_index((zz // chunk[0], yy // chunk[1], xx // chunk[2]), grid)
+        )
         np.testing.assert_array_equal(np.sort(idx.chunk_ids[i]), expected_chunks)
     if ignore:
-        np.testing.assert_array_equal(idx.annotated_slices, np.nonzero(np.all(lab != 255, axis=(1, 2)))[0])
+        np.testing.assert_array_equal(
+            idx.annotated_slices, np.nonzero(np.all(lab != 255, axis=(1, 2)))[0]
+        )

@@ -118,9 +118,9 @@ def test_index_equals_numpy_on_phantom_cases(dap_source: Path, dap_store: Path) 
 def test_case_attributes_record_the_source(dap_store: Path) -> None:
     col = ctzarr.open_collection(dap_store)
     meta = col[col.case_ids[0]].meta
-    files = meta["source"]["files"]
+    files = meta.source_files
     assert set(files) == {"image", "anatomy"}
-    assert files["image"]["path"].startswith("images/")
-    assert len(files["image"]["sha256"]) == 64
-    assert meta["complete"] is True
-    json.dumps(meta)
+    assert files["image"].path.startswith("images/")
+    assert files["image"].sha256 is not None and len(files["image"].sha256) == 64
+    assert meta.complete is True
+    json.dumps(meta.to_attributes())

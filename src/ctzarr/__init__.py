@@ -10,11 +10,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from . import config
 from ._version import __version__
 from .errors import (
     CaseExistsError,
+    CaseLockedError,
     CaseMismatchError,
     CatalogError,
+    ChunkCorruptError,
+    ChunkMissingError,
+    ClientGoneError,
+    ConfigError,
     CtzarrError,
     CtzarrWarning,
     IncompleteCaseError,
@@ -23,9 +29,14 @@ from .errors import (
     LabelMapError,
     LayoutError,
     MetadataError,
+    MissingDependencyError,
+    RemotePermissionError,
+    RemoteStoreError,
     StoreError,
     StructureNotFoundError,
+    TableMismatchError,
     UnknownLabelError,
+    UnsafeStoreError,
 )
 from .model.labels import Label, LabelMap
 from .write.convert import CaseResult, ConversionReport, convert
@@ -50,10 +61,15 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "Case",
     "CaseExistsError",
+    "CaseLockedError",
     "CaseMismatchError",
     "CaseResult",
     "CatalogError",
+    "ChunkCorruptError",
+    "ChunkMissingError",
+    "ClientGoneError",
     "Collection",
+    "ConfigError",
     "ConversionReport",
     "CtzarrError",
     "CtzarrWarning",
@@ -65,10 +81,16 @@ __all__ = [
     "LabelMapError",
     "LayoutError",
     "MetadataError",
+    "MissingDependencyError",
+    "RemotePermissionError",
+    "RemoteStoreError",
     "StoreError",
     "StructureNotFoundError",
+    "TableMismatchError",
     "UnknownLabelError",
+    "UnsafeStoreError",
     "__version__",
+    "config",
     "convert",
     "open_collection",
 ]

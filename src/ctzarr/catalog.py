@@ -21,19 +21,23 @@ the user's own choice and is opened as given.
 from __future__ import annotations
 
 import logging
-import os
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from ctzarr import config
 from ctzarr.errors import CatalogError
 from ctzarr.io.urls import (
+    ALLOW_LOCAL_ENV,
+    DATA_ROOT_ENV,
+    REMOTE_PROTOCOLS,
     ResolveHost,
     _expand,
     _local_opt_in,
     _under_user_root,
+    allow_local_targets,
     parse_catalog_storage_options,
     parse_catalog_url,
 )
@@ -55,10 +59,8 @@ logger = logging.getLogger(__name__)
 
 
 def catalog_path() -> str:
-    """The catalog in use: $CTZARR_CATALOG, else the one shipped with the package."""
-    return os.environ.get("CTZARR_CATALOG") or str(
-        resources.files("ctzarr") / "data" / "catalog.yaml"
-    )
+    """The catalog in use: the ``catalog`` setting ($CTZARR_CATALOG), else the shipped one."""
+    return config.get("catalog") or str(resources.files("ctzarr") / "data" / "catalog.yaml")
 
 
 def load_catalog(path: str | None = None) -> dict[str, Any]:

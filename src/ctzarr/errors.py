@@ -24,6 +24,7 @@ __all__ = [
     "LabelMapError",
     "LayoutError",
     "MetadataError",
+    "MissingDependencyError",
     "RemotePermissionError",
     "RemoteStoreError",
     "StoreError",
@@ -166,3 +167,16 @@ class TableMismatchError(StoreError):
 
 class ClientGoneError(CtzarrError, ConnectionError):
     """The dask client or scheduler went away while a job was unfinished."""
+
+
+class MissingDependencyError(CtzarrError, ImportError):
+    """A feature needs an optional dependency that is not installed; the message names the extra."""
+
+    def __init__(self, module: str, extra: str, feature: str) -> None:
+        self.module = module
+        self.extra = extra
+        self.feature = feature
+        super().__init__(f'{feature} needs {module}: pip install "ctzarr[{extra}]"', name=module)
+
+    def __reduce__(self) -> tuple[type[MissingDependencyError], tuple[str, str, str]]:
+        return type(self), (self.module, self.extra, self.feature)

@@ -24,7 +24,8 @@ What it writes into OUT (refused if OUT exists):
   half-open (z, y, x) bounding boxes, and the annotated slice indices of sparse maps;
 - ``expected/<collection>/<case_id>.npz``: the level-0 image and label arrays and the affine,
   read by nibabel from the source NIfTI files (``np.asanyarray(img.dataobj)`` transposed to
-  (z, y, x)), not from the store;
+  (z, y, x)), not from the store (the big-endian case's image stays big-endian, as nibabel
+  returns it; the store reads it back in native byte order);
 - ``expected/<collection>/stats.csv``: ``col.stats(method="index")`` of the release, written only
   after every row was checked against a numpy computation on the nibabel arrays (integers,
   bounding boxes, minima, maxima and percentiles exactly; means, standard deviations, volumes and

@@ -9,12 +9,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
+from ctzarr import config
+from ctzarr._version import __version__
+from ctzarr.catalog import catalog_path, load_catalog
 from ctzarr.errors import CtzarrError
+from ctzarr.extras import require
+from ctzarr.io.urls import allow_local_targets
+from ctzarr.run import cluster
+from ctzarr.write.convert import convert
 
 __all__ = ["main"]
 
@@ -31,8 +37,12 @@ def _storage_options(text: str | None) -> dict[str, Any] | None:
     return value
 
 
+# The reading side (ctzarr.read, ctzarr.demo) pulls in dask.array, xarray and pandas (~1.5 s):
+# imported by the commands that read, so that `ctzarr convert` and `ctzarr --help` start fast.
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    from ctzarr.demo import run_demo
+    from ctzarr.demo import run_demo  # heavy: the reading side
 
     run_demo(args.directory, progress=not args.quiet)
     return 0
@@ -40,18 +50,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _client(args: argparse.Namespace) -> Any:
     """A dask client from --scheduler ADDRESS or --workers N, else None (local threads)."""
-    from ctzarr.run.cluster import connect, start_local_cluster
-
     if getattr(args, "scheduler", None):
-        return connect(args.scheduler)
-    if getattr(args, "workers", None):
-        return start_local_cluster(args.workers)
-    return None
+        client = cluster.connect(args.scheduler)
+    elif getattr(args, "workers", None):
+        client = cluster.start_local_cluster(args.workers)
+    else:
+        return None
+    print(f"dask dashboard: {client.dashboard_link}")
+    return client
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from ctzarr.write.convert import convert
-
     client = _client(args)
     try:
         report = convert(
@@ -73,7 +82,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from ctzarr.read.collection import open_collection
+    from ctzarr.read.collection import open_collection  # heavy: the reading side
 
     col = open_collection(args.store, storage_options=_storage_options(args.storage_options))
     print(col)
@@ -88,7 +97,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         spacing = " x ".join(f"{s:g}" for s in case.spacing)
         print(
             f"  {cid}: (z, y, x) {case.shape}, spacing {spacing} mm, {case.levels} levels, "
-            f"image {case.meta['nifti']['value_dtype']}"
+            f"image {case.meta.nifti.value_dtype.str}"
         )
         if args.case:
             for seg in case.segmentation_names:
@@ -101,7 +110,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from ctzarr.read.collection import open_collection
+    from ctzarr.read.collection import open_collection  # heavy: the reading side
 
     col = open_collection(args.store, storage_options=_storage_options(args.storage_options))
     for role, path in col[args.case].to_nifti(args.outdir).items():
@@ -110,7 +119,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from ctzarr.read.verify import verify
+    from ctzarr.read.verify import verify  # heavy: the reading side
 
     report = verify(
         args.store, storage_options=_storage_options(args.storage_options), repair=args.repair
@@ -120,8 +129,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    from ctzarr.read.collection import open_collection
+    from ctzarr.read.collection import open_collection  # heavy: the reading side
 
+    if args.output and str(args.output).endswith(".parquet"):  # before any case is read
+        require("pyarrow", "parquet", "ctzarr stats -o OUT.parquet")
     col = open_collection(args.store, storage_options=_storage_options(args.storage_options))
     client = _client(args)
     try:
@@ -145,7 +156,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
             raise ValueError(f"-o {out}: write .csv or .parquet")
         print(f"{len(df)} rows -> {out}")
     else:
-        import pandas as pd
+        import pandas as pd  # heavy, and loaded by col.stats already
 
         cols = [
             "case_id",
@@ -171,7 +182,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_crop(args: argparse.Namespace) -> int:
-    from ctzarr.read.collection import open_collection
+    from ctzarr.read.collection import open_collection  # heavy: the reading side
 
     col = open_collection(args.store, storage_options=_storage_options(args.storage_options))
     written = col[args.case].crop_to_nifti(
@@ -186,8 +197,8 @@ def cmd_crop(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from ctzarr.read.collection import open_collection
-    from ctzarr.read.show import render_structure
+    from ctzarr.read.collection import open_collection  # heavy: the reading side
+    from ctzarr.read.show import render_structure  # heavy: matplotlib
 
     col = open_collection(args.store, storage_options=_storage_options(args.storage_options))
     path = render_structure(
@@ -206,8 +217,6 @@ def _structure(text: str) -> str | int:
 
 
 def cmd_catalog(args: argparse.Namespace) -> int:
-    from ctzarr.catalog import catalog_path, load_catalog
-
     sources = load_catalog(args.catalog)
     print(f"catalog: {args.catalog or catalog_path()}")
     for name, entry in sources.items():
@@ -219,8 +228,6 @@ def cmd_catalog(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every command."""
-    from ctzarr import __version__
-
     p = argparse.ArgumentParser(
         prog="ctzarr", description=__doc__.split("\n")[0] if __doc__ else None
     )
@@ -336,16 +343,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    from ctzarr.io.urls import allow_local_targets
-
+    debug = False
     try:
+        debug = config.get("debug")  # CTZARR_DEBUG=1
         with allow_local_targets(True if args.allow_local else None):
             return int(args.func(args))
     except KeyboardInterrupt:
         print("ctzarr: interrupted", file=sys.stderr)
         return 130
     except (CtzarrError, OSError, ValueError, KeyError, TypeError) as exc:
-        if os.environ.get("CTZARR_DEBUG"):
+        if debug:
             raise
         msg = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
         print(f"ctzarr: error: {' '.join(msg.split())}", file=sys.stderr)

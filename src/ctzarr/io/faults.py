@@ -2,8 +2,9 @@
 
 Every remote library reports faults its own way (aiohttp and fsspec exceptions, botocore error
 codes, obstore's Rust error strings). :func:`classify` maps any of them to a :class:`Fault`
-(transient, missing, permission, permanent) with the HTTP status where there is one; the retry
-layer (:mod:`ctzarr.io.retry`) and the cluster runner decide from it.
+with the HTTP status where there is one. Its users: the store retries
+(:class:`ctzarr.io.retry.RetryingStore`), the cluster runner (:func:`is_transient`: run a task
+again?) and the case locks (an S3 412 is "lock taken").
 """
 
 from __future__ import annotations
@@ -11,19 +12,19 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
+import functools
 import math
 import re
-from collections.abc import (
-    Iterator,
-)
+from collections.abc import Iterator
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
+from ctzarr.errors import CtzarrError
 from ctzarr.io.urls import redact_url
 
 #: HTTP statuses worth another attempt: request timeout, rate limited, server-side faults.
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
-
 
 #: S3 error codes worth another attempt (some arrive with a 400 status).
 RETRY_S3_CODES = frozenset(
@@ -41,7 +42,6 @@ RETRY_S3_CODES = frozenset(
     }
 )
 
-
 PERMISSION_S3_CODES = frozenset(
     {
         "AccessDenied",
@@ -55,11 +55,9 @@ PERMISSION_S3_CODES = frozenset(
 )
 
 
-# ------------------------------------------------------------------------------------------------
-# what a fault is
-# ------------------------------------------------------------------------------------------------
 class FaultKind(enum.Enum):
-    PASS = "pass"  # not a remote fault (missing key, programming error): untouched
+    UNKNOWN = "unknown"  # not a fault of a remote library (a programming error...): untouched
+    MISSING = "missing"  # not found, exists, is a directory: an answer, untouched
     PERMISSION = "permission"  # 401/403: fail at once
     PERMANENT = "permanent"  # other 4xx, TLS: fail at once
     CONNECT = "connect"  # refused, unknown host, connect timeout: retried once reached
@@ -73,6 +71,18 @@ class Fault:
     status: int | None = None
     retry_after_s: float | None = None
     answered: bool = False  # the server sent a response (so it exists and is reachable)
+
+
+_MISSING = (FileNotFoundError, IsADirectoryError, NotADirectoryError, FileExistsError)
+
+
+@functools.cache
+def _optional(module: str) -> ModuleType | None:
+    """aiohttp / botocore, imported on first use: both come with optional extras only."""
+    try:
+        return __import__(module, fromlist=["_"])
+    except ImportError:
+        return None
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:
@@ -105,124 +115,108 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def _botocore_fault(exc: Any) -> Fault:
+    response = getattr(exc, "response", None) or {}
+    err = response.get("Error", {}) or {}
+    meta = response.get("ResponseMetadata", {}) or {}
+    code = str(err.get("Code", ""))
+    status = int(meta.get("HTTPStatusCode") or (int(code) if code.isdigit() else 0))
+    message = str(err.get("Message", "") or "")
+    text = " ".join(p for p in ("HTTP", str(status), "" if code == str(status) else code) if p)
+    text += f": {message}" if message and message != code else ""
+    return _status_fault(status, text, meta.get("HTTPHeaders"), code)
+
+
 def _one(exc: BaseException) -> Fault | None:
     """The fault one exception of a chain stands for, or None to look further down the chain."""
-    name = type(exc).__name__
-
-    fault = classify_obstore_error(exc)
+    fault = _obstore_fault(exc)
     if fault is not None:
         return fault
-    try:
-        import aiohttp
-    except ImportError:  # pragma: no cover - fsspec's HTTP and s3fs both need it
-        aiohttp = None  # type: ignore[assignment]
-    try:
-        import botocore.exceptions as boto
-    except ImportError:  # pragma: no cover - only with s3fs
-        boto = None
-
-    if aiohttp is not None and isinstance(exc, aiohttp.ClientResponseError):
+    aiohttp, boto = _optional("aiohttp"), _optional("botocore.exceptions")
+    if aiohttp and isinstance(exc, aiohttp.ClientResponseError):
         return _status_fault(exc.status, f"HTTP {exc.status} {exc.message}".strip(), exc.headers)
-    if boto is not None and isinstance(exc, boto.ClientError):
-        response = getattr(exc, "response", None) or {}
-        err = response.get("Error", {}) or {}
-        meta = response.get("ResponseMetadata", {}) or {}
-        code = str(err.get("Code", ""))
-        status = int(meta.get("HTTPStatusCode") or (int(code) if code.isdigit() else 0))
-        message = str(err.get("Message", "") or "")
-        text = " ".join(p for p in ("HTTP", str(status), "" if code == str(status) else code) if p)
-        text += f": {message}" if message and message != code else ""
-        return _status_fault(status, text, meta.get("HTTPHeaders"), code)
+    if boto and isinstance(exc, boto.ClientError):
+        return _botocore_fault(exc)
     if isinstance(exc, PermissionError):
         return Fault(FaultKind.PERMISSION, _describe(exc), 403, answered=True)
     # before the connection errors: certificate and TLS faults are not transient
-    if aiohttp is not None and isinstance(exc, aiohttp.ClientSSLError):
-        return Fault(FaultKind.PERMANENT, _describe(exc))
-    if boto is not None and isinstance(exc, boto.SSLError):
+    if (aiohttp and isinstance(exc, aiohttp.ClientSSLError)) or (
+        boto and isinstance(exc, boto.SSLError)
+    ):
         return Fault(FaultKind.PERMANENT, _describe(exc))
     connect: tuple[type[BaseException], ...] = (ConnectionRefusedError,)
-    if aiohttp is not None:
-        connect += (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
-    if boto is not None:
-        connect += (boto.EndpointConnectionError, boto.ConnectTimeoutError)
-    if isinstance(exc, connect):
-        return Fault(FaultKind.CONNECT, f"cannot connect ({_describe(exc)})")
     transient: tuple[type[BaseException], ...] = (
         TimeoutError,
         ConnectionError,
         asyncio.IncompleteReadError,
     )
-    if aiohttp is not None:
+    if aiohttp:
+        connect += (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
         transient += (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError)
-    if boto is not None:
+    if boto:
+        connect += (boto.EndpointConnectionError, boto.ConnectTimeoutError)
         transient += (boto.HTTPClientError, boto.IncompleteReadError, boto.ConnectionError)
+    if isinstance(exc, connect):
+        return Fault(FaultKind.CONNECT, f"cannot connect ({_describe(exc)})")
+    if isinstance(exc, TimeoutError):
+        return Fault(FaultKind.TRANSIENT, f"no response in time ({_describe(exc)})")
     if isinstance(exc, transient):
-        if isinstance(exc, TimeoutError):
-            return Fault(FaultKind.TRANSIENT, f"no response in time ({_describe(exc)})")
-        return Fault(
-            FaultKind.TRANSIENT, _describe(exc), answered=not isinstance(exc, ConnectionError)
-        )
-    if name == "ResponseParserError":  # botocore: throttling answers sometimes carry invalid XML
+        answered = not isinstance(exc, ConnectionError)
+        return Fault(FaultKind.TRANSIENT, _describe(exc), answered=answered)
+    if type(exc).__name__ == "ResponseParserError":  # botocore: throttling with invalid XML
         return Fault(FaultKind.TRANSIENT, _describe(exc), answered=True)
-    if aiohttp is not None and isinstance(exc, aiohttp.ClientError):
+    if aiohttp and isinstance(exc, aiohttp.ClientError):
         return Fault(FaultKind.PERMANENT, _describe(exc))
     return None
 
 
-_MISSING = (FileNotFoundError, IsADirectoryError, NotADirectoryError, FileExistsError)
-
-
 def classify(exc: BaseException) -> Fault:
-    """What to do about an exception raised by a store call.
+    """What an exception raised by a store call means.
 
-    A missing key (``FileNotFoundError``...) is passed through untouched. Otherwise the chain
-    (``__cause__``/``__context__``) is searched for an HTTP status first (s3fs raises an
-    ``OSError`` or ``PermissionError`` whose cause is botocore's ``ClientError``, which has the
-    status and the S3 code), then each exception is matched by type, outermost first.
+    A missing key (``FileNotFoundError``..., or any 404) is :attr:`FaultKind.MISSING`.
+    Otherwise the chain (``__cause__``/``__context__``) is searched for an HTTP status first
+    (s3fs raises an ``OSError`` or ``PermissionError`` whose cause is botocore's
+    ``ClientError``, which has the status and the S3 code), then each exception is matched by
+    type, outermost first. Descriptions never hold user info or query strings.
     """
     if isinstance(exc, _MISSING):
-        return Fault(FaultKind.PASS, answered=True)
+        return Fault(FaultKind.MISSING, answered=True)
     chain = list(_chain(exc))
-    try:
-        import aiohttp
-        import botocore.exceptions as boto
-
-        with_status: tuple[type[BaseException], ...] = (
-            aiohttp.ClientResponseError,
-            boto.ClientError,
-        )
-    except ImportError:  # pragma: no cover - s3fs not installed
-        import aiohttp
-
-        with_status = (aiohttp.ClientResponseError,)
-    ordered = [e for e in chain if isinstance(e, with_status)] + chain
-    for item in ordered:
+    aiohttp, boto = _optional("aiohttp"), _optional("botocore.exceptions")
+    with_status = tuple(
+        t
+        for t in (aiohttp and aiohttp.ClientResponseError, boto and boto.ClientError)
+        if isinstance(t, type)
+    )
+    for item in [e for e in chain if isinstance(e, with_status)] + chain:
         fault = _one(item)
         if fault is not None:
-            if fault.status == 404:  # a missing key reported without FileNotFoundError
-                return Fault(FaultKind.PASS, answered=True)
+            if fault.status == 404 or fault.kind is FaultKind.MISSING:
+                return Fault(FaultKind.MISSING, answered=True)
             return dataclasses.replace(fault, description=redact_url(fault.description))
-    return Fault(FaultKind.PASS)
+    return Fault(FaultKind.UNKNOWN)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for an I/O fault worth running a whole task again (cluster runner).
+
+    ctzarr's own errors are final (a :class:`~ctzarr.errors.RemoteStoreError` already spent
+    the store's retries), and so are missing files and refused permissions; any other
+    ``OSError`` may be the moment's.
+    """
+    if not isinstance(exc, OSError) or isinstance(exc, CtzarrError):
+        return False
+    return classify(exc).kind not in (FaultKind.MISSING, FaultKind.PERMISSION, FaultKind.PERMANENT)
 
 
 # ------------------------------------------------------------------------------------------------
-# faults: obstore raises one exception per failed request, its text describing the HTTP error
+# obstore raises one exception per failed request, its text describing the HTTP error
 # ------------------------------------------------------------------------------------------------
 _STATUS = re.compile(r"non-2xx status code: (\d{3})(?: ([A-Za-z -]+))?")
-
-
 _S3_CODE = re.compile(r"<Code>([A-Za-z]+)</Code>")
-
-
 _S3_MESSAGE = re.compile(r"<Message>([^<]*)</Message>")
-
-
 _KIND = re.compile(r"HttpError \{\s*kind: (\w+)")
-
-
 _OS_MESSAGE = re.compile(r'(?:message|error): "([^"]+)"')
-
-
 _PREFIX = re.compile(r"^Generic \w+ error: |Error performing \w+ \S+ in [\d.]+\S* - ")
 
 
@@ -232,20 +226,19 @@ def _first_line(exc: BaseException) -> str:
     return _PREFIX.sub("", " ".join(text.split())).strip()
 
 
-def classify_obstore_error(exc: BaseException) -> Fault | None:
+def _obstore_fault(exc: BaseException) -> Fault | None:
     """The fault an obstore exception stands for, or None when ``exc`` is not one of obstore's.
 
     Descriptions follow the fsspec path's (``HTTP 503 Service Unavailable SlowDown: ...``).
     """
     if not type(exc).__module__.startswith("obstore"):
         return None
-    from obstore import exceptions as obx
-
+    from obstore import exceptions as obx  # only reached with an obstore exception in hand
 
     if isinstance(exc, obx.NotFoundError):
-        return Fault(FaultKind.PASS, answered=True)
-    text = str(exc)
-    head = _first_line(exc)
+        return Fault(FaultKind.MISSING, answered=True)
+    denied = isinstance(exc, obx.PermissionDeniedError | obx.UnauthenticatedError)
+    text, head = str(exc), _first_line(exc)
     status_match = _STATUS.search(text)
     if status_match:
         status = int(status_match.group(1))
@@ -256,7 +249,7 @@ def classify_obstore_error(exc: BaseException) -> Fault | None:
             description += f" {code}"
             if message_match and message_match.group(1).strip():
                 description += f": {message_match.group(1).strip()}"
-        if isinstance(exc, (obx.PermissionDeniedError, obx.UnauthenticatedError)):
+        if denied:
             return Fault(FaultKind.PERMISSION, description, status, answered=True)
         fault = _status_fault(status, description, None, code)
         if status == 429:
@@ -264,7 +257,7 @@ def classify_obstore_error(exc: BaseException) -> Fault | None:
             # rate-limited request waits the policy's longest backoff instead (max_backoff_s)
             fault = dataclasses.replace(fault, retry_after_s=math.inf)
         return fault
-    if isinstance(exc, (obx.PermissionDeniedError, obx.UnauthenticatedError)):
+    if denied:
         return Fault(FaultKind.PERMISSION, head, 403, answered=True)
     if "certificate" in text.lower():
         return Fault(FaultKind.PERMANENT, head)

@@ -32,14 +32,12 @@ from zarr.abc.store import Store
 from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore
 
+from ctzarr import config
 from ctzarr.errors import CaseLockedError
+from ctzarr.io.faults import classify
 from ctzarr.io.stores import read_key, write_key
 
 logger = logging.getLogger(__name__)
-
-
-#: seconds after which a lock whose heartbeat stopped is stale (``CTZARR_LOCK_TTL_S``)
-LOCK_TTL_S = float(os.environ.get("CTZARR_LOCK_TTL_S", "600"))
 
 
 def lock_key(case_id: str) -> str:
@@ -86,7 +84,7 @@ def read_lock(store: Store, case_id: str) -> dict[str, Any] | None:
 
 def lock_is_stale(rec: dict[str, Any], run: str | None = None, ttl_s: float | None = None) -> bool:
     """True when the holder is gone: same run, dead process on this host, or no heartbeat."""
-    ttl = LOCK_TTL_S if ttl_s is None else ttl_s
+    ttl = config.get("lock_ttl_s") if ttl_s is None else ttl_s
     if run is not None and rec.get("run") == run:
         return True
     if rec.get("host") == socket.gethostname() and isinstance(rec.get("pid"), int):
@@ -158,7 +156,7 @@ class CaseLock:
                     return False
                 sync(fss.fs._pipe_file(path, data))
             except OSError as exc:  # S3 answers 412 Precondition Failed
-                if "412" in str(exc) or "PreconditionFailed" in str(exc):
+                if classify(exc).status == 412:
                     return False
                 raise
             return self._still_ours()
@@ -198,7 +196,7 @@ class CaseLock:
                 raise CaseLockedError(
                     f"case {self.case_id!r}: another converter is writing it (host "
                     f"{rec.get('host')!r}, pid {rec.get('pid')}, heartbeat {age:.0f} s ago); "
-                    f"if that process is gone the lock expires after {LOCK_TTL_S:.0f} s "
+                    f"if that process is gone the lock expires after {config.get('lock_ttl_s'):.0f} s "
                     "(CTZARR_LOCK_TTL_S), or remove it with ctzarr verify --repair"
                 )
             logger.info("case %s: taking over a stale lock of pid %s", self.case_id, rec.get("pid"))
@@ -212,7 +210,9 @@ class CaseLock:
         self._thread.start()
 
     def _heartbeat(self) -> None:
-        while not self._stop.wait(LOCK_TTL_S / 4):
+        # the time-to-live of this lock's life, read once: a heartbeat every ttl / 4
+        beat_s = config.get("lock_ttl_s") / 4
+        while not self._stop.wait(beat_s):
             try:
                 if not self._still_ours():
                     self.lost = True
@@ -242,15 +242,12 @@ class CaseLock:
 COLLECTION_LOCK = "@collection"
 
 
-#: seconds a run waits for another converter's update of the collection table
-COLLECTION_LOCK_WAIT_S = float(os.environ.get("CTZARR_COLLECTION_LOCK_WAIT_S", "300"))
-
-
 @contextlib.contextmanager
 def collection_lock(store: Store, run: str | None = None) -> Iterator[CaseLock]:
     """Hold the lock of the collection's case list and table, waiting while another converter
     updates them (their update is a read-modify-write of a few objects)."""
-    deadline = time.monotonic() + COLLECTION_LOCK_WAIT_S
+    # how long to wait for another converter's update (setting collection_lock_wait_s)
+    deadline = time.monotonic() + config.get("collection_lock_wait_s")
     pause = 0.02
     while True:
         lock = CaseLock(store, COLLECTION_LOCK, run)

@@ -12,7 +12,11 @@ our fsspec code paths already cover and test.
 The translation from fsspec ``storage_options`` is deliberately narrow: an option with no exact
 obstore equivalent (a botocore profile, custom ``client_kwargs``, fsspec HTTP auth...) means
 the store is left to fsspec, so nothing the user set is silently dropped. ``CTZARR_IO=fsspec``
-(or ``make_store(..., io="fsspec")``) turns this path off.
+(``ctzarr.config.set(io="fsspec")``, ``make_store(..., io="fsspec")``) turns this path off.
+
+Retries: obstore is set to one attempt (``RetryConfig(max_retries=0)``); the store above it
+(:class:`ctzarr.io.retry.RetryingStore`) retries with the same policy and fault classifier as
+for fsspec, so that attempts, timeouts and errors do not depend on the library that reads.
 
 Credentials: with none in ``storage_options``, obstore resolves them itself where the I/O
 happens (environment variables, web identity, ECS/instance roles) and pickles only the options
@@ -36,15 +40,13 @@ from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+from ctzarr import config
 from ctzarr.io.retry import RetryPolicy
+from ctzarr.io.urls import url_protocol
 
 logger = logging.getLogger(__name__)
-
-
-#: ``fsspec`` forces fsspec for every remote store; ``obstore`` or ``auto`` (the default) uses
-#: obstore for read-only s3/http(s) stores whose options it can express
-IO_ENV = "CTZARR_IO"
 
 
 #: fsspec options that only tune fsspec's own caching or concurrency: meaningless for obstore
@@ -81,7 +83,7 @@ _ENDPOINT_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT")
 
 def available() -> bool:
     """True when obstore and zarr's ObjectStore can be imported."""
-    try:
+    try:  # optional: obstore comes with the s3 and http extras
         import obstore  # noqa: F401
         from zarr.storage import ObjectStore  # noqa: F401
     except ImportError:
@@ -102,7 +104,7 @@ def _client_options(policy: RetryPolicy, http: bool) -> dict[str, Any]:
 
 
 def _single_attempt() -> dict[str, Any]:
-    # ctzarr's RetryingStore owns the retry loop (ctzarr.retry); obstore tries once
+    # ctzarr's RetryingStore owns the retry loop (ctzarr.io.retry); obstore tries once
     return {"max_retries": 0, "retry_timeout": timedelta(seconds=1)}
 
 
@@ -164,9 +166,10 @@ def _bucket_region(bucket: str, timeout_s: float) -> str | None:
 
 
 def _s3_store(url: str, options: Mapping[str, Any], policy: RetryPolicy) -> Any | None:
-    from obstore.store import S3Store
+    from obstore.store import S3Store  # optional, see available()
 
-    bucket, _, prefix = url.split("://", 1)[1].partition("/")
+    parts = urlsplit(url)
+    bucket, prefix = parts.netloc, parts.path
     if not bucket:
         return None
     config: dict[str, Any] = {}
@@ -224,11 +227,12 @@ def _s3_store(url: str, options: Mapping[str, Any], policy: RetryPolicy) -> Any 
 
 
 def _http_store(url: str, options: Mapping[str, Any], policy: RetryPolicy) -> Any | None:
-    from obstore.store import HTTPStore
+    from obstore.store import HTTPStore  # optional, see available()
 
-    if "?" in url or "#" in url or "@" in url.split("://", 1)[1].split("/", 1)[0]:
+    parts = urlsplit(url)
+    if parts.query or parts.fragment or "?" in url or "#" in url or "@" in parts.netloc:
         return None  # a signed URL, a fragment, or user:password@ (fsspec's auth handles it)
-    client = _client_options(policy, url.startswith("http://"))
+    client = _client_options(policy, parts.scheme.lower() == "http")
     for name, value in options.items():
         if name in _HTTP_IGNORED:
             continue
@@ -250,20 +254,22 @@ def object_store(
 ) -> Store | None:
     """A read-only zarr ``ObjectStore`` for ``url``, or None to use fsspec instead.
 
-    None when obstore is not installed, ``io`` (default: ``CTZARR_IO``, else ``auto``) is
-    ``fsspec``, the protocol is not s3/http(s), or an option has no obstore equivalent.
+    None when obstore is not installed, ``io`` (default: the ``io`` setting, ``CTZARR_IO``,
+    else ``auto``) is ``fsspec``, the protocol is not s3/http(s), or an option has no obstore
+    equivalent.
     """
     if io is None:
-        choice, where = os.environ.get(IO_ENV, "auto").strip().lower() or "auto", IO_ENV
+        choice = config.get("io")
     else:
-        choice, where = io, "io"
-    if choice not in ("auto", "obstore", "fsspec"):
-        raise ValueError(f"{where} must be 'auto', 'obstore' or 'fsspec', got {choice!r}")
+        try:
+            choice = config.SETTINGS["io"].parse(io)
+        except ValueError as exc:
+            raise ValueError(f"io {exc}, got {io!r}") from None
     if choice == "fsspec" or not available():
         return None
-    from zarr.storage import ObjectStore
+    from zarr.storage import ObjectStore  # needs obstore, see available()
 
-    protocol = url.split("://", 1)[0].lower() if "://" in url and "::" not in url else ""
+    protocol = url_protocol(url)
     if protocol not in ("s3", "s3a", "http", "https"):
         return None
     options = dict(storage_options or {})

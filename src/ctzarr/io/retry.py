@@ -1,11 +1,12 @@
-"""Remote I/O faults: a bounded retry policy and the zarr store that applies it.
+"""Remote I/O faults: a bounded retry policy, and the zarr store that applies it with tenacity.
 
 fsspec's HTTP filesystem never retries and waits up to aiohttp's 5-minute default; s3fs retries
-five times itself on top of botocore's own retries; a 404 from a flaky CDN is read by zarr as
-"chunk missing". ctzarr owns one retry loop instead, around every store call
-(:class:`RetryingStore`), and sets the libraries below it to a single attempt with its timeout
-(:func:`ctzarr.storage.remote_storage_options`), so that the number of requests and the time to
-failure are known:
+five times itself on top of botocore's own retries; obstore retries what it likes; a 404 from a
+flaky CDN is read by zarr as "chunk missing". ctzarr retries in one place instead, around every
+store call (:class:`RetryingStore`, a tenacity loop deciding with the one fault classifier
+:func:`ctzarr.io.faults.classify`), and sets the libraries below it to a single attempt with its
+timeout (:func:`ctzarr.io.stores.remote_storage_options`, obstore's ``RetryConfig``), so that
+the number of requests and the time to failure are known whatever library reads:
 
 * **retried**: HTTP 408, 429, 500, 502, 503, 504 (and S3 ``SlowDown``, ``InternalError``,
   throttling codes), dropped connections, bodies cut short, read timeouts;
@@ -15,27 +16,18 @@ failure are known:
   answered this store (a wrong URL, reported at once); a refused connection after the server
   has answered is a restart and is retried.
 
-Settings, strongest first: ``make_store(..., retry=RetryPolicy(...))``; :func:`set_retry_policy`
-or the :func:`retry_policy` context manager (process-wide); the environment variables
+Settings, strongest first: ``make_store(..., retry=RetryPolicy(...))``; ``ctzarr.config.set(
+retries=..., timeout_s=..., backoff_s=..., max_backoff_s=...)``; the environment variables
 ``CTZARR_RETRIES``, ``CTZARR_TIMEOUT_S``, ``CTZARR_BACKOFF_S``, ``CTZARR_MAX_BACKOFF_S``; the
-defaults of :class:`RetryPolicy`.
+defaults (:mod:`ctzarr.config`).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from zarr.core.buffer import Buffer, BufferPrototype
-
 import asyncio
-import contextlib
 import dataclasses
 import logging
-import math
-import os
 import random
-import threading
 import time
 from collections.abc import (
     AsyncGenerator,
@@ -43,66 +35,32 @@ from collections.abc import (
     Awaitable,
     Callable,
     Iterable,
-    Iterator,
-    Mapping,
     Sequence,
 )
 from dataclasses import dataclass
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_after_delay,
+)
 from zarr.abc.store import ByteRequest, Store
 from zarr.storage import WrapperStore
 
+from ctzarr import config
 from ctzarr.errors import RemotePermissionError, RemoteStoreError
 from ctzarr.io.faults import Fault, FaultKind, classify
 from ctzarr.io.urls import redact_url
 
+if TYPE_CHECKING:
+    from zarr.core.buffer import Buffer, BufferPrototype
+
 logger = logging.getLogger(__name__)
 
-
-ENV_RETRIES = "CTZARR_RETRIES"
-
-
-ENV_TIMEOUT_S = "CTZARR_TIMEOUT_S"
-
-
-ENV_BACKOFF_S = "CTZARR_BACKOFF_S"
-
-
-ENV_MAX_BACKOFF_S = "CTZARR_MAX_BACKOFF_S"
-
-
-# ------------------------------------------------------------------------------------------------
-# the policy
-# ------------------------------------------------------------------------------------------------
-def parse_retries(value: str | int, name: str = "retries") -> int:
-    """Return a number of retries (a whole number, 0..100) or raise ValueError naming ``name``."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        number = value
-    elif isinstance(value, str) and value.strip().isdigit():
-        number = int(value.strip())
-    else:
-        raise ValueError(f"{name} must be a whole number of retries, got {value!r}")
-    if not 0 <= number <= 100:
-        raise ValueError(f"{name} must be between 0 and 100, got {value!r}")
-    return number
-
-
-def parse_seconds(value: str | float, name: str, *, allow_zero: bool) -> float:
-    """Return a finite number of seconds (> 0, or >= 0 with allow_zero) or raise ValueError."""
-    try:
-        seconds = float(value.strip() if isinstance(value, str) else value)
-    except (TypeError, ValueError):
-        seconds = math.nan
-    if (
-        isinstance(value, bool)
-        or not math.isfinite(seconds)
-        or seconds < 0
-        or (seconds == 0 and not allow_zero)
-    ):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name} must be a finite number of seconds {bound}, got {value!r}")
-    return seconds
+_FIELDS = ("retries", "backoff_s", "max_backoff_s", "timeout_s")
 
 
 @dataclass(frozen=True)
@@ -126,9 +84,7 @@ class RetryPolicy:
     timeout_s : float
         Connect timeout, and read timeout: the longest wait for the next bytes of a response
         (aiohttp ``sock_connect``/``sock_read``; botocore ``connect_timeout``/``read_timeout``;
-        gcsfs ``requests_timeout``). Default 30 s (aiohttp's default is 5 min in total, botocore's
-        60 s): a shard range is a few MB, a server silent for 30 s is gone. It is not a cap on a
-        transfer that keeps making progress.
+        obstore ``connect_timeout``/``read_timeout``; gcsfs ``requests_timeout``). Default 30 s.
 
     Notes
     -----
@@ -138,31 +94,27 @@ class RetryPolicy:
     * every attempt answered at once with a retried fault (5xx, reset): ``sum(d_i for i <
       retries)`` plus ``attempts`` round trips, 1.4 s with the defaults;
     * every attempt hanging: ``attempts * timeout_s + sum(d_i)``, 4 x 30 + 1.4 ≈ 121 s with the
-      defaults (:attr:`worst_case_s`);
+      defaults (:attr:`worst_case_s`); no retry starts after that much time;
     * 401/403, other 4xx, refused before the server ever answered: one round trip.
-
-    A read that keeps receiving a byte just before every ``timeout_s`` is not cut off (use the
-    aiohttp ``total`` timeout in ``storage_options`` for that).
     """
 
-    retries: int = 3
-    backoff_s: float = 0.2
-    max_backoff_s: float = 2.0
-    timeout_s: float = 30.0
+    retries: int = config.DEFAULTS["retries"]
+    backoff_s: float = config.DEFAULTS["backoff_s"]
+    max_backoff_s: float = config.DEFAULTS["max_backoff_s"]
+    timeout_s: float = config.DEFAULTS["timeout_s"]
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "retries", parse_retries(self.retries))
-        object.__setattr__(
-            self, "backoff_s", parse_seconds(self.backoff_s, "backoff_s", allow_zero=True)
-        )
-        object.__setattr__(
-            self,
-            "max_backoff_s",
-            parse_seconds(self.max_backoff_s, "max_backoff_s", allow_zero=True),
-        )
-        object.__setattr__(
-            self, "timeout_s", parse_seconds(self.timeout_s, "timeout_s", allow_zero=False)
-        )
+        for name in _FIELDS:  # the parsers of the settings of the same names
+            value = getattr(self, name)
+            try:
+                object.__setattr__(self, name, config.SETTINGS[name].parse(value))
+            except ValueError as exc:
+                raise ValueError(f"{name} {exc}, got {value!r}") from None
+
+    @classmethod
+    def from_config(cls) -> RetryPolicy:
+        """The policy of the settings (``ctzarr.config``, ``CTZARR_RETRIES``... , defaults)."""
+        return cls(**{name: config.get(name) for name in _FIELDS})
 
     @property
     def attempts(self) -> int:
@@ -185,8 +137,7 @@ class RetryPolicy:
 
     def sleep_s(self, retry: int, retry_after_s: float | None = None) -> float:
         """Sleep before retry number ``retry`` (0-based): jittered backoff, raised by Retry-After."""
-        nominal = self.nominal_backoff_s(retry)
-        delay = nominal * (0.5 + 0.5 * random.random())
+        delay = self.nominal_backoff_s(retry) * (0.5 + 0.5 * random.random())
         if retry_after_s is not None:
             delay = max(delay, min(retry_after_s, self.max_backoff_s))
         return delay
@@ -195,78 +146,12 @@ class RetryPolicy:
         """A copy with some fields changed (validated)."""
         return dataclasses.replace(self, **changes)
 
-    @classmethod
-    def from_env(
-        cls, environ: Mapping[str, str] | None = None, base: RetryPolicy | None = None
-    ) -> RetryPolicy:
-        """The policy of ``base`` (default: the built-in defaults) with the CTZARR_* variables set
-        in ``environ`` (default ``os.environ``) applied; raises ValueError naming a bad one."""
-        env = os.environ if environ is None else environ
-        policy = base or cls()
-        changes: dict[str, Any] = {}
-        if env.get(ENV_RETRIES, "").strip():
-            changes["retries"] = parse_retries(env[ENV_RETRIES], ENV_RETRIES)
-        for var, fld, zero in (
-            (ENV_TIMEOUT_S, "timeout_s", False),
-            (ENV_BACKOFF_S, "backoff_s", True),
-            (ENV_MAX_BACKOFF_S, "max_backoff_s", True),
-        ):
-            if env.get(var, "").strip():
-                changes[fld] = parse_seconds(env[var], var, allow_zero=zero)
-        return dataclasses.replace(policy, **changes) if changes else policy
-
     def describe(self) -> str:
         """One line for messages: the settings and where to change them."""
         return (
             f"retries={self.retries}, timeout_s={self.timeout_s:g} "
-            f"(set {ENV_RETRIES} / {ENV_TIMEOUT_S}, or retry=RetryPolicy(...))"
+            "(set CTZARR_RETRIES / CTZARR_TIMEOUT_S, ctzarr.config.set, or retry=RetryPolicy(...))"
         )
-
-
-_lock = threading.Lock()
-
-
-_process_policy: RetryPolicy | None = None
-
-
-def set_retry_policy(policy: RetryPolicy | None) -> RetryPolicy | None:
-    """Set the process-wide policy of stores made from now on; None goes back to the environment
-    and the defaults. Returns the previous setting. Stores already made keep theirs."""
-    global _process_policy
-    if policy is not None and not isinstance(policy, RetryPolicy):
-        raise TypeError(f"expected a RetryPolicy or None, got {type(policy).__name__}")
-    with _lock:
-        previous, _process_policy = _process_policy, policy
-    return previous
-
-
-def current_retry_policy() -> RetryPolicy:
-    """The policy a new store gets: set_retry_policy's, else the environment over the defaults."""
-    with _lock:
-        policy = _process_policy
-    return policy if policy is not None else RetryPolicy.from_env()
-
-
-@contextlib.contextmanager
-def retry_policy(policy: RetryPolicy | None = None, /, **changes: Any) -> Iterator[RetryPolicy]:
-    """Within the block, new stores get ``policy`` (default: the current one) with ``changes``.
-
-    Process-wide, not per thread: meant for scripts and tests, e.g.
-    ``with retry_policy(retries=0, timeout_s=5): col = ctzarr.open_collection(url)``.
-    """
-    chosen = (policy if policy is not None else current_retry_policy()).replace(**changes)
-    previous = set_retry_policy(chosen)
-    try:
-        yield chosen
-    finally:
-        set_retry_policy(previous)
-
-
-# ------------------------------------------------------------------------------------------------
-# the store
-# ------------------------------------------------------------------------------------------------
-def _join(root: str, key: str) -> str:
-    return f"{root.rstrip('/')}/{key}" if key else root
 
 
 def _single_try_filesystem(store: Store) -> None:
@@ -275,16 +160,12 @@ def _single_try_filesystem(store: Store) -> None:
     fs = getattr(store, "fs", None)
     protocols = getattr(fs, "protocol", ())
     protocols = (protocols,) if isinstance(protocols, str) else tuple(protocols)
-    if (
-        fs is not None
-        and {"s3", "s3a"} & set(protocols)
-        and isinstance(getattr(fs, "retries", None), int)
-    ):
+    if {"s3", "s3a"} & set(protocols) and isinstance(getattr(fs, "retries", None), int):
         fs.retries = 1
 
 
 class RetryingStore(WrapperStore[Store]):
-    """A zarr store (normally an ``FsspecStore``) whose calls are retried under a :class:`RetryPolicy`.
+    """A zarr store whose calls are retried under a :class:`RetryPolicy`.
 
     Reads (``get``, ``get_partial_values``, ``get_ranges``, ``exists``, sizes, listings), writes
     (``set``, whole objects, so a retry is idempotent) and deletes are retried; missing keys stay
@@ -294,17 +175,17 @@ class RetryingStore(WrapperStore[Store]):
     Parameters
     ----------
     store : Store
-        The store to wrap.
-    policy : RetryPolicy
-        Retries and timeouts (the timeouts must already be in the wrapped store's filesystem:
-        :func:`ctzarr.storage.make_store` does that).
+        The store to wrap (an ``FsspecStore`` or obstore's ``ObjectStore``, each set to try once:
+        :func:`ctzarr.io.stores.make_store` does that).
+    policy : RetryPolicy, optional
+        Retries and timeouts; default :meth:`RetryPolicy.from_config`.
     url : str
         The store's URL, for messages (redacted here again).
     """
 
     def __init__(self, store: Store, *, policy: RetryPolicy | None = None, url: str = "") -> None:
         super().__init__(store)
-        self.policy = policy if policy is not None else current_retry_policy()
+        self.policy = policy if policy is not None else RetryPolicy.from_config()
         self.url = redact_url(url or str(getattr(store, "path", "")))
         self._answered = False  # has the server answered this store yet (see FaultKind.CONNECT)
         _single_try_filesystem(store)
@@ -312,6 +193,10 @@ class RetryingStore(WrapperStore[Store]):
     # -- plumbing ---------------------------------------------------------------------------------
     def _with_store(self, store: Store) -> Self:
         return type(self)(store, policy=self.policy, url=self.url)
+
+    @property
+    def _supports_sync_io(self) -> bool:
+        return False  # zarr's sync fast path would call the wrapped store and skip the retries
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -326,53 +211,69 @@ class RetryingStore(WrapperStore[Store]):
         return (
             isinstance(value, RetryingStore)
             and self.policy == value.policy
-            and super().__eq__(value)
+            and self._store == value._store
         )
 
     def __repr__(self) -> str:
-        return f"RetryingStore({self.url!r}, retries={self.policy.retries}, timeout_s={self.policy.timeout_s:g})"
+        p = self.policy
+        return f"RetryingStore({self.url!r}, retries={p.retries}, timeout_s={p.timeout_s:g})"
 
     def __str__(self) -> str:
         return self.url
 
+    def _worth_retrying(self, exc: BaseException) -> bool:
+        fault = classify(exc)
+        self._answered |= fault.answered
+        return fault.kind is FaultKind.TRANSIENT or (
+            fault.kind is FaultKind.CONNECT and self._answered
+        )
+
+    def _wait_s(self, state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        after = classify(exc).retry_after_s if exc is not None else None
+        return self.policy.sleep_s(state.attempt_number - 1, after)
+
     async def _call[T](self, operation: str, key: str, call: Callable[[], Awaitable[T]]) -> T:
         """Run ``call`` under the policy; raise RemoteStoreError naming the key when it gives up."""
-        policy = self.policy
+        attempts = 0
+
+        async def attempt() -> T:
+            nonlocal attempts
+            attempts += 1
+            return await call()
+
+        def log_retry(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            logger.info(
+                "%s %s: %s; retry %d of %d in %.2f s",
+                operation,
+                _join(self.url, key),
+                classify(exc).description if exc else "",
+                state.attempt_number,
+                self.policy.retries,
+                state.upcoming_sleep,
+            )
+
         start = time.monotonic()
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                result = await call()
-            except Exception as exc:
-                fault = classify(exc)
-                if fault.kind is FaultKind.PASS:
-                    if fault.answered:
-                        self._answered = True
-                    raise
-                if fault.answered:
-                    self._answered = True
-                retry = fault.kind is FaultKind.TRANSIENT or (
-                    fault.kind is FaultKind.CONNECT and self._answered
-                )
-                if not retry or attempt >= policy.attempts:
-                    raise self._error(
-                        operation, key, fault, attempt, time.monotonic() - start, retried=retry
-                    ) from exc
-                delay = policy.sleep_s(attempt - 1, fault.retry_after_s)
-                logger.info(
-                    "%s %s: %s; retry %d of %d in %.2f s",
-                    operation,
-                    _join(self.url, key),
-                    fault.description,
-                    attempt,
-                    policy.retries,
-                    delay,
-                )
-                await asyncio.sleep(delay)
-            else:
-                self._answered = True
-                return result
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.policy.attempts)
+            | stop_after_delay(self.policy.worst_case_s),
+            wait=self._wait_s,
+            retry=retry_if_exception(self._worth_retrying),
+            before_sleep=log_retry,
+            reraise=True,
+        )
+        try:
+            result = await retrying(attempt)
+        except Exception as exc:
+            fault = classify(exc)
+            if fault.kind in (FaultKind.UNKNOWN, FaultKind.MISSING):
+                raise
+            raise self._error(
+                operation, key, fault, attempts, time.monotonic() - start, exc
+            ) from exc
+        self._answered = True
+        return result
 
     def _error(
         self,
@@ -381,12 +282,12 @@ class RetryingStore(WrapperStore[Store]):
         fault: Fault,
         attempts: int,
         elapsed_s: float,
-        *,
-        retried: bool,
+        exc: BaseException,
     ) -> RemoteStoreError:
         url = _join(self.url, key)
-        if retried:
-            how = f"gave up after {attempts} attempt{'s' if attempts > 1 else ''} in {elapsed_s:.1f} s"
+        if self._worth_retrying(exc):
+            plural = "s" if attempts > 1 else ""
+            how = f"gave up after {attempts} attempt{plural} in {elapsed_s:.1f} s"
         elif fault.kind is FaultKind.CONNECT:
             how = "not retried: the server has not answered this store yet (check the URL)"
         else:
@@ -424,15 +325,12 @@ class RetryingStore(WrapperStore[Store]):
         max_coalesced_bytes: int | None = None,
     ) -> AsyncIterator[Sequence[tuple[int, Buffer | None]]]:
         # zarr's own coalescing over our (retried) get; the wrapped FsspecStore has no override
-        kwargs = {
-            k: v
-            for k, v in (
-                ("max_concurrency", max_concurrency),
-                ("max_gap_bytes", max_gap_bytes),
-                ("max_coalesced_bytes", max_coalesced_bytes),
-            )
-            if v is not None
+        limits = {
+            "max_concurrency": max_concurrency,
+            "max_gap_bytes": max_gap_bytes,
+            "max_coalesced_bytes": max_coalesced_bytes,
         }
+        kwargs = {k: v for k, v in limits.items() if v is not None}
         try:
             async for group in Store.get_ranges(
                 self, key, byte_ranges, prototype=prototype, **kwargs
@@ -442,12 +340,12 @@ class RetryingStore(WrapperStore[Store]):
             # the sharding codec reads FileNotFoundError in the group as "shard gone"; our own
             # error is raised bare so that it reaches the user as one clear line
             ours, _ = group_error.split(RemoteStoreError)
-            if ours is not None:
-                first: BaseException = ours
-                while isinstance(first, BaseExceptionGroup):
-                    first = first.exceptions[0]
-                raise first from None
-            raise
+            if ours is None:
+                raise
+            first: BaseException = ours
+            while isinstance(first, BaseExceptionGroup):
+                first = first.exceptions[0]
+            raise first from None
 
     async def _get_many(
         self, requests: Iterable[tuple[str, BufferPrototype, ByteRequest | None]]
@@ -463,7 +361,8 @@ class RetryingStore(WrapperStore[Store]):
         fs = getattr(self._store, "fs", None)
         if fs is not None and type(fs).__name__ == "HTTPFileSystem":
             try:
-                return bool(await fs._exists(_join(self._store.path, key), strict=True))  # type: ignore[attr-defined]
+                path = _join(self._store.path, key)  # type: ignore[attr-defined]
+                return bool(await fs._exists(path, strict=True))
             except FileNotFoundError:
                 return False
         return await self._store.exists(key)
@@ -511,3 +410,7 @@ class RetryingStore(WrapperStore[Store]):
 
     async def clear(self) -> None:
         await self._call("delete", "", self._store.clear)
+
+
+def _join(root: str, key: str) -> str:
+    return f"{root.rstrip('/')}/{key}" if key else root

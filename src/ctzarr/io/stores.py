@@ -9,11 +9,13 @@ from typing import Any
 
 import zarr
 from zarr.abc.store import Store
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore
 
 from ctzarr.io.obstore import object_store
-from ctzarr.io.retry import RetryingStore, RetryPolicy, current_retry_policy
-from ctzarr.io.urls import redact_url
+from ctzarr.io.retry import RetryingStore, RetryPolicy
+from ctzarr.io.urls import is_remote, local_path, redact_url, url_protocol
 
 #: zarr-python's Rust codec pipeline (PyPI ``zarrs``): reads 2-3x faster than the default
 #: pipeline on sharded arrays (benchmarks/README.md). Arrays bind their pipeline when they are
@@ -52,16 +54,6 @@ def compact_json() -> Iterator[None]:
         yield
 
 
-def is_remote(url: str) -> bool:
-    """True for fsspec URLs other than plain local files."""
-    return "://" in url and not url.startswith("file://")
-
-
-def _protocol(url: str) -> str:
-    """The scheme of a single (unchained) URL, lower case; "" for chained URLs (``a::b://``)."""
-    return "" if "::" in url else url.split("://", 1)[0].lower()
-
-
 #: protocols whose libraries retry on their own and cannot be set to one attempt per
 #: filesystem: ctzarr maps their errors but adds no retries (gcsfs: 6 tries, sleeps up to 32 s)
 _SELF_RETRYING = frozenset({"gs", "gcs"})
@@ -81,19 +73,19 @@ def remote_storage_options(
       sock_read=t)``;
     * ``s3://`` (botocore retries underneath s3fs): ``config_kwargs`` ``connect_timeout=t``,
       ``read_timeout=t``, ``retries={"total_max_attempts": 1, "mode": "standard"}``. s3fs's own
-      loop (5 tries) is not a constructor option: :class:`~ctzarr.retry.RetryingStore` sets the
+      loop (5 tries) is not a constructor option: :class:`~ctzarr.io.retry.RetryingStore` sets the
       attribute ``retries = 1`` on its filesystem (again after unpickling). One store call is
       then ``policy.attempts`` S3 requests at most (a whole-object read is a HEAD and a GET);
     * ``gs://`` (gcsfs): ``requests_timeout=t``; gcsfs keeps its own 6 tries.
 
     Other protocols are passed through unchanged. No credentials are read or added.
     """
-    policy = policy if policy is not None else current_retry_policy()
+    policy = policy if policy is not None else RetryPolicy.from_config()
     options = dict(storage_options or {})
-    protocol = _protocol(url)
+    protocol = url_protocol(url)
     t = policy.timeout_s
     if protocol in ("http", "https"):
-        import aiohttp
+        import aiohttp  # optional: comes with fsspec's HTTP filesystem (the http extra)
 
         client_kwargs = dict(options.get("client_kwargs") or {})
         client_kwargs.setdefault(
@@ -113,9 +105,6 @@ def remote_storage_options(
 
 def read_key(store: Store, key: str) -> bytes | None:
     """The bytes stored under one key, or None when absent (local files read directly)."""
-    from zarr.core.buffer import default_buffer_prototype
-    from zarr.core.sync import sync
-
     if isinstance(store, LocalStore):
         try:
             return (store.root / key).read_bytes()
@@ -127,9 +116,6 @@ def read_key(store: Store, key: str) -> bytes | None:
 
 def write_key(store: Store, key: str, data: bytes) -> None:
     """Store the bytes under one key (a whole object)."""
-    from zarr.core.buffer import default_buffer_prototype
-    from zarr.core.sync import sync
-
     sync(store.set(key, default_buffer_prototype().buffer.from_bytes(data)))
 
 
@@ -144,8 +130,8 @@ def make_store(
     """Return the zarr store for a local path, an fsspec URL or an existing store.
 
     Remote stores retry transient faults (HTTP 5xx and 429, S3 ``SlowDown``, dropped
-    connections, cut bodies, timeouts) under a :class:`~ctzarr.retry.RetryPolicy` and raise
-    :class:`~ctzarr.retry.RemoteStoreError` naming the key when they give up; a missing key
+    connections, cut bodies, timeouts) under a :class:`~ctzarr.io.retry.RetryPolicy` and raise
+    :class:`~ctzarr.errors.RemoteStoreError` naming the key when they give up; a missing key
     (404) stays missing, 401/403 fail at once. With the default policy a call gives up after 4
     attempts: about 1.4 s of backoff when the server keeps answering with errors, at most
     4 x 30 s + 1.4 s ≈ 121 s when it stops answering.
@@ -162,14 +148,14 @@ def make_store(
         Open read-only.
     retry : RetryPolicy, optional
         Retries and timeouts of a remote store (local paths and ``memory://`` have none).
-        Default: :func:`~ctzarr.retry.current_retry_policy` (``set_retry_policy``, else the
-        ``CTZARR_RETRIES`` / ``CTZARR_TIMEOUT_S`` / ``CTZARR_BACKOFF_S`` /
+        Default: :meth:`~ctzarr.io.retry.RetryPolicy.from_config` (``ctzarr.config.set``, else
+        the ``CTZARR_RETRIES`` / ``CTZARR_TIMEOUT_S`` / ``CTZARR_BACKOFF_S`` /
         ``CTZARR_MAX_BACKOFF_S`` environment variables, else the defaults). The store carries
         its policy, also to dask workers.
     io : {"auto", "fsspec", "obstore"}, optional
         The I/O library of a read-only ``s3://`` or ``http(s)://`` store. ``auto`` (the default,
         or the ``CTZARR_IO`` environment variable) reads through obstore when it is installed
-        and can express the options (:mod:`ctzarr.obstore_io`: a new client in milliseconds, no
+        and can express the options (:mod:`ctzarr.io.obstore`: a new client in milliseconds, no
         HEAD before GETs), else through fsspec; ``obstore`` is the same; ``fsspec`` always uses
         fsspec. Writable stores always use fsspec.
 
@@ -178,8 +164,8 @@ def make_store(
     TypeError
         When ``storage_options`` are given for a local path or a store object: they would be
         silently ignored.
-    ValueError
-        When a ``CTZARR_*`` environment variable is malformed.
+    ConfigError
+        When a setting (``CTZARR_*`` environment variable) is malformed; also a ValueError.
     """
     if isinstance(url_or_store, Store):
         if storage_options:
@@ -187,12 +173,12 @@ def make_store(
         return url_or_store
     url = os.fspath(url_or_store)
     if is_remote(url):
-        protocol = _protocol(url)
+        protocol = url_protocol(url)
         if protocol == "memory":  # in-process: nothing transient to retry, nothing to time out
             return FsspecStore.from_url(
                 url, storage_options=dict(storage_options or {}), read_only=read_only
             )
-        policy = retry if retry is not None else current_retry_policy()
+        policy = retry if retry is not None else RetryPolicy.from_config()
         if read_only:
             fast = object_store(url, storage_options, policy, io)
             if fast is not None:
@@ -204,6 +190,4 @@ def make_store(
         return RetryingStore(inner, policy=policy, url=redact_url(url))
     if storage_options:
         raise TypeError(f"storage_options are only for remote URLs, not for the local path {url!r}")
-    if url.startswith("file://"):
-        url = url[len("file://") :]
-    return LocalStore(url, read_only=read_only)
+    return LocalStore(local_path(url), read_only=read_only)

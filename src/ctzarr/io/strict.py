@@ -9,7 +9,7 @@ What no library does for us, and why it is written here:
   size, crc32c and the crc32c of its shard index, so a missing, truncated, replaced or swapped
   object is an error naming the array and the chunk, and absent shards cost no request.
 - zarr, numcodecs and zarrs allocate whatever a blosc header declares before they check it
-  against the chunk shape (``../shared/background/reliability.md`` 4.1: a 117 KB chunk peaks at
+  against the chunk shape (measured with zarr-python: a 117 KB chunk peaks at
   2 GiB). Before any chunk is decoded we read its 16-byte blosc header and refuse a frame whose
   declared size is not exactly the chunk's size: **no decompression bomb reaches memory**.
 - Array metadata of a case is validated before any graph is built: codec allowlist (exactly
@@ -40,7 +40,7 @@ from zarr.core.buffer import Buffer, BufferPrototype
 from zarr.storage import LocalStore, WrapperStore
 
 from ctzarr.errors import ChunkCorruptError, ChunkMissingError, UnsafeStoreError
-from ctzarr.model.manifest import Manifest, ShardRecord, _check_relative_path, crc32c
+from ctzarr.model.manifest import Manifest, ShardRecord, check_relative_path, crc32c
 
 #: caps applied to every array of a case before anything is read (a whole-body CT at 0.5 mm is
 #: ~2000 x 1024 x 1024 = 2^31 voxels)
@@ -222,7 +222,7 @@ def validate_case_metadata(group: zarr.Group, where: str) -> dict[str, ArrayLayo
     layouts = {}
     for path, meta in consolidated.flattened_metadata.items():
         try:
-            _check_relative_path(path)
+            check_relative_path(path)
         except ValueError as exc:
             raise UnsafeStoreError(f"{where}: {exc}") from exc
         if isinstance(meta, GroupMetadata):

@@ -8,21 +8,34 @@ place (an atomic directory exchange on local disks, marker-last copy on object s
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import json
+import logging
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import zarr
+from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
+from ctzarr.errors import MetadataError
 from ctzarr.io.locks import unwrap_store
 from ctzarr.io.stores import read_key, write_key
+from ctzarr.model.case import CaseAttributes, is_committed, without_commit_marker
+
+logger = logging.getLogger(__name__)
 
 
-def case_state(root: zarr.Group, case_id: str) -> tuple[str, dict[str, Any] | None]:
-    """("absent" | "partial" | "complete", ctzarr attributes) of a case in the store."""
+def case_state(root: zarr.Group, case_id: str) -> tuple[str, CaseAttributes | None]:
+    """("absent" | "partial" | "complete", attributes) of a case in the store.
+
+    A committed case whose attributes do not parse is "complete" with None: it is not a
+    leftover to remove, and opening it names the key at fault.
+    """
     try:
         grp = zarr.open_group(root.store, path=f"cases/{case_id}", mode="r", zarr_format=3)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
@@ -31,10 +44,14 @@ def case_state(root: zarr.Group, case_id: str) -> tuple[str, dict[str, Any] | No
         ):
             return "partial", None
         return "absent", None
-    meta = grp.attrs.get("ctzarr")
-    if isinstance(meta, dict) and meta.get("complete") is True:
-        return "complete", meta
-    return "partial", None
+    attributes = grp.attrs.asdict()
+    if not is_committed(attributes):
+        return "partial", None
+    try:
+        return "complete", CaseAttributes.from_attributes(attributes, f"case {case_id!r}")
+    except MetadataError as exc:
+        logger.warning("case %s: committed, but its attributes are malformed: %s", case_id, exc)
+        return "complete", None
 
 
 def _has_keys(root: zarr.Group, prefix: str) -> bool:
@@ -99,8 +116,6 @@ def swap_in(root: zarr.Group, staged: str, case_id: str) -> None:
     async def keys(prefix: str) -> list[str]:
         return [k async for k in store.list_prefix(prefix)]
 
-    from zarr.core.buffer import default_buffer_prototype
-
     proto = default_buffer_prototype()
     new_keys = sync(keys(f"{staged}/"))
     rel = [k[len(staged) + 1 :] for k in new_keys]
@@ -119,13 +134,11 @@ def swap_in(root: zarr.Group, staged: str, case_id: str) -> None:
 
 def _mark_incomplete(store: Any, key: str) -> None:
     """Rewrite a case's ``zarr.json`` with ``ctzarr.complete = false`` (the case disappears)."""
-    import json
-
     raw = read_key(store, key)
     if raw is None:
         return
     doc = json.loads(raw)
-    doc.setdefault("attributes", {}).setdefault("ctzarr", {})["complete"] = False
+    doc["attributes"] = without_commit_marker(doc.get("attributes") or {})
     write_key(store, key, json.dumps(doc, separators=(",", ":")).encode())
 
 
@@ -151,9 +164,6 @@ def _drop_empty_staging(store: Any) -> None:
 
 def _exchange(a: Path, b: Path) -> bool:
     """Atomically exchange two directories (Linux renameat2); False where unsupported."""
-    import ctypes
-    import errno
-
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         renameat2 = libc.renameat2

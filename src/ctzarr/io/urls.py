@@ -1,5 +1,7 @@
 """URLs and storage options: parsing, redaction of secrets, and the policy for catalog targets.
 
+- :func:`url_protocol`, :func:`is_remote`, :func:`local_path`: what a path or fsspec URL names,
+  parsed one way (fsspec's ``split_protocol``) everywhere above the sources layer;
 - :func:`redact_url` hides user info and query strings (tokens) in any text shown to a user;
 - :data:`SECRET_OPTION_NAMES` and :func:`check_no_secrets`: storage options that carry
   credentials, refused where they would travel inside a task graph;
@@ -27,6 +29,9 @@ from collections.abc import (
 from typing import Any
 from urllib.parse import unquote
 
+from fsspec.core import split_protocol
+
+from ctzarr import config
 from ctzarr.errors import CatalogError, CtzarrError
 
 _USERINFO = re.compile(r"(\b[a-zA-Z][\w+.-]*://)[^/@\s'\"]*@")
@@ -38,18 +43,37 @@ _QUERY = re.compile(r"(\b[a-zA-Z][\w+.-]*://[^\s?'\"]*)\?[^\s'\"]*")
 logger = logging.getLogger(__name__)
 
 
+def url_protocol(url: str) -> str:
+    """The protocol of a URL in lower case (``s3``, ``https``, ``file``, ``simplecache::s3`` for
+    a chain); "" for a plain local path."""
+    protocol, _ = split_protocol(url)
+    return (protocol or "").lower()
+
+
+def is_remote(url: str) -> bool:
+    """True for fsspec URLs other than plain local files (``file://``) and paths."""
+    return url_protocol(url) not in ("", "file", "local")
+
+
+def local_path(url: str) -> str:
+    """The path of a local path or ``file://`` URL."""
+    return split_protocol(url)[1] if url_protocol(url) in ("file", "local") else url
+
+
 def redact_url(text: str) -> str:
     """Drop user info (``user:pass@``) and query strings (signed URLs) from URLs in text."""
     return _QUERY.sub(r"\1?...", _USERINFO.sub(r"\1", text))
 
 
-#: storage option names that carry credentials (s3fs, gcsfs, adlfs, fsspec http auth)
+#: storage option names that carry credentials (s3fs, gcsfs, adlfs, fsspec http auth): refused
+#: in task graphs (:func:`check_no_secrets`) and in catalogs (:func:`parse_catalog_storage_options`)
 SECRET_OPTION_NAMES = frozenset(
     {
         "key",
         "secret",
         "token",
         "password",
+        "username",
         "session_token",
         "access_key",
         "secret_key",
@@ -91,12 +115,13 @@ def check_no_secrets(storage_options: Mapping[str, Any] | None) -> dict[str, Any
 
 
 #: the explicit opt-in for local paths, file://, http:// and private hosts in catalog entries
-ALLOW_LOCAL_ENV = "CTZARR_ALLOW_LOCAL"
+#: (setting ``allow_local``)
+ALLOW_LOCAL_ENV = config.env_name("allow_local")
 
 
 #: where the user keeps converted stores; an entry under it is the user's own choice (see
-#: ``_under_user_root``)
-DATA_ROOT_ENV = "CTZARR_DATA_ROOT"
+#: ``_under_user_root``; setting ``data_root``)
+DATA_ROOT_ENV = config.env_name("data_root")
 
 
 #: protocols a catalog entry may name without any opt-in
@@ -316,7 +341,7 @@ def parse_catalog_storage_options(
         )
     if not options:
         return None
-    protocol = url.partition("://")[0] if "://" in url else "local"
+    protocol = url_protocol(url) or "local"
     spec = _OPTION_SPECS.get(protocol, {})
     ctx = _OptionContext(entry, protocol, allow_local, resolve_host)
     return _check_options(options, spec, "storage_options", ctx)
@@ -330,7 +355,7 @@ def _printable(text: str) -> str:
 
 def _shown(value: str) -> str:
     """The value as it may appear in a message: one line, short, no user:password@."""
-    shown = re.sub(r"(://)[^/@]*@", r"\1***@", value)
+    shown = redact_url(value)
     if len(shown) > 200:
         shown = shown[:200] + "..."
     return repr(shown)
@@ -343,12 +368,7 @@ def _local_opt_in(explicit: bool | None) -> bool:
     context = _allow_local_context.get()
     if context is not None:
         return context
-    text = os.environ.get(ALLOW_LOCAL_ENV, "").strip().lower()
-    if text in ("", "0", "false", "no", "off"):
-        return False
-    if text in ("1", "true", "yes", "on"):
-        return True
-    raise CatalogError(f"{ALLOW_LOCAL_ENV}={text!r}: set it to 1 (allow) or 0")
+    return bool(config.get("allow_local"))
 
 
 def _under_user_root(raw: str, name: str) -> bool:
@@ -376,11 +396,13 @@ def _under_user_root(raw: str, name: str) -> bool:
 def _expand(value: str, name: str) -> str:
     def sub(m: re.Match[str]) -> str:
         var = m.group(1)
-        if not os.environ.get(var):
+        # the data root is a setting (ctzarr.config.set(data_root=...) counts too)
+        value = config.get("data_root") if var == DATA_ROOT_ENV else os.environ.get(var)
+        if not value:
             raise CatalogError(
                 f"catalog entry {name!r} needs the environment variable {var} (where its store lives)"
             )
-        return os.environ[var].rstrip("/")
+        return str(value).rstrip("/")
 
     return _ENV.sub(sub, value)
 
@@ -639,25 +661,6 @@ _CHAINING_KEYS = frozenset(
 )
 
 
-_SECRET_KEYS = frozenset(
-    {
-        "key",
-        "secret",
-        "token",
-        "session_token",
-        "password",
-        "username",
-        "access_key",
-        "secret_key",
-        "aws_access_key_id",
-        "aws_secret_access_key",
-        "aws_session_token",
-        "profile",
-        "credentials",
-    }
-)
-
-
 def _check_options(
     options: Mapping[Any, Any], spec: Mapping[str, _OptionCheck], where: str, ctx: _OptionContext
 ) -> dict[str, Any]:
@@ -670,8 +673,11 @@ def _check_options(
                 reason = "storage options are for remote URLs, not local paths"
             elif key in _CHAINING_KEYS:
                 reason = "chains or redirects to another filesystem"
-            elif key in _SECRET_KEYS:
-                reason = "credentials do not belong in a catalog (use your environment or profile)"
+            elif key in SECRET_OPTION_NAMES:
+                reason = (
+                    "not an option a catalog may set: it carries credentials or headers, which do "
+                    "not belong in a catalog (use your environment or profile)"
+                )
             else:
                 allowed = sorted(spec) or "none"
                 reason = (

@@ -116,8 +116,6 @@ class LabelIndex:
         return self.hist_keys[sl] * self.histogram_resolution, self.hist_counts[sl]
 
 
-
-
 def _three(value: Any) -> tuple[int, int, int]:
     if not isinstance(value, list) or len(value) != 3:
         raise ValueError(f"expected 3 integers, got {value!r}")

@@ -16,13 +16,13 @@ from typing import Any
 import crc32c as _crc32c
 import numpy as np
 
-from ctzarr.errors import ChunkCorruptError
+from ctzarr.errors import MetadataError
 
 MANIFEST_VERSION = 1
 
 
 #: node names ctzarr writes: segmentation names, levels, "labels", "index", "histogram", "nifti"
-_NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 def crc32c(data: bytes | memoryview | np.ndarray) -> int:
@@ -71,7 +71,8 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, value: Any, where: str = "") -> Manifest:
-        """Parse a stored manifest; raises :class:`ChunkCorruptError` when it is malformed."""
+        """Parse a stored manifest; raises :class:`~ctzarr.errors.MetadataError` (a
+        :class:`~ctzarr.errors.ChunkCorruptError`) when it is malformed."""
         try:
             if not isinstance(value, dict) or value.get("version") != MANIFEST_VERSION:
                 raise ValueError("unknown manifest version")
@@ -80,7 +81,7 @@ class Manifest:
                 raise ValueError("no arrays")
             parsed = {}
             for path, recs in arrays.items():
-                _check_relative_path(path)
+                check_relative_path(path)
                 if not isinstance(recs, dict):
                     raise ValueError(f"array {path!r}: not a mapping")
                 for key in recs:
@@ -88,7 +89,9 @@ class Manifest:
                         raise ValueError(f"array {path!r}: bad chunk key {key!r}")
                 parsed[path] = {k: ShardRecord.from_json(v) for k, v in recs.items()}
         except (KeyError, TypeError, ValueError) as exc:
-            raise ChunkCorruptError(f"{where}: malformed chunk manifest: {exc}") from exc
+            raise MetadataError(
+                where, "ctzarr.manifest", f"malformed chunk manifest: {exc}"
+            ) from exc
         return cls(parsed)
 
     def records(self, array_path: str) -> Mapping[str, ShardRecord]:
@@ -120,7 +123,8 @@ class ManifestBuilder:
             return Manifest({p: dict(r) for p, r in self._arrays.items()})
 
 
-def _check_relative_path(path: str) -> None:
+def check_relative_path(path: str) -> None:
+    """Raise ValueError unless ``path`` is a plain relative node path (no ``..``, no ``__``)."""
     parts = path.split("/")
-    if not path or any(not _NODE_NAME.match(p) or p.startswith("__") for p in parts):
+    if not path or any(not NODE_NAME.match(p) or p.startswith("__") for p in parts):
         raise ValueError(f"node path {path!r} is not a plain relative name")

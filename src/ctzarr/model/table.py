@@ -8,12 +8,25 @@ all go through it, so the three agree exactly.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from ctzarr.errors import MetadataError
+from ctzarr.model.attributes import (
+    CTZARR_KEY,
+    Affine,
+    parse_affine,
+    parse_block,
+    parse_dtype,
+    parse_shape,
+    parse_spacing,
+    parse_str,
+    parse_str_list,
+    require,
+)
 from ctzarr.model.index import LabelIndex
 from ctzarr.model.labels import LabelMap
 
@@ -69,11 +82,9 @@ TABLE_NUMERIC_COLUMNS = (
 )
 
 
-_INT_COLUMNS = INTEGER_COLUMNS
-
-
-def _dtype(col: str) -> type:
-    if col in _INT_COLUMNS:
+def column_dtype(col: str) -> type:
+    """numpy type of a numeric statistics column."""
+    if col in INTEGER_COLUMNS:
         return np.int64
     if col == "touches_border":
         return np.bool_
@@ -132,15 +143,131 @@ class CaseGeometry:
     value_dtype: np.dtype[Any]
 
 
-    @classmethod
-    def from_dict(cls, case_id: str, d: dict[str, Any]) -> CaseGeometry:
-        return cls(
+#: ``format`` of the collection table's attributes
+TABLE_FORMAT = "stats-table-1"
+
+
+@dataclass(frozen=True)
+class TableCaseMeta:
+    """The geometry of one case as the collection table keeps it (``case_meta``)."""
+
+    affine: Affine
+    spacing_zyx: tuple[float, float, float]
+    shape_zyx: tuple[int, int, int]
+    value_dtype: np.dtype[Any]
+    segmentations: tuple[str, ...]
+
+    def geometry(self, case_id: str) -> CaseGeometry:
+        return CaseGeometry(
             case_id,
-            np.asarray(d["affine"], np.float64),
-            tuple(d["spacing_zyx"]),  # type: ignore[arg-type]
-            tuple(d["shape_zyx"]),
-            np.dtype(d["value_dtype"]),
-        )  # type: ignore[arg-type]
+            np.asarray(self.affine, np.float64),
+            self.spacing_zyx,
+            self.shape_zyx,
+            self.value_dtype,
+        )
+
+    def to_attributes(self) -> dict[str, Any]:
+        return {
+            "affine": [list(row) for row in self.affine],
+            "spacing_zyx": list(self.spacing_zyx),
+            "shape_zyx": list(self.shape_zyx),
+            "value_dtype": self.value_dtype.str,
+            "segmentations": list(self.segmentations),
+        }
+
+    @classmethod
+    def from_attributes(cls, d: Any, where: str = "", prefix: str = "") -> TableCaseMeta:
+        if not isinstance(d, Mapping):
+            raise MetadataError(where, prefix, f"expected a JSON object, got {d!r}")
+
+        def get(key: str) -> Any:
+            return require(d, key, prefix, where)
+
+        return cls(
+            affine=parse_affine(get("affine"), f"{prefix}.affine", where),
+            spacing_zyx=parse_spacing(get("spacing_zyx"), f"{prefix}.spacing_zyx", where),
+            shape_zyx=parse_shape(get("shape_zyx"), f"{prefix}.shape_zyx", where),
+            value_dtype=parse_dtype(get("value_dtype"), f"{prefix}.value_dtype", where),
+            segmentations=parse_str_list(get("segmentations"), f"{prefix}.segmentations", where),
+        )
+
+
+@dataclass(frozen=True)
+class TableAttributes:
+    """The ``ctzarr`` attributes of the collection table group (``<store>/index``).
+
+    ``update`` is the token of the update that wrote the table: both column arrays carry it
+    too (:func:`table_array_attributes`), so a reader tells an interrupted update apart.
+    """
+
+    update: str
+    cases: tuple[str, ...]
+    segmentations: tuple[str, ...]
+    int_columns: tuple[str, ...]
+    float_columns: tuple[str, ...]
+    case_meta: Mapping[str, TableCaseMeta] = field(default_factory=dict)
+    format: str = TABLE_FORMAT
+
+    def to_attributes(self) -> dict[str, Any]:
+        return {
+            CTZARR_KEY: {
+                "format": self.format,
+                "update": self.update,
+                "cases": list(self.cases),
+                "segmentations": list(self.segmentations),
+                "int_columns": list(self.int_columns),
+                "float_columns": list(self.float_columns),
+                "case_meta": {k: m.to_attributes() for k, m in self.case_meta.items()},
+            }
+        }
+
+    @classmethod
+    def from_attributes(cls, attributes: Mapping[str, Any], where: str = "") -> TableAttributes:
+        """Parse the table group's attributes (check :func:`is_table` first)."""
+        k = CTZARR_KEY
+        d = parse_block(attributes, k, where)
+
+        def get(key: str) -> Any:
+            return require(d, key, k, where)
+
+        fmt = get("format")
+        if fmt != TABLE_FORMAT:
+            raise MetadataError(where, f"{k}.format", f"expected {TABLE_FORMAT!r}, got {fmt!r}")
+        meta = get("case_meta")
+        if not isinstance(meta, Mapping):
+            raise MetadataError(where, f"{k}.case_meta", f"expected a JSON object, got {meta!r}")
+        return cls(
+            update=parse_str(get("update"), f"{k}.update", where),
+            cases=parse_str_list(get("cases"), f"{k}.cases", where),
+            segmentations=parse_str_list(get("segmentations"), f"{k}.segmentations", where),
+            int_columns=parse_str_list(get("int_columns"), f"{k}.int_columns", where),
+            float_columns=parse_str_list(get("float_columns"), f"{k}.float_columns", where),
+            case_meta={
+                str(cid): TableCaseMeta.from_attributes(m, where, f"{k}.case_meta.{cid}")
+                for cid, m in meta.items()
+            },
+        )
+
+
+def is_table(attributes: Any) -> bool:
+    """True when a group's attributes are those of a collection table this release reads."""
+    if not isinstance(attributes, Mapping):
+        return False
+    block = attributes.get(CTZARR_KEY)
+    return isinstance(block, Mapping) and block.get("format") == TABLE_FORMAT
+
+
+def table_array_attributes(update: str) -> dict[str, Any]:
+    """Attributes of a column array of the table: the token of the update that wrote it."""
+    return {"update": update}
+
+
+def table_array_update(attributes: Any) -> str | None:
+    """The update token of a column array (None when absent)."""
+    if not isinstance(attributes, Mapping):
+        return None
+    token = attributes.get("update")
+    return token if isinstance(token, str) else None
 
 
 def index_rows(
@@ -160,16 +287,16 @@ def index_rows(
         annotated = len(idx.annotated_slices)
     rows = []
     for label in wanted:
-        row: dict[str, Any] = {
-            "case_id": geom.case_id,
-            "segmentation": segmentation,
-            "label": int(label),
-            "structure": label_map[int(label)].name if int(label) in label_map else str(label),
-        }
         i = pos.get(int(label))
         if i is None:
-            row = _absent_row(geom.case_id, segmentation, label_map, int(label))
+            row = absent_row(geom.case_id, segmentation, label_map, int(label))
         else:
+            row = {
+                "case_id": geom.case_id,
+                "segmentation": segmentation,
+                "label": int(label),
+                "structure": structure_name(label_map, int(label)),
+            }
             row.update(
                 _label_stats(idx, i, res, geom.value_dtype, geom.affine, voxel_mm3, geom.shape)
             )
@@ -179,20 +306,37 @@ def index_rows(
     return rows
 
 
-def _absent_row(case_id: str, segmentation: str, label_map: LabelMap, label: int) -> dict[str, Any]:
+def structure_name(label_map: LabelMap, label: int) -> str:
+    """The structure column of a label: its name in the map, else the id as text."""
+    return label_map[label].name if label in label_map else str(label)
+
+
+#: statistics of a requested structure that a case does not contain (the other value columns
+#: are NaN)
+ABSENT_VALUES: dict[str, Any] = {
+    "voxel_count": 0,
+    "volume_ml": 0.0,
+    "z_start": -1,
+    "z_stop": -1,
+    "y_start": -1,
+    "y_stop": -1,
+    "x_start": -1,
+    "x_stop": -1,
+    "touches_border": False,
+}
+
+
+def absent_row(case_id: str, segmentation: str, label_map: LabelMap, label: int) -> dict[str, Any]:
     """The row of a requested structure that the case does not contain."""
     row: dict[str, Any] = {
         "case_id": case_id,
         "segmentation": segmentation,
         "label": int(label),
-        "structure": label_map[int(label)].name if int(label) in label_map else str(label),
-        "voxel_count": 0,
-        "volume_ml": 0.0,
-        "touches_border": False,
+        "structure": structure_name(label_map, int(label)),
     }
-    row.update({c: np.nan for c in STATS_COLUMNS if c not in row})
-    for c in ("z_start", "z_stop", "y_start", "y_stop", "x_start", "x_stop"):
-        row[c] = -1
+    for c in STATS_COLUMNS:
+        if c not in row:
+            row[c] = ABSENT_VALUES.get(c, np.nan)
     return row
 
 

@@ -6,38 +6,33 @@ shards, and a crop reads only the chunks its box touches (from the per-label ind
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from ctzarr.errors import ChunkCorruptError, StructureNotFoundError
-from ctzarr.model.layout import level_shapes
-from ctzarr.read.stats import case_stats
-
-if TYPE_CHECKING:
-    from ctzarr.read.collection import Collection
-
-import gzip
 import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dask.array as da
 import numpy as np
 import pandas as pd
 import xarray as xr
 import zarr
-from nibabel.volumeutils import apply_read_scaling
 from zarr.core.group import AsyncGroup
 from zarr.storage import LocalStore, StorePath
 
+from ctzarr.errors import ChunkCorruptError, StructureNotFoundError
 from ctzarr.io.stores import codec_pipeline
 from ctzarr.io.strict import CheckedArray, StrictStore, check_local_links, validate_case_metadata
-from ctzarr.model.index import LabelIndex, index_from_attributes
+from ctzarr.model.case import CaseAttributes
+from ctzarr.model.index import IndexTable, LabelIndex
 from ctzarr.model.labels import Label
 from ctzarr.model.manifest import Manifest
-from ctzarr.sources.nifti import _typed_scaling, header_from_bytes
+from ctzarr.read.export import case_to_nifti, crop_to_nifti
+from ctzarr.read.stats import case_stats
+
+if TYPE_CHECKING:
+    from ctzarr.read.collection import Collection
 
 logger = logging.getLogger(__name__)
 
@@ -45,21 +40,22 @@ logger = logging.getLogger(__name__)
 class Case:
     """One case: the CT image and its segmentations as lazy xarray objects."""
 
-    def __init__(
-        self, collection: Collection, case_id: str, group: zarr.Group, meta: dict[str, Any]
-    ) -> None:
+    def __init__(self, collection: Collection, case_id: str, group: zarr.Group) -> None:
         self.collection = collection
         self.case_id = case_id
         self.group = group
-        self.meta = meta
         self._arrays: dict[str, CheckedArray] = {}
         # Safety and integrity checks, before any graph is built or chunk read
-        # (see ctzarr.integrity): metadata against the allowlist and caps, the manifest parsed,
-        # local links contained; remote reads re-rooted on a StrictStore.
+        # (see ctzarr.io.strict): metadata against the allowlist and caps, the attributes and
+        # manifest parsed, local links contained; remote reads re-rooted on a StrictStore.
         where = f"case {case_id!r} in {collection.url}"
         self._layouts = validate_case_metadata(group, where)
-        self._manifest = Manifest.from_dict(meta.get("manifest"), where)
-        _check_shapes(self._layouts, meta, where)
+        #: the case's attributes (typed: geometry, NIfTI header summary, sources, manifest)
+        self.meta: CaseAttributes = CaseAttributes.from_attributes(group.attrs.asdict(), where)
+        if self.meta.manifest is None:  # from_attributes requires it of a committed case
+            raise ChunkCorruptError(f"{where}: malformed chunk manifest: none")
+        self._manifest: Manifest = self.meta.manifest
+        _check_shapes(self._layouts, self.meta, where)
         store = group.store
         if isinstance(store, LocalStore):
             check_local_links(Path(store.root), Path(store.root) / group.path, where)
@@ -74,30 +70,41 @@ class Case:
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return tuple(self.meta["shape_zyx"])  # type: ignore[return-value]
+        """Shape (z, y, x) of level 0."""
+        return self.meta.shape_zyx
 
     @property
     def affine(self) -> np.ndarray:
         """The NIfTI affine (voxel (i, j, k) = (x, y, z) to RAS+ mm)."""
-        return np.asarray(self.meta["affine"], dtype=np.float64)
+        return self.meta.affine_matrix
 
     @property
     def spacing(self) -> tuple[float, float, float]:
         """Voxel size (z, y, x) in millimetres."""
-        return tuple(self.meta["spacing_zyx"])  # type: ignore[return-value]
+        return self.meta.spacing_zyx
 
     @property
     def segmentation_names(self) -> list[str]:
-        return list(self.meta.get("segmentations", []))
+        return list(self.meta.segmentations)
 
     @property
     def attributes(self) -> dict[str, Any]:
         """Per-case attributes from the dataset (e.g. the SAROS case CSV row)."""
-        return dict(self.meta.get("attributes", {}))
+        return dict(self.meta.attributes)
 
-    def _array(self, path: str) -> CheckedArray:
+    @property
+    def manifest(self) -> Manifest:
+        """Every stored object of the case with its size and checksums."""
+        return self._manifest
+
+    @property
+    def array_paths(self) -> list[str]:
+        """Paths (relative to the case) of every array of the case, sorted."""
+        return sorted(self._layouts)
+
+    def array(self, path: str) -> CheckedArray:
         """An array of the case, opened once (from the consolidated metadata: no request); its
-        reads are strict (see :mod:`ctzarr.integrity`)."""
+        reads are strict (see :mod:`ctzarr.io.strict`)."""
         arr = self._arrays.get(path)
         if arr is None:
             with codec_pipeline(self.group.store):
@@ -112,7 +119,7 @@ class Case:
 
     def _coords(self, level: int = 0) -> dict[str, Any]:
         """Millimetre coordinates per axis: world (RAS) when the affine is axis-aligned."""
-        shape = self._array(str(level)).shape
+        shape = self.array(str(level)).shape
         aff = self.affine
         f = 2**level
         coords = {}
@@ -169,18 +176,16 @@ class Case:
 
     @property
     def levels(self) -> int:
-        return len(self.group.attrs["ome"]["multiscales"][0]["datasets"])
+        """Number of pyramid levels."""
+        return len(self.meta.level_shapes)
 
     def image_at(self, level: int = 0) -> xr.DataArray:
         """The CT image at a pyramid level, values as nibabel returns them (scaling applied)."""
-        arr = self._array(str(level))
-        nifti = self.meta["nifti"]
+        arr = self.array(str(level))
+        nifti = self.meta.nifti
         da_ = self._dataarray(arr, "image", level, {})
-        slope, inter = nifti["scl_slope"], nifti["scl_inter"]
-        if (slope, inter) != (1.0, 0.0):
-            out_dtype = np.dtype(nifti["value_dtype"])
-            s, i = _typed_scaling(slope, inter)
-            da_ = da_.copy(data=da_.data.map_blocks(apply_read_scaling, s, i, dtype=out_dtype))
+        if nifti.scaled:
+            da_ = da_.copy(data=da_.data.map_blocks(nifti.scale, dtype=nifti.value_dtype))
         return da_
 
     @property
@@ -192,7 +197,7 @@ class Case:
         """A segmentation as a lazy uint DataArray on the image grid."""
         name = self._segmentation_name(segmentation)
         lm = self.collection.segmentations.get(name)
-        arr = self._array(f"labels/{name}/{level}")
+        arr = self.array(f"labels/{name}/{level}")
         return self._dataarray(
             arr,
             name,
@@ -212,17 +217,19 @@ class Case:
             )
         return segmentation
 
-    def _index_attributes(self, segmentation: str) -> dict[str, Any]:
-        """The per-label table of a segmentation's index (consolidated: no request)."""
+    def _index_attributes(self, segmentation: str) -> tuple[dict[str, Any], str]:
+        """The attributes of a segmentation's index group (consolidated: no request)."""
         grp = self.group[f"labels/{segmentation}/index"]
         assert isinstance(grp, zarr.Group)
-        return dict(grp.attrs["ctzarr"])
+        where = f"case {self.case_id!r} in {self.collection.url}: index of {segmentation!r}"
+        return grp.attrs.asdict(), where
 
     def index(self, segmentation: str | None = None) -> LabelIndex:
         """The per-label index written at conversion (histograms included: one small read)."""
         name = self._segmentation_name(segmentation)
-        hist = self._array(f"labels/{name}/index/histogram")[:]
-        return index_from_attributes(self._index_attributes(name), hist)  # type: ignore[arg-type]
+        hist = np.asarray(self.array(f"labels/{name}/index/histogram")[:])
+        attributes, where = self._index_attributes(name)
+        return LabelIndex.from_attributes(attributes, hist, where)
 
     def stats(
         self,
@@ -255,13 +262,14 @@ class Case:
         if margin_mm < 0 or not np.isfinite(margin_mm):
             raise ValueError(f"margin_mm must be a finite number >= 0, got {margin_mm}")
         seg, label = self.resolve(structure, segmentation)
-        table = self._index_attributes(seg)  # the bounding boxes, without the histograms
-        if label.value not in table["labels"]:
+        # the bounding boxes, without the histograms
+        table = IndexTable.from_attributes(*self._index_attributes(seg))
+        b = table.bounding_box(label.value)
+        if b is None:
             raise StructureNotFoundError(
                 f"case {self.case_id!r}: structure {label.name!r} (label {label.value}) is absent from "
                 f"segmentation {seg!r}"
             )
-        b = table["bbox"][table["labels"].index(label.value)]
         box = []
         for ax in range(3):
             grow = math.ceil(margin_mm / self.spacing[ax] - 1e-9) if margin_mm else 0
@@ -299,20 +307,16 @@ class Case:
             "case_id": self.case_id,
             "coordinates": self.coordinate_kind,
         }
-        nifti = self.meta["nifti"]
-        image_data = _region(self._array("0"), box, f"ctzarr-crop-image-{self.case_id}")
-        if (nifti["scl_slope"], nifti["scl_inter"]) != (1.0, 0.0):
-            image_data = image_data.map_blocks(
-                apply_read_scaling,
-                *_typed_scaling(nifti["scl_slope"], nifti["scl_inter"]),
-                dtype=np.dtype(nifti["value_dtype"]),
-            )
+        nifti = self.meta.nifti
+        image_data = _region(self.array("0"), box, f"ctzarr-crop-image-{self.case_id}")
+        if nifti.scaled:
+            image_data = image_data.map_blocks(nifti.scale, dtype=nifti.value_dtype)
         lm = self.collection.segmentations.get(seg)
         image = xr.DataArray(
             image_data, dims=("z", "y", "x"), coords=coords, name="image", attrs=dict(common)
         )
         labels = xr.DataArray(
-            _region(self._array(f"labels/{seg}/0"), box, f"ctzarr-crop-{seg}-{self.case_id}"),
+            _region(self.array(f"labels/{seg}/0"), box, f"ctzarr-crop-{seg}-{self.case_id}"),
             dims=("z", "y", "x"),
             coords=coords,
             name=seg,
@@ -342,98 +346,36 @@ class Case:
         margin_mm: float = 0.0,
         segmentation: str | None = None,
     ) -> dict[str, Path]:
-        """Write a structure crop as ``.nii.gz``: the image to ``out_path``, the labels beside it.
-
-        Both carry the crop's affine (qform and sform, codes of the source), so they overlay the
-        original image in any viewer.
+        """Write a structure crop as ``.nii.gz`` (see :func:`ctzarr.read.export.crop_to_nifti`).
 
         Returns
         -------
         dict
             ``{"image": path, "labels": path}``.
         """
-        import nibabel as nib
-
-        crop = self.crop(structure, margin_mm, segmentation)
-        out = Path(out_path)
-        name = out.name[: -len(".nii.gz")] if out.name.endswith(".nii.gz") else out.stem
-        labels_path = out.with_name(f"{name}_labels.nii.gz")
-        hdr = header_from_bytes(self.nifti_header_bytes)
-        qcode, scode = int(hdr["qform_code"]) or 1, int(hdr["sform_code"]) or 1
-        written = {}
-        for role, data, path in (("image", crop.image, out), ("labels", crop.labels, labels_path)):
-            values = np.asarray(data.values).transpose(2, 1, 0)
-            klass = nib.Nifti2Image if isinstance(hdr, nib.Nifti2Header) else nib.Nifti1Image
-            img = klass(values, crop.attrs["affine"])
-            img.header.set_xyzt_units(*hdr.get_xyzt_units())
-            img.set_qform(crop.attrs["affine"], code=qcode)
-            img.set_sform(crop.attrs["affine"], code=scode)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            img.to_filename(path)
-            written[role] = path
-        return written
+        return crop_to_nifti(self, structure, out_path, margin_mm, segmentation)
 
     @property
     def nifti_header_bytes(self) -> bytes:
-        return bytes(self._array("nifti")[:].tobytes())
+        """The stored 348-byte NIfTI header (the ``nifti`` array)."""
+        return bytes(self.array("nifti")[:].tobytes())
 
     def to_nifti(self, out_dir: str | os.PathLike[str]) -> dict[str, Path]:
-        """Write the image and each segmentation back to ``.nii.gz`` files.
-
-        The image gets the original header (geometry, datatype, byte order and scaling), so
-        nibabel reads the same values and affine as from the source; segmentations get the
-        image's geometry with their stored integer dtype.
+        """Write the image and each segmentation back to ``.nii.gz`` files
+        (see :func:`ctzarr.read.export.case_to_nifti`).
 
         Returns
         -------
         dict
             Paths written, by role (``"image"`` and each segmentation name).
         """
-        import nibabel as nib
-
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        hdr_bytes = self.nifti_header_bytes
-        hdr = header_from_bytes(hdr_bytes)
-        disk_dtype = hdr.get_data_dtype()
-        written = {}
-        path = out / f"{self.case_id}_image.nii.gz"
-        arr = self._array("0")
-        step = arr.shards[0] if arr.shards else arr.chunks[0]
-        tmp = path.with_suffix(".tmp")
-        with gzip.open(tmp, "wb", compresslevel=1) as f:
-            f.write(hdr_bytes)
-            f.write(b"\x00\x00\x00\x00")  # no extensions
-            for z0 in range(0, arr.shape[0], step):
-                f.write(
-                    np.ascontiguousarray(arr[z0 : z0 + step])
-                    .astype(disk_dtype, copy=False)
-                    .tobytes()
-                )
-        tmp.replace(path)
-        written["image"] = path
-        for name in self.segmentation_names:
-            lab = self._array(f"labels/{name}/0")
-            seg_hdr = hdr.copy()
-            seg_hdr.set_data_dtype(lab.dtype)
-            seg_hdr.set_slope_inter(1.0, 0.0)
-            img = (nib.Nifti2Image if isinstance(hdr, nib.Nifti2Header) else nib.Nifti1Image)(
-                np.asarray(lab[:]).transpose(2, 1, 0), None, header=seg_hdr
-            )
-            p = out / f"{self.case_id}_{name}.nii.gz"
-            img.to_filename(p)
-            written[name] = p
-        return written
+        return case_to_nifti(self, out_dir)
 
 
-def _check_shapes(layouts: Mapping[str, Any], meta: Mapping[str, Any], where: str) -> None:
+def _check_shapes(layouts: Mapping[str, Any], meta: CaseAttributes, where: str) -> None:
     """Image and label levels must have the shapes the case attributes imply (an edited
     ``shape`` would read fill beyond the stored objects)."""
-
-    try:
-        levels = level_shapes(tuple(int(n) for n in meta["shape_zyx"]))  # type: ignore[arg-type]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ChunkCorruptError(f"{where}: malformed case attributes (shape_zyx)") from exc
+    levels = meta.level_shapes
     for path, layout in layouts.items():
         level = path.rpartition("/")[2]
         is_level = path == level or (path.startswith("labels/") and path.count("/") == 2)

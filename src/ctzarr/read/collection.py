@@ -12,6 +12,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import dask
 import numpy as np
 import pandas as pd
 import zarr
@@ -20,12 +21,14 @@ from zarr.abc.store import Store
 from ctzarr.catalog import load_catalog, resolve_entry
 from ctzarr.errors import IncompleteCaseError, StoreError, UnsafeStoreError
 from ctzarr.io.stores import codec_pipeline, make_store
+from ctzarr.model.case import is_committed
+from ctzarr.model.collection import CollectionAttributes, is_collection
 from ctzarr.model.labels import LabelMap
 from ctzarr.model.table import STATS_COLUMNS
 from ctzarr.read.case import Case
 from ctzarr.read.stats import collection_stats, scan_index_graph
-from ctzarr.write.table import read_table_columns
 from ctzarr.sources.layouts import validate_case_id
+from ctzarr.write.table import read_table_columns
 
 
 def open_collection(
@@ -53,7 +56,6 @@ def open_collection(
     target = os.fspath(url_or_catalog_name)
     so = dict(storage_options) if storage_options else None
     if "://" not in target and not Path(target).exists() and "/" not in target:
-
         if target not in load_catalog():
             raise StoreError(
                 f"{target}: no collection store here, and no catalog entry of that name"
@@ -70,8 +72,7 @@ def _open_root(target: str, store: Store, storage_options: dict[str, Any] | None
             root = zarr.open_group(store, mode="r", zarr_format=3)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
         raise StoreError(f"{target}: no collection store here") from exc
-    meta = root.attrs.get("ctzarr")
-    if not isinstance(meta, dict) or meta.get("kind") != "collection":
+    if not is_collection(root.attrs.asdict()):
         raise StoreError(f"{target}: not a ctzarr collection (no ctzarr collection attributes)")
     return Collection(target, root, storage_options)
 
@@ -86,7 +87,10 @@ class Collection:
         self.root = root
         # kept to reopen the store on cluster workers; never shown (may hold credentials)
         self._storage_options = storage_options
-        self.meta: dict[str, Any] = dict(root.attrs["ctzarr"])
+        #: the collection's attributes (typed: dataset, label maps, committed cases)
+        self.meta: CollectionAttributes = CollectionAttributes.from_attributes(
+            root.attrs.asdict(), url
+        )
 
     @property
     def storage_options(self) -> dict[str, Any] | None:
@@ -99,21 +103,24 @@ class Collection:
         return scan_task
 
     def __repr__(self) -> str:
-        return f"<ctzarr.Collection {self.meta.get('dataset_id')!r}: {len(self)} cases, segmentations {list(self.segmentations)}>"
+        return (
+            f"<ctzarr.Collection {self.meta.dataset_id!r}: {len(self)} cases, "
+            f"segmentations {list(self.segmentations)}>"
+        )
 
     @property
     def dataset_id(self) -> str:
-        return str(self.meta.get("dataset_id"))
+        return self.meta.dataset_id
 
     @property
     def case_ids(self) -> list[str]:
         """Ids of the committed cases, sorted."""
-        return list(self.meta.get("cases", []))
+        return list(self.meta.cases)
 
     @cached_property
     def segmentations(self) -> dict[str, LabelMap]:
         """Label map of each segmentation, by segmentation name."""
-        return {k: LabelMap.from_dict(v) for k, v in self.meta.get("segmentations", {}).items()}
+        return dict(self.meta.segmentations)
 
     def __len__(self) -> int:
         return len(self.case_ids)
@@ -149,12 +156,11 @@ class Collection:
             raise UnsafeStoreError(
                 f"case {case_id!r} in {self.url}: metadata refused: {type(exc).__name__}: {exc}"
             ) from exc
-        meta = grp.attrs.get("ctzarr")
-        if not isinstance(meta, dict) or meta.get("complete") is not True:
+        if not is_committed(grp.attrs.asdict()):
             raise IncompleteCaseError(
                 f"case {case_id!r} in {self.url} is incomplete (an interrupted conversion)"
             )
-        return Case(self, case_id, grp, meta)
+        return Case(self, case_id, grp)
 
     def stats(
         self,
@@ -203,9 +209,9 @@ class Collection:
             )
         cols, attrs = found
         lms = self.segmentations
-        seg_names = attrs["segmentations"]
+        seg_names = attrs.segmentations
         data: dict[str, Any] = {
-            "case_id": np.asarray(attrs["cases"], dtype=object)[cols["case"]]
+            "case_id": np.asarray(attrs.cases, dtype=object)[cols["case"]]
             if len(cols["case"])
             else [],
             "segmentation": np.asarray(seg_names, dtype=object)[cols["segmentation"]]
@@ -229,10 +235,7 @@ class Collection:
 def scan_task(url: str, options: dict[str, Any], case_id: str, segmentation: str) -> Any:
     """Worker side of a cluster scan: open the case from its URL, rebuild one index from its
     voxels (blockwise, with the worker's threads); None when the case lacks the segmentation."""
-    import dask
-    import zarr
-    from distributed import get_worker
-
+    from distributed import get_worker  # only on cluster workers (optional dependency)
 
     # use the threads the worker was given, not every core of the machine (oversubscription
     # cost 35 % per case with two 1-thread workers on 2 cores, benchmarks/CLOUD.md): the dask

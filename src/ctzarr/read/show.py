@@ -41,6 +41,7 @@ import numpy as np
 from dask.base import compute as dask_compute
 from nibabel.orientations import io_orientation
 
+from ctzarr.extras import require
 from ctzarr.model.labels import Label
 
 
@@ -436,6 +437,7 @@ def render_structure(
     ValueError
         ``margin_mm``, ``window`` or ``dpi`` is invalid.
     """
+    require("matplotlib", "show", "ctzarr show")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

@@ -21,34 +21,35 @@ Definitions (README "Statistics"):
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
+import dask
+import numpy as np
 import pandas as pd
 
 from ctzarr.errors import StructureNotFoundError
 from ctzarr.io.urls import check_no_secrets
+from ctzarr.model.case import NiftiBlock
+from ctzarr.model.table import (
+    ABSENT_VALUES,
+    INTEGER_COLUMNS,
+    STATS_COLUMNS,
+    index_rows,
+    structure_name,
+)
 from ctzarr.run.cluster import run_tasks
-from ctzarr.sources.nifti import _typed_scaling
+from ctzarr.write.index_builder import LabelIndexBuilder
 
 if TYPE_CHECKING:
     from ctzarr.read.case import Case
     from ctzarr.read.collection import Collection
-
-from collections.abc import Sequence
-from typing import Any
-
-import numpy as np
-
-from ctzarr.model.table import INTEGER_COLUMNS, STATS_COLUMNS, CaseGeometry, index_rows
-from ctzarr.write.index_builder import LabelIndexBuilder
 
 
 def _from_table(
     col: Collection, ids: list[str], targets: dict[str, list[int] | None]
 ) -> pd.DataFrame:
     """Cohort statistics straight from the collection table, vectorised (no per-row Python)."""
-    import pandas as pd
-
     table = col.table()
     table = table[table.case_id.isin(ids) & table.segmentation.isin(list(targets))]
     case_pos = {cid: i for i, cid in enumerate(ids)}
@@ -74,12 +75,12 @@ def _from_table(
     out = table.set_index(["case_id", "segmentation", "label"]).reindex(wanted)
     absent = out.voxel_count.isna().to_numpy()
     if absent.any():
-        names = [col.segmentations[seg][label].name for _, seg, label in wanted[absent]]
+        names = [
+            structure_name(col.segmentations[seg], int(label)) for _, seg, label in wanted[absent]
+        ]
         out.loc[absent, "structure"] = names
-        out.loc[absent, ["voxel_count"]] = 0
-        out.loc[absent, ["volume_ml"]] = 0.0
-        out.loc[absent, ["z_start", "z_stop", "y_start", "y_stop", "x_start", "x_stop"]] = -1
-        out.loc[absent, "touches_border"] = False
+        for column, value in ABSENT_VALUES.items():  # the same row as model.table.absent_row
+            out.loc[absent, [column]] = value
     out = out.reset_index()
     for c in INTEGER_COLUMNS - {"annotated_slices"}:
         out[c] = out[c].astype(np.int64)
@@ -96,17 +97,11 @@ def _from_table(
 class _ImageSlab:
     """Reads one z-slab of a case's image (scaled) when a scan block needs its values."""
 
-    def __init__(self, arr: Any, z0: int, z1: int, slope: float, inter: float) -> None:
-        self.arr, self.z0, self.z1, self.slope, self.inter = arr, z0, z1, slope, inter
+    def __init__(self, arr: Any, z0: int, z1: int, nifti: NiftiBlock) -> None:
+        self.arr, self.z0, self.z1, self.nifti = arr, z0, z1, nifti
 
     def read(self) -> np.ndarray:
-        from nibabel.volumeutils import apply_read_scaling
-
-
-        raw = np.asarray(self.arr[self.z0 : self.z1])
-        if (self.slope, self.inter) == (1.0, 0.0):
-            return raw
-        return apply_read_scaling(raw, *_typed_scaling(self.slope, self.inter))
+        return self.nifti.scale(np.asarray(self.arr[self.z0 : self.z1]))
 
 
 def _partial(
@@ -146,13 +141,11 @@ def _merge(*parts: LabelIndexBuilder) -> LabelIndexBuilder:
 
 def scan_index_graph(case: Case, segmentation: str) -> Any:
     """A dask graph (delayed) that rebuilds a segmentation's index from voxels, blockwise."""
-    import dask
-
     lm = case.collection.segmentations[segmentation]
     stored = case.index(segmentation)
     labels = case.labels(segmentation).data
-    image_array = case._array("0")
-    nifti = case.meta["nifti"]
+    image_array = case.array("0")
+    nifti = case.meta.nifti
     config = {
         "values": lm.values,
         "shape": case.shape,
@@ -167,7 +160,7 @@ def scan_index_graph(case: Case, segmentation: str) -> Any:
     for zi, z0 in enumerate(starts):
         assert lab_blocks.shape[1:] == (1, 1), "scan blocks must be whole planes"
         z1 = z0 + labels.chunks[0][zi]
-        slab = _ImageSlab(image_array, z0, z1, nifti["scl_slope"], nifti["scl_inter"])
+        slab = _ImageSlab(image_array, z0, z1, nifti)
         parts.append(partial(z0, lab_blocks[zi, 0, 0], slab, config))
     merge = dask.delayed(_merge, pure=True)
     while len(parts) > 1:  # tree reduction, fan-in 4
@@ -262,7 +255,7 @@ def _stats(
             # the collection table answers a cohort with one small read, whatever its size
             return _from_table(col, ids, targets)
         for case in cases:
-            geom = _geometry(case)
+            geom = case.meta.geometry()
             for seg, labels in targets.items():
                 if seg in case.segmentation_names:
                     rows += index_rows(geom, seg, col.segmentations[seg], case.index(seg), labels)
@@ -285,11 +278,11 @@ def _stats(
             if cid not in opened:
                 opened[cid] = col[cid]
             case = opened[cid]
-            per_job[i] = index_rows(_geometry(case), seg, col.segmentations[seg], idx, targets[seg])
+            per_job[i] = index_rows(
+                case.meta.geometry(), seg, col.segmentations[seg], idx, targets[seg]
+            )
         rows = [row for job_rows in per_job for row in job_rows]
     else:
-        import dask
-
         case_objs = cases or [col[cid] for cid in ids]
         pairs = [
             (case, seg, labels)
@@ -301,21 +294,8 @@ def _stats(
             *[scan_index_graph(case, seg) for case, seg, _ in pairs], scheduler="threads"
         )
         for (case, seg, labels), idx in zip(pairs, results, strict=True):
-            rows += index_rows(_geometry(case), seg, col.segmentations[seg], idx, labels)
-    import pandas as pd
-
+            rows += index_rows(case.meta.geometry(), seg, col.segmentations[seg], idx, labels)
     columns = STATS_COLUMNS + (
         ["annotated_slices"] if any("annotated_slices" in r for r in rows) else []
     )
     return pd.DataFrame(rows, columns=columns)
-
-
-def _geometry(case: Case) -> CaseGeometry:
-    """What statistics need to know of a case besides its index."""
-    return CaseGeometry(
-        case.case_id,
-        case.affine,
-        case.spacing,
-        case.shape,
-        np.dtype(case.meta["nifti"]["value_dtype"]),
-    )

@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 import zarr
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
 
 from ctzarr.errors import TableMismatchError
 from ctzarr.io.locks import CaseLock, collection_lock, lock_is_stale, read_lock
@@ -19,28 +21,26 @@ from ctzarr.io.stores import make_store
 from ctzarr.io.strict import StrictStore
 from ctzarr.io.transactions import STAGING, case_state, remove_case, remove_staging
 from ctzarr.model.manifest import Manifest, crc32c
+from ctzarr.read.case import Case
 from ctzarr.read.collection import open_collection
 from ctzarr.write.convert import finalize_collection
 from ctzarr.write.table import read_table_columns
 
 
 # -- verification --------------------------------------------------------------------------------
-def check_objects(case: Any) -> list[str]:
+def check_objects(case: Case) -> list[str]:
     """Problems found comparing every stored object of a case with its manifest (full reads).
 
     Catches what a strict read cannot see without reading whole objects: an inner chunk
     replaced in place by another valid chunk of the same size (the shard index still matches).
     """
-    from zarr.core.buffer import default_buffer_prototype
-    from zarr.core.sync import sync
-
     store = case.group.store
     if isinstance(store, StrictStore):
         store = store._store
-    manifest: Manifest = case._manifest
+    manifest: Manifest = case.manifest
     problems = []
     base = case.group.path
-    for array_path in sorted(case._layouts):
+    for array_path in case.array_paths:
         records = manifest.records(array_path)
         prefix = f"{base}/{array_path}/c/"
 
@@ -159,9 +159,6 @@ def _check_locks_and_staging(
     col: Any, report: VerifyReport, storage_options: Mapping[str, Any] | None, repair: bool
 ) -> None:
     """Stale case locks and staging leftovers of interrupted replacements."""
-    from zarr.core.sync import sync
-
-
     store = col.root.store
     if not store.supports_listing:
         return
@@ -222,7 +219,7 @@ def _check_case(col: Any, cid: str, report: VerifyReport) -> None:
     for problem in check_objects(case):
         problems.append(f"case {cid!r}: {problem}")
     for level in range(case.levels):
-        _try(problems, cid, lambda level=level: _read_all(case._array(str(level))))
+        _try(problems, cid, lambda level=level: _read_all(case.array(str(level))))
     _try(problems, cid, lambda: case.nifti_header_bytes)  # decoding checks its crc32c
     for seg in case.segmentation_names:
         lm = col.segmentations.get(seg)
@@ -244,7 +241,7 @@ def _check_case(col: Any, cid: str, report: VerifyReport) -> None:
                 problems,
                 cid,
                 lambda level=level, seg=seg: _read_all(
-                    case._array(f"labels/{seg}/{level}"), count_labels=level == 0
+                    case.array(f"labels/{seg}/{level}"), count_labels=level == 0
                 ),
             )
             if level == 0:

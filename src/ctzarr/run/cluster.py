@@ -16,8 +16,9 @@ Faults, and what a run does about them:
   message that says so, and its leftovers are removed; the other cases finish. Because a death
   is blamed on every task the dead worker held, cases queued beside the culprit can be blamed
   too: when several cases end this way each is run once more, alone.
-- A read task raises a transient I/O error (``OSError`` that is not a ctzarr error nor a
-  missing or forbidden file): dask runs it again, :data:`READ_RETRIES` times at most.
+- A read task raises a transient I/O error (:func:`ctzarr.io.faults.is_transient`: an
+  ``OSError`` that is not a ctzarr error, a missing or forbidden file, or a refused request):
+  dask runs it again, :data:`READ_RETRIES` times at most.
 - The client or scheduler goes away: unfinished cases are reported as such and stay
   uncommitted (or are committed whole by a task that was still running); a plain re-run
   resumes.
@@ -27,13 +28,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 import traceback
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import dask
+
 from ctzarr.errors import ClientGoneError, CtzarrError, StoreError
+from ctzarr.io.faults import is_transient
 
 logger = logging.getLogger(__name__)
 
@@ -46,24 +51,13 @@ READ_RETRIES = 2
 LOCAL_NO_WORKERS_TIMEOUT = "60s"
 
 
-# OSErrors that say something about the data or the request, not about the moment
-_PERMANENT_OS_ERRORS = (
-    FileNotFoundError,
-    FileExistsError,
-    PermissionError,
-    IsADirectoryError,
-    NotADirectoryError,
-)
-
-
 def start_local_cluster(n_workers: int) -> Any:
     """Start a local cluster of worker processes (one thread each) and return its client.
 
     Workers are restarted by their nanny when they die; tasks waiting with no worker alive for
     :data:`LOCAL_NO_WORKERS_TIMEOUT` fail instead of waiting forever.
     """
-    import dask
-    from distributed import Client, LocalCluster
+    from distributed import Client, LocalCluster  # optional: the distributed extra
 
     # the scheduler runs in this process and reads its configuration when it starts
     with dask.config.set({"distributed.scheduler.no-workers-timeout": LOCAL_NO_WORKERS_TIMEOUT}):
@@ -76,19 +70,14 @@ def start_local_cluster(n_workers: int) -> Any:
 
 def connect(address: str) -> Any:
     """Client of a running scheduler."""
-    from distributed import Client
+    from distributed import Client  # optional: the distributed extra
 
     client = Client(address)
     return client
 
 
-def is_transient(exc: BaseException) -> bool:
-    """True for an I/O fault worth running the task again (not a ctzarr error, not a missing file)."""
-    return isinstance(exc, OSError) and not isinstance(exc, (CtzarrError, *_PERMANENT_OS_ERRORS))
-
-
 def killed_worker_type() -> type[BaseException]:
-    from distributed import KilledWorker
+    from distributed import KilledWorker  # optional: the distributed extra
 
     return KilledWorker
 
@@ -105,8 +94,6 @@ def completed(client: Any, futures: Sequence[Any], poll_s: float = 0.02) -> Any:
     our client-closed test. ``Future.done()`` is local state, and polling it costs nothing
     beside tasks that take seconds.
     """
-    import time
-
     pending = list(futures)
     while pending:
         done = [f for f in pending if f.done()]

@@ -9,7 +9,7 @@ voxel and accepts a corrupt trailer).
 
 Values equal ``numpy.asanyarray(nibabel.load(path).dataobj)``: slabs hold the raw on-disk values
 and :meth:`NiftiSource.scale` applies the header scaling with nibabel's own
-:func:`~nibabel.volumeutils.apply_read_scaling`, slab by slab (it is elementwise, so slabs and
+:func:`ctzarr.model.case.apply_scaling` (nibabel's ``apply_read_scaling``), slab by slab (it is elementwise, so slabs and
 the whole volume give the same numbers and dtype).
 """
 
@@ -31,9 +31,9 @@ import nibabel as nib
 import numpy as np
 from isal import igzip_threaded
 from nibabel.spatialimages import HeaderDataError
-from nibabel.volumeutils import apply_read_scaling
 
 from ctzarr.errors import CtzarrWarning, InvalidNiftiError
+from ctzarr.model.case import apply_scaling
 
 logger = logging.getLogger(__name__)
 
@@ -126,9 +126,7 @@ class NiftiSource:
         +/-2**53 (see :data:`MAX_ABS_VALUE`), is an error. Scaled 8-byte integers are checked
         here too; smaller integer types were checked from the header alone (:func:`open_nifti`).
         """
-        values = (
-            apply_read_scaling(raw, *_typed_scaling(self.slope, self.inter)) if self.scaled else raw
-        )
+        values = apply_scaling(raw, self.slope, self.inter) if self.scaled else raw
         if raw.dtype.kind == "f" and values.size:
             self._check_float_values(raw, values)
         elif self.scaled and raw.dtype.itemsize == 8 and values.size:
@@ -233,15 +231,6 @@ class NiftiSource:
                 if stream is not counted:
                     stream.close()
             counted.drain()
-
-
-def _typed_scaling(slope: float, inter: float) -> tuple[np.ndarray, np.ndarray]:
-    """Scale factors typed as nibabel's ArrayProxy types them (Python floats, so float64)."""
-    s = np.asanyarray(slope)
-    i = np.asanyarray(inter)
-    if np.can_cast(i, s.dtype):
-        i = i.astype(s.dtype)
-    return s, i
 
 
 class _HashingReader(io.RawIOBase):
@@ -493,7 +482,7 @@ def _validated(
     slope, inter = _scaling(hdr, raw_dtype, fail, notes)
     hdr, affine, qcode, scode = _geometry(hdr, (nx, ny, nz), path, fail, notes)
 
-    value_dtype = apply_read_scaling(np.zeros(1, raw_dtype), *_typed_scaling(slope, inter)).dtype
+    value_dtype = apply_scaling(np.zeros(1, raw_dtype), slope, inter).dtype
     return NiftiSource(
         path=path,
         nifti_version=version,

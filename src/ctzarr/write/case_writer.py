@@ -3,7 +3,7 @@ then committed by writing its group metadata last.
 
 Layout of a case (``cases/<case_id>/``) is an OME-Zarr 0.5 image with ``labels/``; see
 ``README.md`` ("Store layout"). Chunking, chosen from the measurements in
-``../shared/background/converters.md`` section 5 and ``benchmarks/README.md``:
+``benchmarks/README.md`` (ctzarr against other converters, crop and write timings):
 
 - inner chunks of 64 x 64 x 64 voxels: a kidney-sized crop reads 2 MB instead of 8-10 MB with
   128-voxel chunks, in the same few requests;
@@ -19,10 +19,15 @@ case without that marker as absent, on local disks and object stores alike (no r
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
 import datetime as _dt
+import hashlib
 import itertools
 import logging
 import math
+import os
 import queue
 import threading
 import warnings
@@ -39,11 +44,12 @@ from zarr.codecs import Crc32cCodec
 
 from ctzarr.errors import UnknownLabelError
 from ctzarr.io.stores import codec_pipeline, compact_json, read_key
-from ctzarr.model.index import LabelIndex, index_attributes
+from ctzarr.model.case import CaseAttributes, SegmentationAttributes
+from ctzarr.model.index import LabelIndex
 from ctzarr.model.labels import LabelMap
-from ctzarr.model.layout import CHUNK, _compressors, chunk_layout, level_shapes
+from ctzarr.model.layout import CHUNK, chunk_layout, compressors, level_shapes
 from ctzarr.model.manifest import ManifestBuilder
-from ctzarr.model.ome import OME_VERSION, image_label, multiscales
+from ctzarr.model.ome import label_image_attributes, labels_attributes
 from ctzarr.sources.nifti import NiftiSource
 from ctzarr.write.index_builder import LabelIndexBuilder
 
@@ -102,30 +108,50 @@ def label_dtype(label_map: LabelMap, source: NiftiSource) -> np.dtype[Any]:
     raise ValueError(f"{source.path}: label values up to {top} do not fit uint32")
 
 
-_MALLOC_TUNED = False
+#: glibc's mallopt parameter number of the arena limit
+_M_ARENA_MAX = -8
 
 
-def _tune_malloc() -> None:
-    """Keep glibc's heap from fragmenting across the converter's threads.
+def _glibc() -> Any:
+    """The C library when it is glibc (has ``mallopt``), else None."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "mallopt") else None
+    except OSError:
+        return None
+
+
+def _default_arena_max() -> int:
+    """The arena limit the process runs with when nobody changed it (glibc's own default,
+    or what the user set in ``MALLOC_ARENA_MAX``)."""
+    try:
+        return max(int(os.environ["MALLOC_ARENA_MAX"]), 1)
+    except (KeyError, ValueError):
+        return 8 * (os.cpu_count() or 1)  # NARENAS_FROM_NCORES on 64-bit glibc
+
+
+@contextlib.contextmanager
+def malloc_arenas(limit: int) -> Iterator[None]:
+    """Limit glibc's malloc arenas while a case is written; the limit is set back after.
 
     With one arena per thread, buffers freed by one thread are reused poorly by the others and
     peak memory grew with the number of slices (520 MB at 400 slices, 698 MB at 1600,
     benchmarks/README.md). One arena plus the recycled slab buffers of ``iter_slabs`` keeps it
     flat (~490 MB at both) and was also faster; a fixed mmap threshold kept memory flat too but
-    doubled the time (page faults and TLB shootdowns on every 32 MB slab). No-op off glibc.
+    doubled the time (page faults and TLB shootdowns on every 32 MB slab). On leaving, the
+    limit goes back to the process's default (``MALLOC_ARENA_MAX`` or glibc's own), so the
+    library leaves no process-wide setting behind; arenas already created stay (glibc never
+    frees them). No-op off glibc.
     """
-    global _MALLOC_TUNED
-    if _MALLOC_TUNED:
+    libc = _glibc()
+    if libc is None:
+        yield
         return
-    _MALLOC_TUNED = True
+    libc.mallopt(_M_ARENA_MAX, limit)
     try:
-        import ctypes
-        import ctypes.util
-
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-8, 1)  # M_ARENA_MAX
-    except (OSError, AttributeError):  # not glibc
-        pass
+        yield
+    finally:
+        libc.mallopt(_M_ARENA_MAX, _default_arena_max())
 
 
 def _warm_kernels(
@@ -222,9 +248,10 @@ class CaseWriter:
 
     def write(self) -> None:
         """Stream every slab of image and segmentations into the store and build the index."""
-        import hashlib
+        with malloc_arenas(1):
+            self._write()
 
-        _tune_malloc()
+    def _write(self) -> None:
         shape = self.image.shape_zyx
         levels = level_shapes(shape)
         with codec_pipeline(self.root.store):
@@ -351,7 +378,7 @@ class CaseWriter:
             dtype=dtype,
             chunks=chunk,
             shards=shard,
-            compressors=_compressors(),
+            compressors=compressors(),
             fill_value=0,
             dimension_names=("z", "y", "x"),
             overwrite=True,
@@ -400,24 +427,20 @@ class CaseWriter:
             for seg in self.segmentations:
                 idx = self.indexes[seg.name]
                 grp = self.root.require_group(f"{self.path}/labels/{seg.name}/index")
-                hist = (
-                    np.stack([idx.hist_keys, idx.hist_counts], axis=1)
-                    if len(idx.hist_keys)
-                    else np.zeros((0, 2), np.int64)
-                )
+                hist = idx.histogram_array()
                 arr = grp.create_array(
                     "histogram",
                     shape=hist.shape,
                     dtype=np.int64,
                     chunks=(max(len(hist), 1), 2),
-                    compressors=_compressors(),
+                    compressors=compressors(),
                     overwrite=True,
                     dimension_names=("entry", "key_count"),
                 )
                 if len(hist):
                     arr[:] = hist
                 self._record(arr, 0, max(len(hist), 1))
-                grp.attrs.put({"ctzarr": index_attributes(idx)})
+                grp.attrs.put(idx.to_attributes())
 
     def write_nifti_header(self) -> None:
         """The NIfTI-Zarr ``nifti`` array: the header bytes as one uint8 chunk."""
@@ -437,47 +460,33 @@ class CaseWriter:
             arr[:] = header
             self._record(arr, 0, len(header))
 
-    def commit(self, case_attributes: dict[str, Any]) -> None:
+    def commit(self, case_attributes: CaseAttributes) -> None:
         """Make the case visible: label groups first, the case group's metadata last."""
         levels = level_shapes(self.image.shape_zyx)
         case = self.root[self.path]
         assert isinstance(case, zarr.Group)
         names = [s.name for s in self.segmentations]
         if names:
-            case.require_group("labels").attrs.put(
-                {"ome": {"version": OME_VERSION, "labels": names}}
-            )
+            case.require_group("labels").attrs.put({"ome": labels_attributes(names)})
         for seg in self.segmentations:
             grp = case[f"labels/{seg.name}"]
+            source = case_attributes.source_files.get(seg.name)
             grp.attrs.put(
                 {
-                    "ome": {
-                        "version": OME_VERSION,
-                        "multiscales": [multiscales(seg.name, self.image.spacing_zyx, levels)],
-                        "image-label": image_label(seg.label_map),
-                    },
-                    "ctzarr": {
-                        "label_map": seg.label_map.name,  # the full map is in the collection attributes
-                        "ignore_value": seg.label_map.ignore_value,
-                        "sparse": seg.sparse,
-                        "source_file": case_attributes["source"]["files"]
-                        .get(seg.name, {})
-                        .get("path"),
-                    },
+                    "ome": label_image_attributes(
+                        seg.name, self.image.spacing_zyx, levels, seg.label_map
+                    ),
+                    **SegmentationAttributes(
+                        label_map=seg.label_map.name,
+                        ignore_value=seg.label_map.ignore_value,
+                        sparse=seg.sparse,
+                        source_file=None if source is None else source.path,
+                    ).to_attributes(),
                 }
             )
-        attrs = {
-            "ome": {
-                "version": OME_VERSION,
-                "multiscales": [multiscales(self.case_id, self.image.spacing_zyx, levels)],
-            },
-            "ctzarr": {
-                **case_attributes,
-                "manifest": self.manifest.build().to_dict(),
-                "complete": True,
-                "committed_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-            },
-        }
+        attrs = case_attributes.committed(
+            self.manifest.build(), _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+        ).to_attributes()
         # Consolidate the metadata of every array and group of the case into its zarr.json
         # (one read opens a whole case: a cold crop over HTTP costs 6 requests, not 13), then
         # write the commit marker into that same document, last.

@@ -8,15 +8,18 @@ Dask client the cases run as tasks of the cluster runner (:mod:`ctzarr.run.clust
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import posixpath
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from concurrent.futures import CancelledError
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+import fsspec
 import numpy as np
 import zarr
 from zarr.abc.store import Store
@@ -32,7 +35,7 @@ from ctzarr.errors import (
     StoreError,
 )
 from ctzarr.io.locks import case_lock, collection_lock
-from ctzarr.io.stores import is_remote, make_store
+from ctzarr.io.stores import make_store
 from ctzarr.io.transactions import (
     STAGING,
     _drop_empty_staging,
@@ -41,8 +44,10 @@ from ctzarr.io.transactions import (
     remove_staging,
     swap_in,
 )
-from ctzarr.io.urls import check_no_secrets
-from ctzarr.model.layout import FORMAT_VERSION
+from ctzarr.io.urls import check_no_secrets, is_remote
+from ctzarr.model.attributes import FORMAT_VERSION
+from ctzarr.model.case import CaseAttributes, NiftiBlock, SourceFile
+from ctzarr.model.collection import CollectionAttributes, is_collection
 from ctzarr.run import cluster
 from ctzarr.sources.layouts import CaseSpec, DatasetSource, load_source
 from ctzarr.sources.nifti import NiftiSource, open_nifti
@@ -166,14 +171,12 @@ def convert(
         specs = [c for c in specs if c.case_id in wanted]
     dest_so = so if dest_store is None and is_remote(dest) else None
     if client is not None:  # refuse credentials bound for a task graph before writing anything
-
         check_no_secrets(dest_so)
         check_no_secrets(ds.storage_options)
     root = open_or_create_collection(dest if dest_store is None else dest_store, ds, dest_so)
     report = ConversionReport(dest)
     run = uuid.uuid4().hex  # this conversion, in the case locks and the committed cases
     if client is not None:
-
         report.results.extend(
             convert_cases_on_cluster(client, ds, specs, dest, dest_so, overwrite, progress, run)
         )
@@ -198,7 +201,7 @@ def convert(
         # skipped cases are already listed, unless a task of an earlier, interrupted run
         # committed them after that run had updated the list
         root = zarr.open_group(root.store, mode="r+", zarr_format=3)  # the list as it is now
-        listed = set(root.attrs["ctzarr"].get("cases", ()))
+        listed = set(CollectionAttributes.from_attributes(root.attrs.asdict(), str(dest)).cases)
         finalize_collection(
             root,
             changed=[
@@ -213,7 +216,7 @@ def convert(
 def _progress_bar(specs: Sequence[CaseSpec], enabled: bool) -> Any:
     if not enabled:
         return None
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # optional progress bars: imported only when shown
 
     return tqdm(total=len(specs), unit="case", desc="convert", leave=False)
 
@@ -228,18 +231,15 @@ def open_or_create_collection(
     except (FileNotFoundError, zarr.errors.GroupNotFoundError):
         root = None
     if root is None:
-        attributes = {
-            "ctzarr": {
-                "kind": "collection",
-                "format_version": FORMAT_VERSION,
-                "dataset_id": ds.dataset_id,
-                "layout": ds.layout,
-                "segmentations": {k: v.to_dict() for k, v in ds.label_maps.items()},
-                "sparse": dict(ds.sparse),
-                "cases": [],
-                "writer": f"ctzarr {__version__}",
-            }
-        }
+        attributes = CollectionAttributes(
+            dataset_id=ds.dataset_id,
+            layout=ds.layout,
+            segmentations=dict(ds.label_maps),
+            sparse=dict(ds.sparse),
+            cases=(),
+            writer=f"ctzarr {__version__}",
+            format_version=FORMAT_VERSION,
+        ).to_attributes()
         try:
             # one write: the root zarr.json is born with its attributes (a fault between a
             # bare group and its attributes would leave a store no later run accepts)
@@ -250,40 +250,34 @@ def open_or_create_collection(
         else:
             root.require_group("cases")
             return root
-    meta = root.attrs.get("ctzarr")
-    if not isinstance(meta, dict) or meta.get("kind") != "collection":
+    attributes_found = root.attrs.asdict()
+    if not is_collection(attributes_found):
         raise StoreError(f"{dest}: exists and is not a ctzarr collection")
-    if meta.get("dataset_id") != ds.dataset_id or set(meta.get("segmentations", {})) != set(
-        ds.label_maps
-    ):
+    meta = CollectionAttributes.from_attributes(attributes_found, str(dest))
+    if meta.dataset_id != ds.dataset_id or set(meta.segmentations) != set(ds.label_maps):
         raise StoreError(
-            f"{dest}: holds dataset {meta.get('dataset_id')!r} with segmentations "
-            f"{sorted(meta.get('segmentations', {}))}, not {ds.dataset_id!r} with {sorted(ds.label_maps)}"
+            f"{dest}: holds dataset {meta.dataset_id!r} with segmentations "
+            f"{sorted(meta.segmentations)}, not {ds.dataset_id!r} with {sorted(ds.label_maps)}"
         )
     return root
 
 
-def _file_record(path: str, storage_options: Mapping[str, Any]) -> dict[str, Any]:
+def file_record(path: str, storage_options: Mapping[str, Any]) -> SourceFile:
     """Size and modification time of a source file (cheap fingerprint before hashing)."""
-    import fsspec
-
     fs, p = fsspec.core.url_to_fs(path, **storage_options)
     info = fs.info(p)
     mtime = info.get("mtime") or info.get("LastModified") or info.get("last_modified")
     if hasattr(mtime, "timestamp"):
         mtime = mtime.timestamp()
-    return {
-        "path": path,
-        "size": int(info["size"]),
-        "mtime": float(mtime) if mtime is not None else None,
-    }
+    return SourceFile(path, int(info["size"]), float(mtime) if mtime is not None else None)
 
 
-def _source_files(ds: DatasetSource, spec: CaseSpec) -> dict[str, dict[str, Any]]:
+def source_files(ds: DatasetSource, spec: CaseSpec) -> dict[str, SourceFile]:
+    """The source files of a case as they are now, by role, paths as the dataset names them."""
     so = dict(ds.storage_options)
-    files = {"image": _file_record(spec.image, so)}
+    files = {"image": file_record(spec.image, so)}
     for seg, path in spec.segmentations.items():
-        files[seg] = _file_record(path, so)
+        files[seg] = file_record(path, so)
     return files
 
 
@@ -292,25 +286,34 @@ def _relative(path: str, root: str) -> str:
     return path[len(root) :] if path.startswith(root) else posixpath.basename(path)
 
 
-def _same_source(old: Mapping[str, Any], new: Mapping[str, Any]) -> bool:
-    """True when every file has the same size and mtime (or, failing mtime, the same digest)."""
+def file_sha256(path: str, storage_options: Mapping[str, Any]) -> str:
+    """sha256 of a source file, read with the source's storage options."""
+    h = hashlib.sha256()
+    with fsspec.open(path, "rb", **storage_options) as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def same_source(
+    old: Mapping[str, SourceFile],
+    new: Mapping[str, SourceFile],
+    storage_options: Mapping[str, Any],
+) -> bool:
+    """True when every file has the same size and mtime (or, failing mtime, the same digest).
+
+    ``new`` holds the files as they are now (paths as the dataset names them, opened with
+    ``storage_options``); ``old`` the records of the committed case.
+    """
     if set(old) != set(new):
         return False
     for role, rec in new.items():
         prev = old[role]
-        if prev.get("size") != rec["size"]:
+        if prev.size != rec.size:
             return False
-        if rec["mtime"] is None or prev.get("mtime") != rec["mtime"]:
-            import hashlib
-
-            import fsspec
-
-            h = hashlib.sha256()
-            with fsspec.open(rec["abs_path"], "rb") as f:
-                while chunk := f.read(1 << 22):
-                    h.update(chunk)
-            if h.hexdigest() != prev.get("sha256"):
-                return False
+        changed = rec.mtime is None or prev.mtime != rec.mtime
+        if changed and file_sha256(rec.path, storage_options) != prev.sha256:
+            return False
     return True
 
 
@@ -350,16 +353,14 @@ def convert_case(
     t0 = time.perf_counter()
     cid = spec.case_id
     try:
-        files = _source_files(ds, spec)
-        for rec in files.values():
-            rec["abs_path"] = rec["path"]
+        files = source_files(ds, spec)
         with case_lock(root.store, cid, run) as lock:
             remove_staging(root, cid)  # leftovers of an interrupted replacement
             state, meta = case_state(root, cid)
-            if state == "complete" and meta is not None:
-                old = meta.get("source", {}).get("files", {})
-                if _same_source(old, files):
-                    if run is not None and meta.get("run") == run:
+            if state == "complete":
+                old = meta.source_files if meta is not None else {}
+                if same_source(old, files, ds.storage_options):
+                    if run is not None and meta is not None and meta.run == run:
                         # committed by an earlier attempt of this run (its worker died after
                         # the commit): converted by this run, not found unchanged
                         return CaseResult(cid, "converted", seconds=time.perf_counter() - t0)
@@ -388,11 +389,14 @@ def convert_case(
                 writer.write()
                 writer.write_index()
                 writer.write_nifti_header()
-                for role, rec in files.items():
-                    rec["sha256"] = writer.digests[role]
-                    rec["path"] = _relative(rec.pop("abs_path"), ds.root)
+                stored_files = {
+                    role: replace(
+                        rec, path=_relative(rec.path, ds.root), sha256=writer.digests[role]
+                    )
+                    for role, rec in files.items()
+                }
                 lock.check()
-                writer.commit({**case_attributes(spec, image, segs, files), "run": run})
+                writer.commit(case_attributes(spec, image, segs, stored_files, run))
                 if staged:
                     swap_in(root, staged, cid)
             except BaseException:
@@ -415,31 +419,41 @@ def convert_case(
         return CaseResult(cid, "failed", error=str(exc), seconds=time.perf_counter() - t0)
 
 
+def nifti_block(image: NiftiSource) -> NiftiBlock:
+    """What a case keeps of its image's NIfTI header."""
+    return NiftiBlock(
+        version=image.nifti_version,
+        raw_dtype=image.raw_dtype.newbyteorder("="),
+        source_byteorder="big" if image.raw_dtype.byteorder == ">" else "little",
+        value_dtype=image.value_dtype,
+        scl_slope=image.slope,
+        scl_inter=image.inter,
+        qform_code=image.qform_code,
+        sform_code=image.sform_code,
+        notes=tuple(image.notes),
+    )
+
+
 def case_attributes(
-    spec: CaseSpec, image: NiftiSource, segs: Iterable[SegmentationSource], files: Mapping[str, Any]
-) -> dict[str, Any]:
-    """The ``ctzarr`` attributes of a committed case."""
-    return {
-        "format_version": FORMAT_VERSION,
-        "case_id": spec.case_id,
-        "shape_zyx": list(image.shape_zyx),
-        "spacing_zyx": list(image.spacing_zyx),
-        "affine": image.affine.tolist(),
-        "nifti": {
-            "version": image.nifti_version,
-            "raw_dtype": image.raw_dtype.newbyteorder("=").str,
-            "source_byteorder": "big" if image.raw_dtype.byteorder == ">" else "little",
-            "value_dtype": image.value_dtype.str,
-            "scl_slope": image.slope,
-            "scl_inter": image.inter,
-            "qform_code": image.qform_code,
-            "sform_code": image.sform_code,
-            "notes": list(image.notes),
-        },
-        "segmentations": [s.name for s in segs],
-        "attributes": dict(spec.attributes),
-        "source": {"files": dict(files)},
-    }
+    spec: CaseSpec,
+    image: NiftiSource,
+    segs: Iterable[SegmentationSource],
+    files: Mapping[str, SourceFile],
+    run: str | None = None,
+) -> CaseAttributes:
+    """The attributes of a case before its commit (the writer adds manifest and marker)."""
+    return CaseAttributes(
+        case_id=spec.case_id,
+        shape_zyx=image.shape_zyx,
+        spacing_zyx=image.spacing_zyx,
+        affine=tuple(tuple(row) for row in image.affine.tolist()),  # type: ignore[misc]
+        nifti=nifti_block(image),
+        segmentations=tuple(s.name for s in segs),
+        attributes=dict(spec.attributes),
+        source_files=dict(files),
+        run=run,
+        format_version=FORMAT_VERSION,
+    )
 
 
 def finalize_collection(root: zarr.Group, changed: Iterable[str] | None = None) -> list[str]:
@@ -457,9 +471,6 @@ def _convert_task(
     spec: Any, ds: Any, dest: str, dest_options: dict[str, Any], overwrite: bool, run: str | None
 ) -> Any:
     """Worker side: open the store from its URL and convert one case."""
-    import zarr
-
-
     store = make_store(dest, storage_options=dest_options or None)
     root = zarr.open_group(store, mode="r+", zarr_format=3)
     return convert_case(root, ds, spec, overwrite=overwrite, run=run)
@@ -499,8 +510,6 @@ def convert_cases_on_cluster(
     case: bad input, a task that kills its workers and a lost client or scheduler each end as
     a failed result naming what happened.
     """
-    from dataclasses import replace
-
     dest_opts = check_no_secrets(dest_options)
     ds = replace(ds, storage_options=check_no_secrets(ds.storage_options))
     killed_worker = cluster.killed_worker_type()
@@ -521,7 +530,7 @@ def convert_cases_on_cluster(
     futures = {submit(spec): spec.case_id for spec in specs}
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # optional progress bars: imported only when shown
 
         bar = tqdm(total=len(futures), unit="case", desc="convert (cluster)", leave=False)
     outcomes: dict[str, Any] = {}  # a CaseResult, or the exception the future raised
@@ -571,21 +580,16 @@ def convert_cases_on_cluster(
 
 
 def _open_dest(dest: str, options: Mapping[str, Any]) -> Any:
-    import zarr
-
-
     store = make_store(dest, storage_options=dict(options) or None)
     return zarr.open_group(store, mode="r+", zarr_format=3)
 
 
-def _committed_from(ds: Any, spec: Any, meta: Mapping[str, Any] | None) -> bool:
+def _committed_from(ds: Any, spec: Any, meta: CaseAttributes | None) -> bool:
     """True when the committed case was made from the case's current source files."""
-
     try:
-        files = _source_files(ds, spec)
-        for rec in files.values():
-            rec["abs_path"] = rec["path"]
-        return _same_source((meta or {}).get("source", {}).get("files", {}), files)
+        files = source_files(ds, spec)
+        old = meta.source_files if meta is not None else {}
+        return same_source(old, files, ds.storage_options)
     except Exception:  # a source file gone or unreadable: not provably the same
         logger.debug("case %s: could not compare its source files", spec.case_id, exc_info=True)
         return False
@@ -605,9 +609,6 @@ def _failed_case(
     worker died, the client or scheduler went away, no worker was left. The task may have got
     past its commit first; a case committed whole from the current source is converted.
     """
-    from concurrent.futures import CancelledError
-
-
     cid = spec.case_id
     killed = isinstance(exc, cluster.killed_worker_type())
     state, meta = case_state(root, cid)

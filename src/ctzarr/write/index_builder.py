@@ -5,7 +5,7 @@ chunks it occupies.
 The kernel is hand-written (numba) because no library fuses these reductions: numpy and
 dask-image need one pass over the volume per statistic or per label (``labels == i``), and a
 ``numpy.bincount`` over ``label * 65536 + value`` keys alone costs 2.7x a nibabel load of the
-case (``../shared/background/measurements.md``). The kernel walks each row of x as runs of equal
+case, measured on a full-size whole-body CT). The kernel walks each row of x as runs of equal
 label, so count, coordinate sums, bounding box and chunk map cost one update per run; only the
 histogram is touched per voxel. It releases the GIL so conversion overlaps it with compression.
 

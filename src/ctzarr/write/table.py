@@ -21,32 +21,46 @@ import zarr
 from ctzarr.errors import TableMismatchError
 from ctzarr.io.stores import compact_json
 from ctzarr.io.transactions import case_state
-from ctzarr.model.index import index_from_attributes
+from ctzarr.model.case import CaseAttributes
+from ctzarr.model.collection import CollectionAttributes
+from ctzarr.model.index import LabelIndex
 from ctzarr.model.labels import LabelMap
-from ctzarr.model.layout import _compressors
-from ctzarr.model.table import TABLE_NUMERIC_COLUMNS, CaseGeometry, _dtype, index_rows
+from ctzarr.model.layout import compressors
+from ctzarr.model.table import (
+    TABLE_NUMERIC_COLUMNS,
+    TableAttributes,
+    TableCaseMeta,
+    column_dtype,
+    index_rows,
+    is_table,
+    table_array_attributes,
+    table_array_update,
+)
 
 logger = logging.getLogger(__name__)
 
 
 def _case_rows(
-    root: zarr.Group, case_id: str, label_maps: dict[str, LabelMap]
-) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    root: zarr.Group, case_id: str, label_maps: dict[str, LabelMap], meta: CaseAttributes
+) -> tuple[list[dict[str, Any]], TableCaseMeta]:
     """Statistics rows and geometry of one committed case, from its own index."""
     grp = zarr.open_group(root.store, path=f"cases/{case_id}", mode="r", zarr_format=3)
-    meta = grp.attrs["ctzarr"]
-    geom = {
-        "affine": meta["affine"],
-        "spacing_zyx": meta["spacing_zyx"],
-        "shape_zyx": meta["shape_zyx"],
-        "value_dtype": meta["nifti"]["value_dtype"],
-        "segmentations": meta["segmentations"],
-    }
+    geom = TableCaseMeta(
+        affine=meta.affine,
+        spacing_zyx=meta.spacing_zyx,
+        shape_zyx=meta.shape_zyx,
+        value_dtype=meta.nifti.value_dtype,
+        segmentations=meta.segmentations,
+    )
     rows = []
-    for seg in meta.get("segmentations", []):
+    for seg in meta.segmentations:
         igrp = grp[f"labels/{seg}/index"]
-        idx = index_from_attributes(igrp.attrs["ctzarr"], igrp["histogram"][:])  # type: ignore[index]
-        rows += index_rows(CaseGeometry.from_dict(case_id, geom), seg, label_maps[seg], idx)
+        hist = igrp["histogram"]
+        assert isinstance(igrp, zarr.Group)
+        assert isinstance(hist, zarr.Array)
+        where = f"case {case_id!r}: index of {seg!r}"
+        idx = LabelIndex.from_attributes(igrp.attrs.asdict(), np.asarray(hist[:]), where)
+        rows += index_rows(geom.geometry(case_id), seg, label_maps[seg], idx)
     return rows, geom
 
 
@@ -69,8 +83,8 @@ def _update_table(root: zarr.Group, changed: Iterable[str] | None = None) -> lis
         recomputed. ``None`` rebuilds every row from the cases' own indexes.
     """
 
-    meta = dict(root.attrs["ctzarr"])
-    label_maps = {k: LabelMap.from_dict(v) for k, v in meta.get("segmentations", {}).items()}
+    meta = CollectionAttributes.from_attributes(root.attrs.asdict(), str(root.store))
+    label_maps = dict(meta.segmentations)
     seg_names = list(label_maps)
     try:
         previous = None if changed is None else read_table_columns(root)
@@ -84,19 +98,19 @@ def _update_table(root: zarr.Group, changed: Iterable[str] | None = None) -> lis
         recompute = candidates
     else:
         changed_set = set(changed or ())
-        old_cases = list(previous[1]["cases"])
+        old_cases = list(previous[1].cases)
         keep = {cid: i for i, cid in enumerate(old_cases) if cid not in changed_set}
         recompute = sorted(changed_set)
     new_rows: dict[str, list[dict[str, Any]]] = {}
-    geometry: dict[str, Any] = (
+    geometry: dict[str, TableCaseMeta] = (
         {}
         if previous is None
-        else {cid: g for cid, g in previous[1]["case_meta"].items() if cid in keep}
+        else {cid: g for cid, g in previous[1].case_meta.items() if cid in keep}
     )
     for cid in recompute:
-        state, _ = case_state(root, cid)
-        if state == "complete":
-            new_rows[cid], geometry[cid] = _case_rows(root, cid, label_maps)
+        state, case_meta = case_state(root, cid)
+        if state == "complete" and case_meta is not None:
+            new_rows[cid], geometry[cid] = _case_rows(root, cid, label_maps, case_meta)
     committed = sorted(set(keep) | set(new_rows))
     position = {cid: i for i, cid in enumerate(committed)}
 
@@ -105,8 +119,8 @@ def _update_table(root: zarr.Group, changed: Iterable[str] | None = None) -> lis
     }
     if previous is not None:
         old_cols, old_attrs = previous
-        old_cases = old_attrs["cases"]
-        old_segs = old_attrs["segmentations"]
+        old_cases = list(old_attrs.cases)
+        old_segs = old_attrs.segmentations
         rows_kept = np.array([old_cases[c] in keep for c in old_cols["case"].tolist()], dtype=bool)
         for col in TABLE_NUMERIC_COLUMNS:
             columns[col] = old_cols[col][rows_kept].tolist()
@@ -134,9 +148,9 @@ def _update_table(root: zarr.Group, changed: Iterable[str] | None = None) -> lis
     # two arrays (integers, floats) rather than one per column: a table update is a handful of
     # writes, and a cohort query two reads
     int_names = ["case", "segmentation"] + [
-        c for c in TABLE_NUMERIC_COLUMNS if _dtype(c) is not np.float64
+        c for c in TABLE_NUMERIC_COLUMNS if column_dtype(c) is not np.float64
     ]
-    float_names = [c for c in TABLE_NUMERIC_COLUMNS if _dtype(c) is np.float64]
+    float_names = [c for c in TABLE_NUMERIC_COLUMNS if column_dtype(c) is np.float64]
     n = len(columns["case"])
     ints = np.zeros((n, len(int_names)), np.int64)
     floats = np.zeros((n, len(float_names)), np.float64)
@@ -153,31 +167,29 @@ def _update_table(root: zarr.Group, changed: Iterable[str] | None = None) -> lis
             dtype=data.dtype,
             chunks=(max(n, 1), data.shape[1]),
             overwrite=True,
-            compressors=_compressors(),
+            compressors=compressors(),
             dimension_names=("row", "column"),
-            attributes={"update": update},
+            attributes=table_array_attributes(update),
         )
         if n:
             arr[:] = data
     table.attrs.put(
-        {
-            "ctzarr": {
-                "format": "stats-table-1",
-                "update": update,
-                "cases": committed,
-                "segmentations": seg_names,
-                "int_columns": int_names,
-                "float_columns": float_names,
-                "case_meta": geometry,
-            }
-        }
+        TableAttributes(
+            update=update,
+            cases=tuple(committed),
+            segmentations=tuple(seg_names),
+            int_columns=tuple(int_names),
+            float_columns=tuple(float_names),
+            case_meta=geometry,
+        ).to_attributes()
     )
-    meta["cases"] = committed
-    root.attrs.put({"ctzarr": meta})
+    root.attrs.put(meta.with_cases(committed).to_attributes())
     return committed
 
 
-def read_table_columns(root: zarr.Group) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
+def read_table_columns(
+    root: zarr.Group,
+) -> tuple[dict[str, np.ndarray], TableAttributes] | None:
     """The stored table as columns plus its attributes, or None when there is none yet.
 
     Raises :class:`TableMismatchError` when an update was interrupted between its writes: each
@@ -187,12 +199,13 @@ def read_table_columns(root: zarr.Group) -> tuple[dict[str, np.ndarray], dict[st
         return None
     grp = root["index"]
     assert isinstance(grp, zarr.Group)
-    attrs = grp.attrs.get("ctzarr")
-    if not isinstance(attrs, dict) or attrs.get("format") != "stats-table-1":
+    found = grp.attrs.asdict()
+    if not is_table(found):
         return None
+    attrs = TableAttributes.from_attributes(found, f"the collection table of {root.store}")
     arrays = [grp.get(name) for name in ("int_columns", "float_columns")]
-    tokens = {attrs.get("update")} | {
-        a.attrs.get("update") if isinstance(a, zarr.Array) else None for a in arrays
+    tokens = {attrs.update} | {
+        table_array_update(a.attrs.asdict()) if isinstance(a, zarr.Array) else None for a in arrays
     }
     if len(tokens) != 1:
         raise TableMismatchError(
@@ -201,7 +214,7 @@ def read_table_columns(root: zarr.Group) -> tuple[dict[str, np.ndarray], dict[st
             "--repair rebuilds it"
         )
     ints, floats = np.asarray(grp["int_columns"][:]), np.asarray(grp["float_columns"][:])  # type: ignore[index]
-    cols = {name: ints[:, i] for i, name in enumerate(attrs["int_columns"])}
-    cols |= {name: floats[:, i] for i, name in enumerate(attrs["float_columns"])}
+    cols = {name: ints[:, i] for i, name in enumerate(attrs.int_columns)}
+    cols |= {name: floats[:, i] for i, name in enumerate(attrs.float_columns)}
     cols["touches_border"] = cols["touches_border"].astype(bool)
     return cols, attrs
