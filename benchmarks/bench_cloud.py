@@ -84,8 +84,18 @@ FAKE_AWS_ENV = {
     "NO_PROXY": "127.0.0.1,localhost",
     "no_proxy": "127.0.0.1,localhost",
 }
-DROP_ENV = ("AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL",
-            "HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy")
+DROP_ENV = (
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+    "AWS_PROFILE",
+    "AWS_ENDPOINT_URL",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "ALL_PROXY",
+    "all_proxy",
+)
 
 
 # ------------------------------------------------------------------------------------------
@@ -290,8 +300,13 @@ def child_convert(src: str, store: str, layout: str) -> None:
     rep = ctzarr.convert(src, store, layout=layout, progress=False)
     if not rep.ok:
         raise SystemExit(str(rep))
-    _emit({"seconds": time.perf_counter() - t0, "converted": len(rep.converted),
-           "skipped": len(rep.skipped)})
+    _emit(
+        {
+            "seconds": time.perf_counter() - t0,
+            "converted": len(rep.converted),
+            "skipped": len(rep.skipped),
+        }
+    )
 
 
 def child_cohort_source(root: str, n: str, z: str, y: str, x: str) -> None:
@@ -318,23 +333,33 @@ def child_reference(store: str, case_id: str, margin: str) -> None:
         lab = min(ok, key=lambda k: abs(ok[k] - 100))
     _, _, box = case.crop_box(lab, float(margin))
     ds = case.crop(lab, float(margin)).compute()
-    _emit({
-        "label": lab,
-        "structure": lm[lab].name,
-        "volume_ml": vols[lab],
-        "segmentation": case.segmentation_names[0],
-        "box": [[s.start, s.stop] for s in box],
-        "box_shape": [s.stop - s.start for s in box],
-        "digest": _digest(ds["image"].values, ds["labels"].values),
-        "crop_bytes": int(ds["image"].values.nbytes + ds["labels"].values.nbytes),
-    })
+    _emit(
+        {
+            "label": lab,
+            "structure": lm[lab].name,
+            "volume_ml": vols[lab],
+            "segmentation": case.segmentation_names[0],
+            "box": [[s.start, s.stop] for s in box],
+            "box_shape": [s.stop - s.start for s in box],
+            "digest": _digest(ds["image"].values, ds["labels"].values),
+            "crop_bytes": int(ds["image"].values.nbytes + ds["labels"].values.nbytes),
+        }
+    )
 
 
 # ------------------------------------------------------------------------------------------
 # child steps: crop over S3
 # ------------------------------------------------------------------------------------------
-def _crop_fns(tool: str, endpoint: str, key: str, case_id: str, structure: str, margin: float,
-              box: list[list[int]], seg: str) -> tuple[Any, Any]:
+def _crop_fns(
+    tool: str,
+    endpoint: str,
+    key: str,
+    case_id: str,
+    structure: str,
+    margin: float,
+    box: list[list[int]],
+    seg: str,
+) -> tuple[Any, Any]:
     """(cold, reused-client) read functions of one tool, each returning (image, labels)."""
     sl = tuple(slice(a, b) for a, b in box)
     url = f"s3://{BUCKET}/{key}"
@@ -361,8 +386,12 @@ def _crop_fns(tool: str, endpoint: str, key: str, case_id: str, structure: str, 
 
         def read(cold_client: bool) -> tuple[np.ndarray, np.ndarray]:
             so = s3_options(endpoint, cold=cold_client)
-            arrs = [zarr.open_array(FsspecStore.from_url(p, storage_options=so, read_only=True),
-                                    mode="r") for p in paths]
+            arrs = [
+                zarr.open_array(
+                    FsspecStore.from_url(p, storage_options=so, read_only=True), mode="r"
+                )
+                for p in paths
+            ]
             return arrs[0][sl], arrs[1][sl]
 
         return (lambda: read(True)), (lambda: read(False))
@@ -371,8 +400,16 @@ def _crop_fns(tool: str, endpoint: str, key: str, case_id: str, structure: str, 
 
         base = f"{key}/cases/{case_id}"
         specs = [
-            {"driver": "zarr3", "kvstore": {"driver": "s3", "bucket": BUCKET, "path": p + "/",
-                                            "endpoint": endpoint, "aws_region": "us-east-1"}}
+            {
+                "driver": "zarr3",
+                "kvstore": {
+                    "driver": "s3",
+                    "bucket": BUCKET,
+                    "path": p + "/",
+                    "endpoint": endpoint,
+                    "aws_region": "us-east-1",
+                },
+            }
             for p in (f"{base}/0", f"{base}/labels/{seg}/0")
         ]
 
@@ -390,8 +427,18 @@ def _crop_fns(tool: str, endpoint: str, key: str, case_id: str, structure: str, 
     raise ValueError(tool)
 
 
-def child_crop(tool: str, mode: str, endpoint: str, key: str, case_id: str, structure: str,
-               margin: str, box: str, seg: str, reps: str) -> None:
+def child_crop(
+    tool: str,
+    mode: str,
+    endpoint: str,
+    key: str,
+    case_id: str,
+    structure: str,
+    margin: str,
+    box: str,
+    seg: str,
+    reps: str,
+) -> None:
     """mode "count": one cold crop (through the counting proxy), nothing else.
     mode "time": one untimed cold crop, then ``reps`` cold and ``reps`` reused-client crops."""
     import dask
@@ -409,13 +456,15 @@ def child_crop(tool: str, mode: str, endpoint: str, key: str, case_id: str, stru
     elif tool == "zarr":
         import s3fs  # noqa: F401
         import zarr  # noqa: F401
-    cold, reused = _crop_fns(tool, endpoint, key, case_id, structure, float(margin),
-                             json.loads(box), seg)
+    cold, reused = _crop_fns(
+        tool, endpoint, key, case_id, structure, float(margin), json.loads(box), seg
+    )
     t_setup = time.perf_counter() - t0
     out: dict[str, Any] = {"tool": tool, "mode": mode, "setup_s": t_setup}
     if tool.startswith("ctzarr") and mode == "time":  # the library reads go through (untimed)
         probe = ctzarr.read.collection.open_collection(
-            f"s3://{BUCKET}/{key}", storage_options=s3_options(endpoint)).root.store
+            f"s3://{BUCKET}/{key}", storage_options=s3_options(endpoint)
+        ).root.store
         out["io"] = type(getattr(probe, "_store", probe)).__name__
     t0 = time.perf_counter()
     res = cold()
@@ -441,7 +490,9 @@ def _ident(x: Any) -> Any:
     return x
 
 
-def child_cluster(store: str, n_workers: str, reps: str, n_trivial: str, inner_threads: str) -> None:
+def child_cluster(
+    store: str, n_workers: str, reps: str, n_trivial: str, inner_threads: str
+) -> None:
     """One LocalCluster of n_workers processes (1 thread each): warm-up scan, timed scans under
     the task stream, trivial-task overhead."""
     import dask
@@ -454,13 +505,15 @@ def child_cluster(store: str, n_workers: str, reps: str, n_trivial: str, inner_t
     nw = int(n_workers)
     out: dict[str, Any] = {"n_workers": nw, "inner_threads": inner_threads}
     t0 = time.perf_counter()
-    cluster = LocalCluster(n_workers=nw, threads_per_worker=1, processes=True,
-                           dashboard_address=None)
+    cluster = LocalCluster(
+        n_workers=nw, threads_per_worker=1, processes=True, dashboard_address=None
+    )
     client = Client(cluster)
     out["cluster_start_s"] = time.perf_counter() - t0
     try:
-        out["worker_inner_threads"] = list(client.run(
-            lambda: dask.config.get("num_workers", None)).values())
+        out["worker_inner_threads"] = list(
+            client.run(lambda: dask.config.get("num_workers", None)).values()
+        )
         col = ctzarr.open_collection(store)
         out["cases"] = len(col)
         t0 = time.perf_counter()
@@ -477,7 +530,9 @@ def child_cluster(store: str, n_workers: str, reps: str, n_trivial: str, inner_t
             busy: Counter[str] = Counter()
             tasks = []
             for rec in tsr.data:
-                c = sum(s["stop"] - s["start"] for s in rec["startstops"] if s["action"] == "compute")
+                c = sum(
+                    s["stop"] - s["start"] for s in rec["startstops"] if s["action"] == "compute"
+                )
                 busy[rec["worker"]] += c
                 tasks.append(c)
             walls.append(wall)
@@ -485,11 +540,18 @@ def child_cluster(store: str, n_workers: str, reps: str, n_trivial: str, inner_t
             busy_sum.append(sum(busy.values()))
             overheads.append(wall - max(busy.values()))
             per_task.append(tasks)
-        out.update(scan=walls, busy_max=busy_max, busy_sum=busy_sum, overhead=overheads,
-                   task_compute=per_task, tasks_per_scan=len(per_task[0]))
+        out.update(
+            scan=walls,
+            busy_max=busy_max,
+            busy_sum=busy_sum,
+            overhead=overheads,
+            task_compute=per_task,
+            tasks_per_scan=len(per_task[0]),
+        )
         # the index (no voxels) for agreement
         out["scan_equals_index"] = bool(
-            ref.reset_index(drop=True).equals(col.stats(method="index").reset_index(drop=True)))
+            ref.reset_index(drop=True).equals(col.stats(method="index").reset_index(drop=True))
+        )
         # trivial tasks
         n = int(n_trivial)
         client.gather(client.map(_ident, range(50), pure=False))
@@ -563,113 +625,236 @@ CHILD_STEPS = {
 def build_rows(r: dict[str, Any]) -> list[tuple[str, ...]]:
     rows: list[tuple[str, ...]] = []
 
-    def row(what: str, ours: str, base: str, ratio: float | None, target: str,
-            ok: bool | None) -> None:
-        rows.append((what, ours, base,
-                     "—" if ratio is None else f"{ratio:.1f}x" if ratio >= 10 else f"{ratio:.2f}x",
-                     target, "—" if ok is None else ("pass" if ok else "**FAIL**")))
+    def row(
+        what: str, ours: str, base: str, ratio: float | None, target: str, ok: bool | None
+    ) -> None:
+        rows.append(
+            (
+                what,
+                ours,
+                base,
+                "—" if ratio is None else f"{ratio:.1f}x" if ratio >= 10 else f"{ratio:.2f}x",
+                target,
+                "—" if ok is None else ("pass" if ok else "**FAIL**"),
+            )
+        )
 
     c = r["crop"]
     ref = c["reference"]
-    desc = (f"{ref['structure']} (label {ref['label']}, {ref['volume_ml']:.0f} ml) + "
-            f"{r['margin_mm']:g} mm, box {'x'.join(map(str, ref['box_shape']))}")
+    desc = (
+        f"{ref['structure']} (label {ref['label']}, {ref['volume_ml']:.0f} ml) + "
+        f"{r['margin_mm']:g} mm, box {'x'.join(map(str, ref['box_shape']))}"
+    )
     t = c["timing"]
     n = c["counts"]
     ours = t["ctzarr"]
     tsr = t.get("tensorstore")
     if tsr and "error" not in tsr:
-        for mode, label in (("cold", "cold (new client, fresh open)"),
-                            ("reused", "reused client, fresh open")):
+        for mode, label in (
+            ("cold", "cold (new client, fresh open)"),
+            ("reused", "reused client, fresh open"),
+        ):
             o, b = med(ours[mode]), med(tsr[mode])
-            row(f"1a Crop over S3 (moto), {label}: ctzarr vs TensorStore; {desc}",
-                _fmt_s(o), _fmt_s(b), o / b, f"<= {TARGET_CROP_VS_TS:.0f}x its time",
-                o / b <= TARGET_CROP_VS_TS)
+            row(
+                f"1a Crop over S3 (moto), {label}: ctzarr vs TensorStore; {desc}",
+                _fmt_s(o),
+                _fmt_s(b),
+                o / b,
+                f"<= {TARGET_CROP_VS_TS:.0f}x its time",
+                o / b <= TARGET_CROP_VS_TS,
+            )
         o, b = ours["first_s"], tsr["first_s"]
-        row("1a' (info) first cold crop in a fresh process (after imports; imports "
-            f"{_fmt_s(ours['setup_s'])} vs {_fmt_s(tsr['setup_s'])})", _fmt_s(o),
-            _fmt_s(b), o / b, "—", None)
+        row(
+            "1a' (info) first cold crop in a fresh process (after imports; imports "
+            f"{_fmt_s(ours['setup_s'])} vs {_fmt_s(tsr['setup_s'])})",
+            _fmt_s(o),
+            _fmt_s(b),
+            o / b,
+            "—",
+            None,
+        )
     else:
-        rows.append(("1a Crop over S3 vs TensorStore", _fmt_s(med(ours["cold"])),
-                     f"TensorStore failed: {(tsr or {}).get('error', 'not run')[:200]}", "—",
-                     f"<= {TARGET_CROP_VS_TS:.0f}x", "n/a"))
+        rows.append(
+            (
+                "1a Crop over S3 vs TensorStore",
+                _fmt_s(med(ours["cold"])),
+                f"TensorStore failed: {(tsr or {}).get('error', 'not run')[:200]}",
+                "—",
+                f"<= {TARGET_CROP_VS_TS:.0f}x",
+                "n/a",
+            )
+        )
     if "tensorstore" in n and "error" not in n["tensorstore"]:
         a, b = n["ctzarr"], n["tensorstore"]
-        row("1b (info) requests of one cold crop: ctzarr vs TensorStore (kinds: "
-            + "; ".join(f"{k} {v}" for k, v in a["kinds"].items()) + " vs "
-            + "; ".join(f"{k} {v}" for k, v in b["kinds"].items()) + ")",
+        row(
+            "1b (info) requests of one cold crop: ctzarr vs TensorStore (kinds: "
+            + "; ".join(f"{k} {v}" for k, v in a["kinds"].items())
+            + " vs "
+            + "; ".join(f"{k} {v}" for k, v in b["kinds"].items())
+            + ")",
             f"{a['requests']} ({a['bytes'] / 1e6:.2f} MB)",
-            f"{b['requests']} ({b['bytes'] / 1e6:.2f} MB)", a["requests"] / b["requests"], "—",
-            None)
+            f"{b['requests']} ({b['bytes'] / 1e6:.2f} MB)",
+            a["requests"] / b["requests"],
+            "—",
+            None,
+        )
     zr = t.get("zarr")
     if zr and "error" not in zr:
         o, b = med(ours["cold"]), med(zr["cold"])
-        row("1c (info) cold crop: ctzarr vs plain zarr + s3fs defaults (`zarr.open_array(FsspecStore"
-            ".from_url(...))[box]`, both arrays)", _fmt_s(o), _fmt_s(b), o / b, "—", None)
+        row(
+            "1c (info) cold crop: ctzarr vs plain zarr + s3fs defaults (`zarr.open_array(FsspecStore"
+            ".from_url(...))[box]`, both arrays)",
+            _fmt_s(o),
+            _fmt_s(b),
+            o / b,
+            "—",
+            None,
+        )
         a, b2 = n["ctzarr"], n["zarr"]
-        row("1c' (info) requests: ctzarr vs plain zarr + s3fs (kinds: "
-            + "; ".join(f"{k} {v}" for k, v in b2["kinds"].items()) + ")",
-            str(a["requests"]), str(b2["requests"]), a["requests"] / b2["requests"], "—", None)
+        row(
+            "1c' (info) requests: ctzarr vs plain zarr + s3fs (kinds: "
+            + "; ".join(f"{k} {v}" for k, v in b2["kinds"].items())
+            + ")",
+            str(a["requests"]),
+            str(b2["requests"]),
+            a["requests"] / b2["requests"],
+            "—",
+            None,
+        )
     fs_ = t.get("ctzarr-fsspec")
     if fs_ and "error" not in fs_:
         o, b = med(ours["cold"]), med(fs_["cold"])
-        row("1c'' (info) cold crop, ctzarr default I/O (obstore) vs ctzarr with reads through s3fs "
+        row(
+            "1c'' (info) cold crop, ctzarr default I/O (obstore) vs ctzarr with reads through s3fs "
             f"(`CTZARR_IO=fsspec`, the previous path); requests {n['ctzarr']['requests']} vs "
-            f"{n['ctzarr-fsspec']['requests']}", _fmt_s(o), _fmt_s(b), o / b, "—", None)
+            f"{n['ctzarr-fsspec']['requests']}",
+            _fmt_s(o),
+            _fmt_s(b),
+            o / b,
+            "—",
+            None,
+        )
         o, b = med(ours["reused"]), med(fs_["reused"])
         row("1c-3 (info) same, reused client", _fmt_s(o), _fmt_s(b), o / b, "—", None)
     digests = {k: v.get("digest") for k, v in t.items() if "error" not in v}
     digests.update({f"{k} (count run)": v.get("digest") for k, v in n.items() if "error" not in v})
     same = all(d == ref["digest"] for d in digests.values())
-    rows.append(("1d Crops identical to the local read (image + labels, dtype, shape, values)",
-                 "yes" if same else "NO", ", ".join(f"{k} {'=' if d == ref['digest'] else '≠'}"
-                                                   for k, d in digests.items()),
-                 "—", "identical", "pass" if same else "**FAIL**"))
+    rows.append(
+        (
+            "1d Crops identical to the local read (image + labels, dtype, shape, values)",
+            "yes" if same else "NO",
+            ", ".join(f"{k} {'=' if d == ref['digest'] else '≠'}" for k, d in digests.items()),
+            "—",
+            "identical",
+            "pass" if same else "**FAIL**",
+        )
+    )
     up = c["upload"]
-    rows.append(("1e (info) upload of the converted store to moto (s3fs `put(recursive=True)`)",
-                 f"{up['files']} files, {up['bytes'] / 1e6:.0f} MB in {_fmt_s(up['seconds'])}",
-                 "—", "—", "—", "—"))
+    rows.append(
+        (
+            "1e (info) upload of the converted store to moto (s3fs `put(recursive=True)`)",
+            f"{up['files']} files, {up['bytes'] / 1e6:.0f} MB in {_fmt_s(up['seconds'])}",
+            "—",
+            "—",
+            "—",
+            "—",
+        )
+    )
 
     cl = r["cluster"]
     one, two = cl["workers_1"], cl["workers_2"]
     t1, t2 = med(one["scan"]), med(two["scan"])
-    row(f"2a Cohort scan of {two['cases']} cases ({'x'.join(map(str, r['cohort_shape']))}): "
-        "`col.stats(method=\"scan\", client=...)`, 2 workers vs 1 (processes, 1 thread each)",
-        _fmt_s(t2), _fmt_s(t1), t1 / t2, f">= {TARGET_SCALING}x faster", t1 / t2 >= TARGET_SCALING)
+    row(
+        f"2a Cohort scan of {two['cases']} cases ({'x'.join(map(str, r['cohort_shape']))}): "
+        '`col.stats(method="scan", client=...)`, 2 workers vs 1 (processes, 1 thread each)',
+        _fmt_s(t2),
+        _fmt_s(t1),
+        t1 / t2,
+        f">= {TARGET_SCALING}x faster",
+        t1 / t2 >= TARGET_SCALING,
+    )
     cpu = cl.get("cpu_scaling")
     if cpu:
         raw = med(cpu)
-        row("2f (info) raw CPU scaling of the machine in this run: a pure-Python loop in 2 processes "
+        row(
+            "2f (info) raw CPU scaling of the machine in this run: a pure-Python loop in 2 processes "
             "at once vs alone (2.0 = two free cores; before and after the cluster runs: "
-            + ", ".join(f"{x:.2f}" for x in cpu) + "); 2a as a share of it",
-            f"{t1 / t2:.2f}x", f"{raw:.2f}x", (t1 / t2) / raw, "—", None)
+            + ", ".join(f"{x:.2f}" for x in cpu)
+            + "); 2a as a share of it",
+            f"{t1 / t2:.2f}x",
+            f"{raw:.2f}x",
+            (t1 / t2) / raw,
+            "—",
+            None,
+        )
     loc = cl.get("local")
     if loc:
-        row("2a' (info) same scan without a cluster (threaded scheduler, this process) vs 2 workers",
-            _fmt_s(t2), _fmt_s(med(loc["scan"])), med(loc["scan"]) / t2, "—", None)
+        row(
+            "2a' (info) same scan without a cluster (threaded scheduler, this process) vs 2 workers",
+            _fmt_s(t2),
+            _fmt_s(med(loc["scan"])),
+            med(loc["scan"]) / t2,
+            "—",
+            None,
+        )
     i1, i2 = cl.get("workers_1_inner1"), cl.get("workers_2_inner1")
     if i1 and i2:
         a, b = med(i1["scan"]), med(i2["scan"])
-        row("2a'' (diagnostic) same, with the worker-side threaded compute limited to 1 thread "
-            "(`dask.config num_workers=1` on the workers): 2 workers vs 1", _fmt_s(b), _fmt_s(a),
-            a / b, f">= {TARGET_SCALING}x", None)
+        row(
+            "2a'' (diagnostic) same, with the worker-side threaded compute limited to 1 thread "
+            "(`dask.config num_workers=1` on the workers): 2 workers vs 1",
+            _fmt_s(b),
+            _fmt_s(a),
+            a / b,
+            f">= {TARGET_SCALING}x",
+            None,
+        )
     for res in (one, two):
         w = res["n_workers"]
         o = med(res["overhead"])
-        row(f"2b (info) scan overhead, {w} worker(s): wall - busiest worker's compute "
-            f"(task stream; {res['tasks_per_scan']} tasks)", _fmt_s(o),
+        row(
+            f"2b (info) scan overhead, {w} worker(s): wall - busiest worker's compute "
+            f"(task stream; {res['tasks_per_scan']} tasks)",
+            _fmt_s(o),
             f"wall {_fmt_s(med(res['scan']))}, busiest {_fmt_s(med(res['busy_max']))}, "
-            f"sum {_fmt_s(med(res['busy_sum']))}", o / med(res["scan"]), "share of wall", None)
+            f"sum {_fmt_s(med(res['busy_sum']))}",
+            o / med(res["scan"]),
+            "share of wall",
+            None,
+        )
     for res in (one, two):
         w = res["n_workers"]
-        row(f"2c (info) scheduler overhead per trivial task, {w} worker(s): `client.map` of "
+        row(
+            f"2c (info) scheduler overhead per trivial task, {w} worker(s): `client.map` of "
             f"{res['n_trivial']} tasks / N (baseline: one submit+result round trip)",
-            _fmt_s(min(res["trivial_per_task"])), _fmt_s(med(res["round_trip"])), None, "—", None)
+            _fmt_s(min(res["trivial_per_task"])),
+            _fmt_s(med(res["round_trip"])),
+            None,
+            "—",
+            None,
+        )
     per_task = [x for xs in two["task_compute"] for x in xs]
-    rows.append(("2d (info) per-case scan task compute time (task stream, 2 workers)",
-                 f"median {_fmt_s(med(per_task))}", f"max {_fmt_s(max(per_task))}", "—", "—", "—"))
+    rows.append(
+        (
+            "2d (info) per-case scan task compute time (task stream, 2 workers)",
+            f"median {_fmt_s(med(per_task))}",
+            f"max {_fmt_s(max(per_task))}",
+            "—",
+            "—",
+            "—",
+        )
+    )
     ok = one["scan_equals_index"] and two["scan_equals_index"]
-    rows.append(("2e Cluster scan equals `method=\"index\"`", "equal" if ok else "DIFFERENT", "—",
-                 "—", "equal", "pass" if ok else "**FAIL**"))
+    rows.append(
+        (
+            '2e Cluster scan equals `method="index"`',
+            "equal" if ok else "DIFFERENT",
+            "—",
+            "—",
+            "equal",
+            "pass" if ok else "**FAIL**",
+        )
+    )
     return rows
 
 
@@ -694,8 +879,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--quick", action="store_true", help="small data, few repeats (smoke run)")
     ap.add_argument("--repeats", type=int, default=None, help="crop repeats (default 10, quick 3)")
     ap.add_argument("--margin-mm", type=float, default=10.0)
-    ap.add_argument("--skip-diagnostic", action="store_true",
-                    help="skip the cluster runs with 1 inner thread")
+    ap.add_argument(
+        "--skip-diagnostic", action="store_true", help="skip the cluster runs with 1 inner thread"
+    )
     args = ap.parse_args(argv)
     data: Path = args.data.resolve()
     cdir = data / "cloud"
@@ -733,9 +919,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     log(f"convert {src} -> {store} ...")
     r["convert"] = run_child("convert", str(src), str(store), "dap_atlas")
     ref = run_child("reference", str(store), CASE, str(args.margin_mm))
-    r["data"] = {"source": str(src), "store": str(store),
-                 "meta": {k: v for k, v in json.loads((src / "bench-meta.json").read_text()).items()
-                          if k in ("key", "label_ids")}}
+    r["data"] = {
+        "source": str(src),
+        "store": str(store),
+        "meta": {
+            k: v
+            for k, v in json.loads((src / "bench-meta.json").read_text()).items()
+            if k in ("key", "label_ids")
+        },
+    }
 
     cohort_src = cdir / f"cohort-src-{n_cases}x{'x'.join(map(str, cohort_shape))}"
     cohort_store = cdir / f"cohort-{n_cases}x{'x'.join(map(str, cohort_shape))}.zarr"
@@ -761,8 +953,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         nfiles, nbytes = _tree_size(store)
         crop["upload"] = {"seconds": time.perf_counter() - t0, "files": nfiles, "bytes": nbytes}
         assert len(fs.find(f"{BUCKET}/{key}")) == nfiles, "upload incomplete"
-        common = [key, CASE, ref["structure"], str(args.margin_mm), json.dumps(ref["box"]),
-                  ref["segmentation"]]
+        common = [
+            key,
+            CASE,
+            ref["structure"],
+            str(args.margin_mm),
+            json.dumps(ref["box"]),
+            ref["segmentation"],
+        ]
         for tool in ("ctzarr", "tensorstore", "zarr", "ctzarr-fsspec"):
             log(f"   {tool}: count ...")
             plog.take()
@@ -775,8 +973,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 log(f"   {tool} count failed: {str(exc)[-600:]}")
             log(f"   {tool}: time ({reps} cold + {reps} reused) ...")
             try:
-                crop["timing"][tool] = run_child("crop", tool, "time", endpoint, *common, str(reps),
-                                                 timeout=900)
+                crop["timing"][tool] = run_child(
+                    "crop", tool, "time", endpoint, *common, str(reps), timeout=900
+                )
             except Exception as exc:
                 crop["timing"][tool] = {"error": f"{type(exc).__name__}: {str(exc)[-1500:]}"}
                 log(f"   {tool} timing failed: {str(exc)[-600:]}")
@@ -788,13 +987,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cpu = cpu_scaling()
     for nw in (1, 2):
         log(f"   {nw} worker(s) ...")
-        cl[f"workers_{nw}"] = run_child("cluster", str(cohort_store), str(nw), str(scan_reps),
-                                        str(n_trivial), "default")
+        cl[f"workers_{nw}"] = run_child(
+            "cluster", str(cohort_store), str(nw), str(scan_reps), str(n_trivial), "default"
+        )
     if not args.skip_diagnostic:
         for nw in (1, 2):
             log(f"   {nw} worker(s), 1 inner thread (diagnostic) ...")
-            cl[f"workers_{nw}_inner1"] = run_child("cluster", str(cohort_store), str(nw),
-                                                   str(scan_reps), "50", "1")
+            cl[f"workers_{nw}_inner1"] = run_child(
+                "cluster", str(cohort_store), str(nw), str(scan_reps), "50", "1"
+            )
     log("   threaded scan without a cluster ...")
     cl["local"] = run_child("local_scan", str(cohort_store), str(scan_reps))
     cl["cpu_scaling"] = cpu + cpu_scaling()
@@ -813,8 +1014,18 @@ def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for p in ("ctzarr", "zarr", "s3fs", "aiobotocore", "botocore", "fsspec", "tensorstore",
-              "moto", "dask", "distributed"):
+    for p in (
+        "ctzarr",
+        "zarr",
+        "s3fs",
+        "aiobotocore",
+        "botocore",
+        "fsspec",
+        "tensorstore",
+        "moto",
+        "dask",
+        "distributed",
+    ):
         try:
             out[p] = version(p)
         except PackageNotFoundError:

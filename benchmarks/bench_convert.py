@@ -98,7 +98,7 @@ def subdivide_labels(labels: np.ndarray, free_ids: list[int], target: int) -> di
     heapq.heapify(heap)
     parts = dict.fromkeys(present, 1)
     for _ in range(n_extra):
-        neg, i, k = heapq.heappop(heap)
+        _neg, i, k = heapq.heappop(heap)
         parts[i] = k + 1
         heapq.heappush(heap, (-int(counts[i]) // (k + 1), i, k + 1))
     free = iter(sorted(free_ids))
@@ -151,7 +151,11 @@ class Dataset:
 
 
 def _dataset_paths(root: Path) -> tuple[Path, Path, Path]:
-    return root / "images" / f"{CASE}.nii.gz", root / "masks" / f"{CASE}.nii.gz", root / "bench-meta.json"
+    return (
+        root / "images" / f"{CASE}.nii.gz",
+        root / "masks" / f"{CASE}.nii.gz",
+        root / "bench-meta.json",
+    )
 
 
 def _cached(root: Path, key: dict[str, Any]) -> Dataset | None:
@@ -163,8 +167,14 @@ def _cached(root: Path, key: dict[str, Any]) -> Dataset | None:
     return Dataset(root, ct, mask, info) if same else None
 
 
-def _write_dataset(root: Path, key: dict[str, Any], ct: np.ndarray, labels: np.ndarray,
-                   spacing: tuple[float, float, float], extra: dict[str, Any]) -> Dataset:
+def _write_dataset(
+    root: Path,
+    key: dict[str, Any],
+    ct: np.ndarray,
+    labels: np.ndarray,
+    spacing: tuple[float, float, float],
+    extra: dict[str, Any],
+) -> Dataset:
     shutil.rmtree(root, ignore_errors=True)
     (root / "images").mkdir(parents=True)
     (root / "masks").mkdir(parents=True)
@@ -193,7 +203,9 @@ def make_datasets(data: Path, geo: CaseGeometry, tag: str) -> tuple[Dataset, Dat
 
     print(f"generating {geo.shape_zyx} phantom ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    ct, labels = make_phantom(geo.shape_zyx, geo.spacing_zyx, seed=geo.seed, n_structures=geo.n_structures)
+    ct, labels = make_phantom(
+        geo.shape_zyx, geo.spacing_zyx, seed=geo.seed, n_structures=geo.n_structures
+    )
     phantom_ids = int(np.count_nonzero(np.bincount(labels.ravel(), minlength=256)[1:]))
     valid = set(builtin_label_map("dap_atlas").values) - {0}
     free = sorted(valid - set(np.unique(labels).tolist()))
@@ -206,12 +218,22 @@ def make_datasets(data: Path, geo: CaseGeometry, tag: str) -> tuple[Dataset, Dat
         "labelled_fraction": round(float(1 - counts[0] / labels.size), 4),
         "generate_seconds": round(time.perf_counter() - t0, 1),
     }
-    print(f"  {phantom_ids} ids from make_phantom -> {extra['label_ids']} after subdivision; "
-          f"writing .nii.gz ...", file=sys.stderr, flush=True)
+    print(
+        f"  {phantom_ids} ids from make_phantom -> {extra['label_ids']} after subdivision; "
+        f"writing .nii.gz ...",
+        file=sys.stderr,
+        flush=True,
+    )
     base = _write_dataset(base_root, key, ct, labels, geo.spacing_zyx, extra)
     print(f"writing the {geo.tile_z}x z-tiled copy ...", file=sys.stderr, flush=True)
-    tiled = _write_dataset(tiled_root, {**key, "tiled": True}, np.tile(ct, (geo.tile_z, 1, 1)),
-                           np.tile(labels, (geo.tile_z, 1, 1)), geo.spacing_zyx, extra)
+    tiled = _write_dataset(
+        tiled_root,
+        {**key, "tiled": True},
+        np.tile(ct, (geo.tile_z, 1, 1)),
+        np.tile(labels, (geo.tile_z, 1, 1)),
+        geo.spacing_zyx,
+        extra,
+    )
     return base, tiled
 
 
@@ -221,12 +243,15 @@ def prepare_data(data: Path, geo: CaseGeometry, tag: str) -> tuple[Dataset, Data
     Generating in a child keeps this process small: its peak RSS would otherwise leak into
     the children's figures when /usr/bin/time is missing (see :func:`run_child`).
     """
+
     def lookup() -> tuple[Dataset | None, ...]:
         key = {"version": DATA_VERSION, **asdict(geo)}
         n = geo.shape_zyx[0]
-        return (_cached(data / f"{tag}-{n}", key),
-                _cached(data / f"{tag}-{n * geo.tile_z}", {**key, "tiled": True}),
-                _cached(data / "warmup", {"version": DATA_VERSION, "warmup": asdict(WARMUP)}))
+        return (
+            _cached(data / f"{tag}-{n}", key),
+            _cached(data / f"{tag}-{n * geo.tile_z}", {**key, "tiled": True}),
+            _cached(data / "warmup", {"version": DATA_VERSION, "warmup": asdict(WARMUP)}),
+        )
 
     found = lookup()
     if any(d is None for d in found):
@@ -274,8 +299,11 @@ def run_child(cmd: list[str], env: dict[str, str] | None = None) -> Run:
     prints a JSON object as its last stdout line reports in-process figures.
     """
     timer = shutil.which("time", path="/usr/bin:/bin")
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
-            tempfile.NamedTemporaryFile("r", suffix=".rss") as rss:
+    with (
+        tempfile.TemporaryFile() as out,
+        tempfile.TemporaryFile() as err,
+        tempfile.NamedTemporaryFile("r", suffix=".rss") as rss,
+    ):
         full = [timer, "-f", "%M", "-o", rss.name, *cmd] if timer else cmd
         epoch0 = time.time()
         t0 = time.perf_counter()
@@ -287,7 +315,9 @@ def run_child(cmd: list[str], env: dict[str, str] | None = None) -> Run:
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
-        peak_kib = int(rss.read().split()[-1]) if timer and proc.returncode == 0 else usage.ru_maxrss
+        peak_kib = (
+            int(rss.read().split()[-1]) if timer and proc.returncode == 0 else usage.ru_maxrss
+        )
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited with {proc.returncode}:\n{stderr[-3000:]}")
     report: dict[str, Any] = {}
@@ -322,8 +352,10 @@ def child_main(argv: list[str]) -> None:
         del arrays
         t2 = time.perf_counter()  # a second load in the same process: the steady state per case
         arrays = [np.asanyarray(nib.load(p).dataobj) for p in argv[1:]]
-        extra: dict[str, Any] = {"shapes": [list(a.shape) for a in arrays],
-                                 "second_seconds": time.perf_counter() - t2}
+        extra: dict[str, Any] = {
+            "shapes": [list(a.shape) for a in arrays],
+            "second_seconds": time.perf_counter() - t2,
+        }
     elif step in ("convert", "convert_twice"):
         import ctzarr
 
@@ -347,8 +379,19 @@ def child_main(argv: list[str]) -> None:
     else:
         raise SystemExit(f"unknown child step {step!r}")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"seconds": seconds, "import_seconds": t_import, "self_peak_mb": peak, **extra,
-                      "t_begin": t_begin, "t_end": time.time()}), flush=True)
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "import_seconds": t_import,
+                "self_peak_mb": peak,
+                **extra,
+                "t_begin": t_begin,
+                "t_end": time.time(),
+            }
+        ),
+        flush=True,
+    )
 
 
 def _self_cmd(*args: str) -> list[str]:
@@ -382,7 +425,9 @@ def repeat(make_cmd: Any, n: int, before: Any = None, env: dict[str, str] | None
         wall_s=statistics.median(r.wall_s for r in runs),
         inproc_s=statistics.median(inproc) if inproc else None,
         peak_mb=max(r.peak_mb for r in runs),
-        runs=[{"wall_s": round(r.wall_s, 3), "peak_mb": round(r.peak_mb, 1), **r.report} for r in runs],
+        runs=[
+            {"wall_s": round(r.wall_s, 3), "peak_mb": round(r.peak_mb, 1), **r.report} for r in runs
+        ],
     )
 
 
@@ -392,8 +437,11 @@ def bench_nib_load(ds: Dataset, n: int) -> Stat:
 
 def bench_convert(ds: Dataset, dest: Path, n: int) -> Stat:
     """Convert ds into a fresh store n times (the store is removed before each run)."""
-    return repeat(lambda: _self_cmd("convert", str(ds.root), str(dest)), n,
-                  before=lambda: shutil.rmtree(dest, ignore_errors=True))
+    return repeat(
+        lambda: _self_cmd("convert", str(ds.root), str(dest)),
+        n,
+        before=lambda: shutil.rmtree(dest, ignore_errors=True),
+    )
 
 
 def ensure_niizarr_venv(data: Path) -> tuple[Path | None, str]:
@@ -407,8 +455,13 @@ def ensure_niizarr_venv(data: Path) -> tuple[Path | None, str]:
     try:
         with open(log, "w") as f:
             subprocess.run([py, "-m", "venv", "--clear", str(venv)], check=True, stdout=f, stderr=f)
-            subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "nifti-zarr"],
-                           check=True, stdout=f, stderr=f, timeout=900)
+            subprocess.run(
+                [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "nifti-zarr"],
+                check=True,
+                stdout=f,
+                stderr=f,
+                timeout=900,
+            )
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as exc:
         return None, f"install failed ({exc}); see {log}"
     if not exe.exists():
@@ -417,8 +470,12 @@ def ensure_niizarr_venv(data: Path) -> tuple[Path | None, str]:
 
 
 def _niizarr_version(venv: Path) -> str:
-    out = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "list", "--format=json"],
-                         capture_output=True, text=True, check=False).stdout
+    out = subprocess.run(
+        [str(venv / "bin" / "python"), "-m", "pip", "list", "--format=json"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
     try:
         pkgs = {p["name"].lower(): p["version"] for p in json.loads(out)}
     except json.JSONDecodeError:
@@ -430,8 +487,12 @@ def bench_niizarr(exe: Path, ds: Dataset, dest: Path, n: int) -> Stat:
     """``nii2zarr ct.nii.gz out`` with its defaults (pyramid, 64^3 chunks)."""
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
     env["PATH"] = f"{exe.parent}:{env.get('PATH', '')}"
-    return repeat(lambda: [str(exe), str(ds.ct), str(dest)], n,
-                  before=lambda: shutil.rmtree(dest, ignore_errors=True), env=env)
+    return repeat(
+        lambda: [str(exe), str(ds.ct), str(dest)],
+        n,
+        before=lambda: shutil.rmtree(dest, ignore_errors=True),
+        env=env,
+    )
 
 
 def tree_bytes(path: Path) -> int:
@@ -460,7 +521,9 @@ def store_sizes(store: Path) -> dict[str, int]:
 
 def index_summary(store: Path) -> dict[str, Any]:
     """Labels listed by the stored index (a sanity check that the mask was indexed)."""
-    meta = json.loads((store / "cases" / CASE / "labels" / "anatomy" / "index" / "zarr.json").read_text())
+    meta = json.loads(
+        (store / "cases" / CASE / "labels" / "anatomy" / "index" / "zarr.json").read_text()
+    )
     attrs = meta["attributes"]["ctzarr"]
     return {"labels": len(attrs["labels"]), "voxels": int(sum(attrs["voxel_count"]))}
 
@@ -480,11 +543,14 @@ def _verdict(ok: bool | None) -> str:
 
 def _breakdown(stat: dict[str, Any]) -> str:
     """Median start-up / imports / work / shut-down of a step's child processes."""
+
     def med(key: str) -> float:
         return statistics.median(run.get(key, float("nan")) for run in stat["runs"])
 
-    return (f"start {med('startup_s'):.2f} + import {med('import_seconds'):.2f} + "
-            f"work {med('seconds'):.2f} + exit {med('shutdown_s'):.2f} s")
+    return (
+        f"start {med('startup_s'):.2f} + import {med('import_seconds'):.2f} + "
+        f"work {med('seconds'):.2f} + exit {med('shutdown_s'):.2f} s"
+    )
 
 
 def build_table(r: dict[str, Any]) -> str:
@@ -495,63 +561,171 @@ def build_table(r: dict[str, Any]) -> str:
     sz, src = r["sizes"], r["source_bytes"]
     rows: list[tuple[str, str, str, str, str, str]] = []
 
-    def row(what: str, value: str, base: str, ratio: float | None, target: str, ok: bool | None) -> None:
-        rows.append((what, value, base, "—" if ratio is None else f"{ratio:.2f}x", target, _verdict(ok)))
+    def row(
+        what: str, value: str, base: str, ratio: float | None, target: str, ok: bool | None
+    ) -> None:
+        rows.append(
+            (what, value, base, "—" if ratio is None else f"{ratio:.2f}x", target, _verdict(ok))
+        )
 
     t_ratio = conv["wall_s"] / nib["wall_s"]
-    row(f"Conversion wall time, {n0} slices (child process)", f"{conv['wall_s']:.2f} s",
-        f"nibabel load {nib['wall_s']:.2f} s", t_ratio, f"<= {TARGET_TIME_RATIO}x", t_ratio <= TARGET_TIME_RATIO)
+    row(
+        f"Conversion wall time, {n0} slices (child process)",
+        f"{conv['wall_s']:.2f} s",
+        f"nibabel load {nib['wall_s']:.2f} s",
+        t_ratio,
+        f"<= {TARGET_TIME_RATIO}x",
+        t_ratio <= TARGET_TIME_RATIO,
+    )
     i_ratio = conv["inproc_s"] / nib["inproc_s"]
-    row(f"Conversion in-process (`convert()` call), {n0} slices", f"{conv['inproc_s']:.2f} s",
-        f"nibabel load {nib['inproc_s']:.2f} s", i_ratio, f"<= {TARGET_TIME_RATIO}x", i_ratio <= TARGET_TIME_RATIO)
+    row(
+        f"Conversion in-process (`convert()` call), {n0} slices",
+        f"{conv['inproc_s']:.2f} s",
+        f"nibabel load {nib['inproc_s']:.2f} s",
+        i_ratio,
+        f"<= {TARGET_TIME_RATIO}x",
+        i_ratio <= TARGET_TIME_RATIO,
+    )
+
     def second(stat: dict[str, Any]) -> float:
         return statistics.median(run["second_seconds"] for run in stat["runs"])
 
     twice = r["convert_twice"]
     s_ratio = second(twice) / second(nib)
-    row(f"Conversion per case in a running process (second case), {n0} slices", f"{second(twice):.2f} s",
-        f"nibabel second load {second(nib):.2f} s", s_ratio, f"<= {TARGET_TIME_RATIO}x", s_ratio <= TARGET_TIME_RATIO)
-    rows.append((f"Where the child's wall time goes, {n0} slices", _breakdown(conv), _breakdown(nib),
-                 "—", "—", "—"))
-    row(f"Conversion peak RSS, {n0} slices", f"{conv['peak_mb']:.0f} MB", f"nibabel load {nib['peak_mb']:.0f} MB",
-        conv["peak_mb"] / nib["peak_mb"], f"<= {TARGET_PEAK_MB:.0f} MB", conv["peak_mb"] <= TARGET_PEAK_MB)
+    row(
+        f"Conversion per case in a running process (second case), {n0} slices",
+        f"{second(twice):.2f} s",
+        f"nibabel second load {second(nib):.2f} s",
+        s_ratio,
+        f"<= {TARGET_TIME_RATIO}x",
+        s_ratio <= TARGET_TIME_RATIO,
+    )
+    rows.append(
+        (
+            f"Where the child's wall time goes, {n0} slices",
+            _breakdown(conv),
+            _breakdown(nib),
+            "—",
+            "—",
+            "—",
+        )
+    )
+    row(
+        f"Conversion peak RSS, {n0} slices",
+        f"{conv['peak_mb']:.0f} MB",
+        f"nibabel load {nib['peak_mb']:.0f} MB",
+        conv["peak_mb"] / nib["peak_mb"],
+        f"<= {TARGET_PEAK_MB:.0f} MB",
+        conv["peak_mb"] <= TARGET_PEAK_MB,
+    )
     t4 = conv4["wall_s"] / nib4["wall_s"]
-    row(f"Conversion wall time, {n1} slices (child process)", f"{conv4['wall_s']:.2f} s",
-        f"nibabel load {nib4['wall_s']:.2f} s", t4, f"<= {TARGET_TIME_RATIO}x", t4 <= TARGET_TIME_RATIO)
+    row(
+        f"Conversion wall time, {n1} slices (child process)",
+        f"{conv4['wall_s']:.2f} s",
+        f"nibabel load {nib4['wall_s']:.2f} s",
+        t4,
+        f"<= {TARGET_TIME_RATIO}x",
+        t4 <= TARGET_TIME_RATIO,
+    )
     i4 = conv4["inproc_s"] / nib4["inproc_s"]
-    row(f"Conversion in-process, {n1} slices", f"{conv4['inproc_s']:.2f} s",
-        f"nibabel load {nib4['inproc_s']:.2f} s", i4, f"<= {TARGET_TIME_RATIO}x", i4 <= TARGET_TIME_RATIO)
+    row(
+        f"Conversion in-process, {n1} slices",
+        f"{conv4['inproc_s']:.2f} s",
+        f"nibabel load {nib4['inproc_s']:.2f} s",
+        i4,
+        f"<= {TARGET_TIME_RATIO}x",
+        i4 <= TARGET_TIME_RATIO,
+    )
     growth = conv4["peak_mb"] / conv["peak_mb"]
-    row(f"Conversion peak RSS, {n1} slices", f"{conv4['peak_mb']:.0f} MB",
-        f"{n0} slices {conv['peak_mb']:.0f} MB (nibabel {nib4['peak_mb']:.0f} MB)", growth,
+    row(
+        f"Conversion peak RSS, {n1} slices",
+        f"{conv4['peak_mb']:.0f} MB",
+        f"{n0} slices {conv['peak_mb']:.0f} MB (nibabel {nib4['peak_mb']:.0f} MB)",
+        growth,
         f"<= {TARGET_PEAK_MB:.0f} MB and <= {TARGET_GROWTH}x",
-        conv4["peak_mb"] <= TARGET_PEAK_MB and growth <= TARGET_GROWTH)
+        conv4["peak_mb"] <= TARGET_PEAK_MB and growth <= TARGET_GROWTH,
+    )
     ct_ratio = sz["ct_level0"] / src["ct"]
-    row("Level-0 CT array", _mb(sz["ct_level0"]), f"CT .nii.gz {_mb(src['ct'])}", ct_ratio,
-        f"<= {TARGET_CT_RATIO}x", ct_ratio <= TARGET_CT_RATIO)
+    row(
+        "Level-0 CT array",
+        _mb(sz["ct_level0"]),
+        f"CT .nii.gz {_mb(src['ct'])}",
+        ct_ratio,
+        f"<= {TARGET_CT_RATIO}x",
+        ct_ratio <= TARGET_CT_RATIO,
+    )
     m_ratio = sz["mask_level0"] / src["mask"]
-    row("Level-0 mask array", _mb(sz["mask_level0"]), f"mask .nii.gz {_mb(src['mask'])}", m_ratio,
-        f"<= {TARGET_MASK_RATIO}x", m_ratio <= TARGET_MASK_RATIO)
-    row(f"CT pyramid, levels 1..{sz['levels'] - 1}", _mb(sz["ct_levels1plus"]), f"level 0 {_mb(sz['ct_level0'])}",
-        sz["ct_levels1plus"] / sz["ct_level0"], "—", None)
-    row(f"Mask pyramid, levels 1..{sz['levels'] - 1}", _mb(sz["mask_levels1plus"]),
-        f"level 0 {_mb(sz['mask_level0'])}", sz["mask_levels1plus"] / sz["mask_level0"], "—", None)
-    row(f"Label index ({r['index']['labels']} labels)", _mb(sz["index"]), f"mask level 0 {_mb(sz['mask_level0'])}",
-        sz["index"] / sz["mask_level0"], "—", None)
+    row(
+        "Level-0 mask array",
+        _mb(sz["mask_level0"]),
+        f"mask .nii.gz {_mb(src['mask'])}",
+        m_ratio,
+        f"<= {TARGET_MASK_RATIO}x",
+        m_ratio <= TARGET_MASK_RATIO,
+    )
+    row(
+        f"CT pyramid, levels 1..{sz['levels'] - 1}",
+        _mb(sz["ct_levels1plus"]),
+        f"level 0 {_mb(sz['ct_level0'])}",
+        sz["ct_levels1plus"] / sz["ct_level0"],
+        "—",
+        None,
+    )
+    row(
+        f"Mask pyramid, levels 1..{sz['levels'] - 1}",
+        _mb(sz["mask_levels1plus"]),
+        f"level 0 {_mb(sz['mask_level0'])}",
+        sz["mask_levels1plus"] / sz["mask_level0"],
+        "—",
+        None,
+    )
+    row(
+        f"Label index ({r['index']['labels']} labels)",
+        _mb(sz["index"]),
+        f"mask level 0 {_mb(sz['mask_level0'])}",
+        sz["index"] / sz["mask_level0"],
+        "—",
+        None,
+    )
     total_src = src["ct"] + src["mask"]
-    row("Whole store (all levels, index, header, metadata)", _mb(sz["store_total"]),
-        f"both .nii.gz {_mb(total_src)}", sz["store_total"] / total_src, "—", None)
+    row(
+        "Whole store (all levels, index, header, metadata)",
+        _mb(sz["store_total"]),
+        f"both .nii.gz {_mb(total_src)}",
+        sz["store_total"] / total_src,
+        "—",
+        None,
+    )
     nz = r.get("niizarr")
     if nz and "wall_s" in nz:
-        row(f"nifti-zarr `nii2zarr` CT, defaults ({n0} slices), wall time", f"{nz['wall_s']:.2f} s",
-            f"ctzarr CT + mask {conv['wall_s']:.2f} s", nz["wall_s"] / conv["wall_s"], "—", None)
-        row("nifti-zarr `nii2zarr` CT, peak RSS", f"{nz['peak_mb']:.0f} MB", f"ctzarr {conv['peak_mb']:.0f} MB",
-            nz["peak_mb"] / conv["peak_mb"], "—", None)
-        row("nifti-zarr `nii2zarr` CT store (all levels)", _mb(nz["store_bytes"]),
+        row(
+            f"nifti-zarr `nii2zarr` CT, defaults ({n0} slices), wall time",
+            f"{nz['wall_s']:.2f} s",
+            f"ctzarr CT + mask {conv['wall_s']:.2f} s",
+            nz["wall_s"] / conv["wall_s"],
+            "—",
+            None,
+        )
+        row(
+            "nifti-zarr `nii2zarr` CT, peak RSS",
+            f"{nz['peak_mb']:.0f} MB",
+            f"ctzarr {conv['peak_mb']:.0f} MB",
+            nz["peak_mb"] / conv["peak_mb"],
+            "—",
+            None,
+        )
+        row(
+            "nifti-zarr `nii2zarr` CT store (all levels)",
+            _mb(nz["store_bytes"]),
             f"ctzarr CT all levels {_mb(sz['ct_level0'] + sz['ct_levels1plus'])}",
-            nz["store_bytes"] / (sz["ct_level0"] + sz["ct_levels1plus"]), "—", None)
+            nz["store_bytes"] / (sz["ct_level0"] + sz["ct_levels1plus"]),
+            "—",
+            None,
+        )
     else:
-        rows.append(("nifti-zarr `nii2zarr` CT", (nz or {}).get("status", "not run"), "—", "—", "—", "—"))
+        rows.append(
+            ("nifti-zarr `nii2zarr` CT", (nz or {}).get("status", "not run"), "—", "—", "—", "—")
+        )
 
     head = ("Measure", "ctzarr", "Baseline", "Ratio", "Target", "Met")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -579,9 +753,18 @@ def describe(r: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", type=Path, default=REPO / "bench-data", help="data directory (default bench-data/)")
-    ap.add_argument("--quick", action="store_true", help="small 100x256x256 case, one repeat (smoke test)")
-    ap.add_argument("--repeats", type=int, default=None, help="runs per timed step (default 3, quick 1)")
+    ap.add_argument(
+        "--data",
+        type=Path,
+        default=REPO / "bench-data",
+        help="data directory (default bench-data/)",
+    )
+    ap.add_argument(
+        "--quick", action="store_true", help="small 100x256x256 case, one repeat (smoke test)"
+    )
+    ap.add_argument(
+        "--repeats", type=int, default=None, help="runs per timed step (default 3, quick 1)"
+    )
     ap.add_argument("--skip-niizarr", action="store_true", help="do not install or run nifti-zarr")
     args = ap.parse_args(argv)
     data: Path = args.data.resolve()
@@ -605,8 +788,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "repeats": n,
         "slices": slices,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
-        "data": {**asdict(geo), **{k: base.info[k] for k in
-                                    ("phantom_label_ids", "label_ids", "labelled_fraction", "split")}},
+        "data": {
+            **asdict(geo),
+            **{
+                k: base.info[k]
+                for k in ("phantom_label_ids", "label_ids", "labelled_fraction", "split")
+            },
+        },
         "source_bytes": {"ct": base.ct.stat().st_size, "mask": base.mask.stat().st_size},
         "source_bytes_tiled": {"ct": tiled.ct.stat().st_size, "mask": tiled.mask.stat().st_size},
         "warmup": asdict(warm_run),
@@ -621,10 +809,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         r["convert"][str(slices_n)] = asdict(bench_convert(ds, dest, n))
         if ds is base:
             log(f"ctzarr.convert twice in one process, {slices_n} slices x{n} ...")
-            r["convert_twice"] = asdict(repeat(
-                lambda: _self_cmd("convert_twice", str(ds.root), str(dest)), n,
-                before=lambda: (shutil.rmtree(dest, ignore_errors=True),
-                                shutil.rmtree(str(dest) + "-second", ignore_errors=True))))
+            r["convert_twice"] = asdict(
+                repeat(
+                    lambda ds=ds, dest=dest: _self_cmd("convert_twice", str(ds.root), str(dest)),
+                    n,
+                    before=lambda dest=dest: (
+                        shutil.rmtree(dest, ignore_errors=True),
+                        shutil.rmtree(str(dest) + "-second", ignore_errors=True),
+                    ),
+                )
+            )
             shutil.rmtree(str(dest) + "-second", ignore_errors=True)
             bench_convert(ds, dest, 1)  # leave the store of a single conversion for the size rows
             r["sizes"] = store_sizes(dest)

@@ -66,7 +66,8 @@ KIDNEY_LEFT = 15
 def _bench_convert() -> Any:
     """bench_convert.py as a module (its data generation and cache key; never modified)."""
     spec = importlib.util.spec_from_file_location("bench_convert", HERE.parent / "bench_convert.py")
-    assert spec and spec.loader
+    assert spec
+    assert spec.loader
     mod = importlib.util.module_from_spec(spec)
     sys.modules["bench_convert"] = mod
     spec.loader.exec_module(mod)

@@ -91,9 +91,12 @@ def instrument(t: Timers) -> None:
     nifti.NiftiSource.iter_slabs = iter_slabs
     nifti.NiftiSource.scale = t.wrap("scale CT", nifti.NiftiSource.scale)
     writer.CaseWriter._as_labels = t.wrap("labels (mask dtype)", writer.CaseWriter._as_labels)
-    label_index.LabelIndexBuilder.update = t.wrap("index kernel (worker thread)",
-                                                  label_index.LabelIndexBuilder.update)
-    label_index.LabelIndexBuilder.finish = t.wrap("index finish", label_index.LabelIndexBuilder.finish)
+    label_index.LabelIndexBuilder.update = t.wrap(
+        "index kernel (worker thread)", label_index.LabelIndexBuilder.update
+    )
+    label_index.LabelIndexBuilder.finish = t.wrap(
+        "index finish", label_index.LabelIndexBuilder.finish
+    )
     writer.downsample_image = t.wrap("downsample CT (2x2x2 mean)", writer.downsample_image)
     writer.downsample_labels = t.wrap("downsample mask (nearest)", writer.downsample_labels)
 
@@ -130,17 +133,23 @@ def instrument(t: Timers) -> None:
     zarr.Array.__setitem__ = t.wrap(level_of, zarr.Array.__setitem__)
     writer.CaseWriter.write = t.wrap("CaseWriter.write (stream total)", writer.CaseWriter.write)
     writer.CaseWriter.write_index = t.wrap("write_index", writer.CaseWriter.write_index)
-    writer.CaseWriter.write_nifti_header = t.wrap("write_nifti_header", writer.CaseWriter.write_nifti_header)
+    writer.CaseWriter.write_nifti_header = t.wrap(
+        "write_nifti_header", writer.CaseWriter.write_nifti_header
+    )
     writer.CaseWriter.commit = t.wrap("commit", writer.CaseWriter.commit)
     conv.finalize_collection = t.wrap("finalize_collection", conv.finalize_collection)
-    conv.open_or_create_collection = t.wrap("open_or_create_collection", conv.open_or_create_collection)
+    conv.open_or_create_collection = t.wrap(
+        "open_or_create_collection", conv.open_or_create_collection
+    )
     conv.case_state = t.wrap("case_state", conv.case_state)
     conv.open_nifti = t.wrap("open_nifti (headers)", conv.open_nifti)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("case_dir", nargs="?", type=Path, default=HERE.parent.parent / "bench-data" / "dap-400")
+    ap.add_argument(
+        "case_dir", nargs="?", type=Path, default=HERE.parent.parent / "bench-data" / "dap-400"
+    )
     ap.add_argument("--cprofile", type=Path, help="also write a cProfile dump (main thread only)")
     args = ap.parse_args()
     import ctzarr
@@ -177,9 +186,13 @@ def main() -> None:
     for name, sec in sorted(t.total.items(), key=lambda kv: -kv[1]):
         print(f"| {name} | {sec:.3f} | {100 * sec / total:.0f} % | {t.calls[name]} |")
     other = total - main_thread
-    print(f"| other (hashing source files, loop, metadata, ...) | {other:.3f} | {100 * other / total:.0f} % | |")
-    print(f"| *index kernel, worker thread (overlapped)* | *{kernel:.3f}* | *{100 * kernel / total:.0f} %* "
-          f"| {kcalls} |")
+    print(
+        f"| other (hashing source files, loop, metadata, ...) | {other:.3f} | {100 * other / total:.0f} % | |"
+    )
+    print(
+        f"| *index kernel, worker thread (overlapped)* | *{kernel:.3f}* | *{100 * kernel / total:.0f} %* "
+        f"| {kcalls} |"
+    )
 
 
 if __name__ == "__main__":

@@ -80,8 +80,11 @@ def nifti_zyx(path: Path | str) -> np.ndarray:
     return data.transpose(2, 1, 0)
 
 
-def write_pairs(root: Path, cases: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
-                labels: dict[int, str] | None = None) -> tuple[Path, Path]:
+def write_pairs(
+    root: Path,
+    cases: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
+    labels: dict[int, str] | None = None,
+) -> tuple[Path, Path]:
     """A pairs-layout dataset from (ct_zyx, mask_zyx, affine) per case; returns (manifest, labels.json)."""
     root.mkdir(parents=True, exist_ok=True)
     lines = ["case_id,image,seg"]
@@ -92,5 +95,9 @@ def write_pairs(root: Path, cases: dict[str, tuple[np.ndarray, np.ndarray, np.nd
     manifest = root / "manifest.csv"
     manifest.write_text("\n".join(lines) + "\n")
     lab = root / "labels.json"
-    lab.write_text(json.dumps({str(k): v for k, v in (labels or {0: "background", 1: "a", 2: "b", 3: "c"}).items()}))
+    lab.write_text(
+        json.dumps(
+            {str(k): v for k, v in (labels or {0: "background", 1: "a", 2: "b", 3: "c"}).items()}
+        )
+    )
     return manifest, lab

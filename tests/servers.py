@@ -48,8 +48,13 @@ def _handler(root: Path, log: RequestLog) -> type[BaseHTTPRequestHandler]:
                 return None
             return path if path.is_file() else None
 
-        def _send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None,
-                  head: bool = False) -> None:
+        def _send(
+            self,
+            status: int,
+            body: bytes = b"",
+            headers: dict[str, str] | None = None,
+            head: bool = False,
+        ) -> None:
             self.send_response(status)
             for k, v in (headers or {}).items():
                 self.send_header(k, v)
@@ -83,8 +88,12 @@ def _handler(root: Path, log: RequestLog) -> type[BaseHTTPRequestHandler]:
                     self._send(416, headers={"Content-Range": f"bytes */{size}"}, head=head)
                     return
                 log.add(self.command, self.path, rng, 206)
-                self._send(206, data[start : stop + 1], {"Content-Range": f"bytes {start}-{stop}/{size}",
-                                                          "Accept-Ranges": "bytes"}, head=head)
+                self._send(
+                    206,
+                    data[start : stop + 1],
+                    {"Content-Range": f"bytes {start}-{stop}/{size}", "Accept-Ranges": "bytes"},
+                    head=head,
+                )
                 return
             log.add(self.command, self.path, None, 200)
             self._send(200, data, {"Accept-Ranges": "bytes"}, head=head)
@@ -141,8 +150,10 @@ class Reply:
 
 def s3_error(status: int, code: str, message: str) -> Reply:
     """An S3-style XML error answer (``SlowDown``, ``InternalError``, ``AccessDenied``...)."""
-    body = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
-            f"<Message>{message}</Message><RequestId>ctzarr-test</RequestId></Error>").encode()
+    body = (
+        f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code>'
+        f"<Message>{message}</Message><RequestId>ctzarr-test</RequestId></Error>"
+    ).encode()
     return Reply(status, body, (("Content-Type", "application/xml"),))
 
 
@@ -188,8 +199,13 @@ class FaultServer:
     def base(self) -> str:
         return f"http://127.0.0.1:{self._server.server_address[1]}"
 
-    def plan(self, prefix: str, actions: list[FaultAction] | tuple[FaultAction, ...] = (),
-             then: FaultAction = "serve", method: str | None = None) -> None:
+    def plan(
+        self,
+        prefix: str,
+        actions: list[FaultAction] | tuple[FaultAction, ...] = (),
+        then: FaultAction = "serve",
+        method: str | None = None,
+    ) -> None:
         with self._lock:
             self._plans[(prefix, method)] = _Plan(list(actions), then)
 
@@ -228,12 +244,20 @@ class FaultServer:
             def log_message(self, *args: object) -> None:  # quiet
                 pass
 
-            def _send(self, status: int, body: bytes, headers: tuple[tuple[str, str], ...] = (),
-                      head: bool = False, content_length: int | None = None) -> None:
+            def _send(
+                self,
+                status: int,
+                body: bytes,
+                headers: tuple[tuple[str, str], ...] = (),
+                head: bool = False,
+                content_length: int | None = None,
+            ) -> None:
                 self.send_response(status)
                 for k, v in headers:
                     self.send_header(k, v)
-                self.send_header("Content-Length", str(len(body) if content_length is None else content_length))
+                self.send_header(
+                    "Content-Length", str(len(body) if content_length is None else content_length)
+                )
                 self.end_headers()
                 if not head:
                     self.wfile.write(body)
@@ -242,7 +266,12 @@ class FaultServer:
                 rel = self.path.split("?", 1)[0].lstrip("/")
                 root = server.root.resolve() if server.root is not None else None
                 path = (root / rel).resolve() if root is not None else None
-                if path is None or root is None or (root not in path.parents and path != root) or not path.is_file():
+                if (
+                    path is None
+                    or root is None
+                    or (root not in path.parents and path != root)
+                    or not path.is_file()
+                ):
                     return 404, b"not found", ()
                 data = path.read_bytes()
                 size = len(data)
@@ -259,8 +288,11 @@ class FaultServer:
                     stop = min(int(m.group(2)), size - 1) if m.group(2) else size - 1
                 if start >= size or start > stop:
                     return 416, b"", (("Content-Range", f"bytes */{size}"),)
-                return 206, data[start : stop + 1], (("Content-Range", f"bytes {start}-{stop}/{size}"),
-                                                     ("Accept-Ranges", "bytes"))
+                return (
+                    206,
+                    data[start : stop + 1],
+                    (("Content-Range", f"bytes {start}-{stop}/{size}"), ("Accept-Ranges", "bytes")),
+                )
 
             def _handle(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
@@ -284,7 +316,12 @@ class FaultServer:
                     return
                 if isinstance(action, int):
                     server.log.add(self.command, self.path, rng, action)
-                    self._send(action, f"fault {action}".encode(), (("Content-Type", "text/plain"),), head=head)
+                    self._send(
+                        action,
+                        f"fault {action}".encode(),
+                        (("Content-Type", "text/plain"),),
+                        head=head,
+                    )
                     return
                 if self.command not in ("GET", "HEAD"):  # a write or delete: accepted, discarded
                     status = 204 if self.command == "DELETE" else 200

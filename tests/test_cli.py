@@ -16,7 +16,9 @@ from ctzarr.cli.main import main
 from .conftest import nifti_zyx
 
 
-def test_info_lists_cases_and_structures(dap_store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_info_lists_cases_and_structures(
+    dap_store: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["info", str(dap_store)]) == 0
     out = capsys.readouterr().out
     col = ctzarr.open_collection(dap_store)
@@ -26,19 +28,27 @@ def test_info_lists_cases_and_structures(dap_store: Path, capsys: pytest.Capture
     assert "liver" in capsys.readouterr().out
 
 
-def test_export_writes_nifti_equal_to_source(dap_source: Path, dap_store: Path, tmp_path: Path,
-                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_export_writes_nifti_equal_to_source(
+    dap_source: Path, dap_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     cid = ctzarr.open_collection(dap_store).case_ids[2]
     assert main(["export", str(dap_store), cid, str(tmp_path / "out")]) == 0
     image = tmp_path / "out" / f"{cid}_image.nii.gz"
-    np.testing.assert_array_equal(nifti_zyx(image), nifti_zyx(dap_source / "images" / f"{cid}.nii.gz"))
-    np.testing.assert_array_equal(nib.load(image).affine, nib.load(dap_source / "images" / f"{cid}.nii.gz").affine)
-    np.testing.assert_array_equal(nifti_zyx(tmp_path / "out" / f"{cid}_anatomy.nii.gz"),
-                                  nifti_zyx(dap_source / "masks" / f"{cid}.nii.gz"))
+    np.testing.assert_array_equal(
+        nifti_zyx(image), nifti_zyx(dap_source / "images" / f"{cid}.nii.gz")
+    )
+    np.testing.assert_array_equal(
+        nib.load(image).affine, nib.load(dap_source / "images" / f"{cid}.nii.gz").affine
+    )
+    np.testing.assert_array_equal(
+        nifti_zyx(tmp_path / "out" / f"{cid}_anatomy.nii.gz"),
+        nifti_zyx(dap_source / "masks" / f"{cid}.nii.gz"),
+    )
 
 
-def test_verify_passes_then_finds_a_flipped_byte(dap_source: Path, tmp_path: Path,
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_verify_passes_then_finds_a_flipped_byte(
+    dap_source: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     dest = tmp_path / "v.zarr"
     assert main(["convert", str(dap_source), str(dest), "-q"]) == 0
     assert main(["verify", str(dest)]) == 0
@@ -50,7 +60,8 @@ def test_verify_passes_then_finds_a_flipped_byte(dap_source: Path, tmp_path: Pat
     capsys.readouterr()
     assert main(["verify", str(dest)]) == 1
     out = capsys.readouterr().out
-    assert cid in out and "problem" in out
+    assert cid in out
+    assert "problem" in out
 
 
 @pytest.mark.parametrize(
@@ -63,18 +74,32 @@ def test_verify_passes_then_finds_a_flipped_byte(dap_source: Path, tmp_path: Pat
         ["convert", ".", "x.zarr", "--layout", "pairs", "-q"],
         ["info", ".", "--storage-options", "{not json"],
     ],
-    ids=["missing-store", "unknown-catalog-entry", "export-missing", "missing-source", "pairs-no-manifest", "bad-json"],
+    ids=[
+        "missing-store",
+        "unknown-catalog-entry",
+        "export-missing",
+        "missing-source",
+        "pairs-no-manifest",
+        "bad-json",
+    ],
 )
-def test_bad_input_is_one_line_and_exit_1(argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bad_input_is_one_line_and_exit_1(
+    argv: list[str],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.chdir(tmp_path)
     assert main(argv) == 1
     err = capsys.readouterr().err.strip()
-    assert err.startswith("ctzarr: error:") and "\n" not in err and "Traceback" not in err
+    assert err.startswith("ctzarr: error:")
+    assert "\n" not in err
+    assert "Traceback" not in err
 
 
-def test_convert_with_a_failing_case_exits_1_and_reports(dap_source: Path, tmp_path: Path,
-                                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_convert_with_a_failing_case_exits_1_and_reports(
+    dap_source: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     import shutil
 
     src = tmp_path / "src"
@@ -83,17 +108,22 @@ def test_convert_with_a_failing_case_exits_1_and_reports(dap_source: Path, tmp_p
     bad.write_bytes(bad.read_bytes()[:2000])
     assert main(["convert", str(src), str(tmp_path / "o.zarr"), "-q"]) == 1
     out = capsys.readouterr().out
-    assert "1 failed" in out and bad.name in out and "truncated" in out
+    assert "1 failed" in out
+    assert bad.name in out
+    assert "truncated" in out
     assert len(ctzarr.open_collection(tmp_path / "o.zarr").case_ids) == 2
 
 
 def test_catalog_lists_the_datasets(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["catalog"]) == 0
     out = capsys.readouterr().out
-    assert "dap_atlas" in out and "saros" in out
+    assert "dap_atlas" in out
+    assert "saros" in out
 
 
-def test_catalog_name_resolves_through_the_environment(dap_store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_catalog_name_resolves_through_the_environment(
+    dap_store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("CTZARR_DATA_ROOT", str(dap_store.parent))
     dap_link = dap_store.parent / "dap_atlas.zarr"
     if not dap_link.exists():
@@ -110,16 +140,23 @@ def test_shipped_catalog_equals_the_repository_catalog() -> None:
 
 def test_demo_command_runs_end_to_end(tmp_path: Path) -> None:
     """The README's first command, through the real entry point."""
-    proc = subprocess.run([sys.executable, "-m", "ctzarr.cli", "demo", str(tmp_path / "demo"), "-q"],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ctzarr.cli", "demo", str(tmp_path / "demo"), "-q"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
-    assert "dap_atlas" in proc.stdout and "saros" in proc.stdout and "0 failed" in proc.stdout
+    assert "dap_atlas" in proc.stdout
+    assert "saros" in proc.stdout
+    assert "0 failed" in proc.stdout
     col = ctzarr.open_collection(tmp_path / "demo" / "dap_atlas.zarr")
     assert len(col.case_ids) == 3
 
 
-def test_stats_to_csv_and_parquet_equal_the_library(dap_store: Path, tmp_path: Path,
-                                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_stats_to_csv_and_parquet_equal_the_library(
+    dap_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     import pandas as pd
 
     col = ctzarr.open_collection(dap_store)
@@ -134,24 +171,37 @@ def test_stats_to_csv_and_parquet_equal_the_library(dap_store: Path, tmp_path: P
     capsys.readouterr()
     assert main([*argv, "--case", col.case_ids[0]]) == 0
     table = capsys.readouterr().out
-    assert "liver" in table and col.case_ids[0] in table and col.case_ids[1] not in table
+    assert "liver" in table
+    assert col.case_ids[0] in table
+    assert col.case_ids[1] not in table
 
 
-def test_crop_writes_nifti_that_overlays_the_source(dap_source: Path, dap_store: Path, tmp_path: Path) -> None:
+def test_crop_writes_nifti_that_overlays_the_source(
+    dap_source: Path, dap_store: Path, tmp_path: Path
+) -> None:
     cid = ctzarr.open_collection(dap_store).case_ids[1]
     out = tmp_path / "liver.nii.gz"
     assert main(["crop", str(dap_store), cid, "liver", "--margin-mm", "6", "-o", str(out)]) == 0
     crop, src = nib.load(out), nib.load(dap_source / "images" / f"{cid}.nii.gz")
     data = np.asanyarray(crop.dataobj)
     # each crop voxel sits at the same world position as the source voxel with the same value
-    offset = np.rint(np.linalg.inv(src.affine) @ crop.affine @ np.array([0, 0, 0, 1.0]))[:3].astype(int)
-    np.testing.assert_allclose(np.linalg.inv(src.affine) @ crop.affine, np.eye(4) + np.pad(
-        offset[:, None], ((0, 1), (3, 0))), atol=1e-6)
+    offset = np.rint(np.linalg.inv(src.affine) @ crop.affine @ np.array([0, 0, 0, 1.0]))[:3].astype(
+        int
+    )
+    np.testing.assert_allclose(
+        np.linalg.inv(src.affine) @ crop.affine,
+        np.eye(4) + np.pad(offset[:, None], ((0, 1), (3, 0))),
+        atol=1e-6,
+    )
     source = np.asanyarray(src.dataobj)
     i, j, k = offset
-    np.testing.assert_array_equal(data, source[i : i + data.shape[0], j : j + data.shape[1], k : k + data.shape[2]])
+    np.testing.assert_array_equal(
+        data, source[i : i + data.shape[0], j : j + data.shape[1], k : k + data.shape[2]]
+    )
     labels = np.asanyarray(nib.load(tmp_path / "liver_labels.nii.gz").dataobj)
-    assert (labels == 13).sum() == (np.asanyarray(nib.load(dap_source / "masks" / f"{cid}.nii.gz").dataobj) == 13).sum()
+    assert (labels == 13).sum() == (
+        np.asanyarray(nib.load(dap_source / "masks" / f"{cid}.nii.gz").dataobj) == 13
+    ).sum()
 
 
 def test_show_writes_a_png(dap_store: Path, tmp_path: Path) -> None:
@@ -161,13 +211,18 @@ def test_show_writes_a_png(dap_store: Path, tmp_path: Path) -> None:
     out = tmp_path / "kidney.png"
     assert main(["show", str(dap_store), cid, "kidney left", "-o", str(out)]) == 0
     pixels = imread(out)
-    assert pixels.ndim == 3 and pixels.shape[0] > 100 and pixels.std() > 0.05
+    assert pixels.ndim == 3
+    assert pixels.shape[0] > 100
+    assert pixels.std() > 0.05
 
 
-def test_crop_of_an_unknown_structure_is_one_line(dap_store: Path, tmp_path: Path,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_crop_of_an_unknown_structure_is_one_line(
+    dap_store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     cid = ctzarr.open_collection(dap_store).case_ids[0]
     assert main(["crop", str(dap_store), cid, "kidny", "-o", str(tmp_path / "x.nii.gz")]) == 1
     err = capsys.readouterr().err.strip()
-    assert err.startswith("ctzarr: error:") and "kidney" in err and "\n" not in err
+    assert err.startswith("ctzarr: error:")
+    assert "kidney" in err
+    assert "\n" not in err
     assert not (tmp_path / "x.nii.gz").exists()

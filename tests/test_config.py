@@ -59,30 +59,42 @@ def _id(case: tuple[Any, ...]) -> str:
 
 def test_every_setting_has_a_default_and_a_readme_name() -> None:
     assert {config.env_name(k) for k in config.SETTINGS} == {
-        "CTZARR_RETRIES", "CTZARR_TIMEOUT_S", "CTZARR_BACKOFF_S", "CTZARR_MAX_BACKOFF_S",
-        "CTZARR_IO", "CTZARR_LOCK_TTL_S", "CTZARR_COLLECTION_LOCK_WAIT_S", "CTZARR_ALLOW_LOCAL",
-        "CTZARR_DATA_ROOT", "CTZARR_CATALOG", "CTZARR_DEBUG",
+        "CTZARR_RETRIES",
+        "CTZARR_TIMEOUT_S",
+        "CTZARR_BACKOFF_S",
+        "CTZARR_MAX_BACKOFF_S",
+        "CTZARR_IO",
+        "CTZARR_LOCK_TTL_S",
+        "CTZARR_COLLECTION_LOCK_WAIT_S",
+        "CTZARR_ALLOW_LOCAL",
+        "CTZARR_DATA_ROOT",
+        "CTZARR_CATALOG",
+        "CTZARR_DEBUG",
     }
     for key, value in config.DEFAULTS.items():
         assert config.get(key) == value, key
 
 
 @pytest.mark.parametrize(("key", "var", "good", "parsed", "bad"), CASES, ids=map(_id, CASES))
-def test_environment_value_read_where_used(key: str, var: str, good: str, parsed: Any, bad: str,
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_environment_value_read_where_used(
+    key: str, var: str, good: str, parsed: Any, bad: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv(var, good)
     assert config.get(key) == parsed
     monkeypatch.setenv(var, bad)  # after the import, after a first use: still read
     with pytest.raises(ConfigError, match=var) as info:
         config.get(key)
     err = info.value
-    assert isinstance(err, ValueError) and isinstance(err, CtzarrError)
-    assert repr(bad) in str(err) and "must be" in str(err)  # the value and the expected form
+    assert isinstance(err, ValueError)
+    assert isinstance(err, CtzarrError)
+    assert repr(bad) in str(err)
+    assert "must be" in str(err)
 
 
 @pytest.mark.parametrize(("key", "var", "good", "parsed", "bad"), CASES, ids=map(_id, CASES))
-def test_set_beats_the_environment_and_is_validated(key: str, var: str, good: str, parsed: Any,
-                                                     bad: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_set_beats_the_environment_and_is_validated(
+    key: str, var: str, good: str, parsed: Any, bad: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv(var, bad)
     with config.set({key: good}):
         assert config.get(key) == parsed
@@ -93,8 +105,9 @@ def test_set_beats_the_environment_and_is_validated(key: str, var: str, good: st
 
 
 @pytest.mark.parametrize(("key", "var", "text", "parsed"), FREE_TEXT, ids=map(_id, FREE_TEXT))
-def test_free_text_settings(key: str, var: str, text: str, parsed: Any,
-                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_free_text_settings(
+    key: str, var: str, text: str, parsed: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv(var, text)
     assert config.get(key) == parsed
 
@@ -114,16 +127,20 @@ def test_set_refuses_unknown_keys_and_works_process_wide() -> None:
 def test_import_never_fails_on_bad_variables() -> None:
     env = {**os.environ, **{var: bad for _, var, _, _, bad in CASES}}  # every one malformed
     code = "import ctzarr, ctzarr.io.locks, ctzarr.io.stores, ctzarr.cli.main; print('ok')"
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          check=False)
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok"
 
 
-def test_cli_reports_a_bad_setting_in_one_line(monkeypatch: pytest.MonkeyPatch,
-                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_reports_a_bad_setting_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     from ctzarr.cli.main import main
 
     monkeypatch.setenv("CTZARR_DEBUG", "verbose")
     assert main(["catalog"]) == 1
     err = capsys.readouterr().err.strip()
-    assert err.startswith("ctzarr: error: CTZARR_DEBUG must be") and "\n" not in err
+    assert err.startswith("ctzarr: error: CTZARR_DEBUG must be")
+    assert "\n" not in err

@@ -16,7 +16,9 @@ from ctzarr.sources.layouts import detect_layout, load_source
 from .conftest import nifti_zyx, write_pairs
 
 
-@pytest.mark.parametrize(("fixture", "layout"), [("dap_source", "dap_atlas"), ("saros_source", "saros")])
+@pytest.mark.parametrize(
+    ("fixture", "layout"), [("dap_source", "dap_atlas"), ("saros_source", "saros")]
+)
 def test_layout_is_detected(fixture: str, layout: str, request: pytest.FixtureRequest) -> None:
     assert detect_layout(str(request.getfixturevalue(fixture))) == layout
 
@@ -36,9 +38,13 @@ def test_dap_atlas_round_trip(dap_source: Path, dap_store: Path) -> None:
     for cid in names:
         case = col[cid]
         img = nib.load(dap_source / "images" / f"{cid}.nii.gz")
-        np.testing.assert_array_equal(case.image.values, nifti_zyx(dap_source / "images" / f"{cid}.nii.gz"))
+        np.testing.assert_array_equal(
+            case.image.values, nifti_zyx(dap_source / "images" / f"{cid}.nii.gz")
+        )
         assert case.image.dtype == np.asanyarray(img.dataobj).dtype.newbyteorder("=")
-        np.testing.assert_array_equal(case.labels("anatomy").values, nifti_zyx(dap_source / "masks" / f"{cid}.nii.gz"))
+        np.testing.assert_array_equal(
+            case.labels("anatomy").values, nifti_zyx(dap_source / "masks" / f"{cid}.nii.gz")
+        )
         np.testing.assert_allclose(case.image.attrs["affine"], img.affine, rtol=0, atol=0)
         assert case.image.dims == ("z", "y", "x")
 
@@ -72,8 +78,13 @@ def test_saros_round_trip_keeps_ignore_slices(saros_source: Path, saros_store: P
     assert set(col.segmentations) == {"body_regions", "body_parts"}
     for cid in col.case_ids:
         case = col[cid]
-        np.testing.assert_array_equal(case.image.values, nifti_zyx(saros_source / cid / "image.nii.gz"))
-        for seg, fn in (("body_regions", "body-regions.nii.gz"), ("body_parts", "body-parts.nii.gz")):
+        np.testing.assert_array_equal(
+            case.image.values, nifti_zyx(saros_source / cid / "image.nii.gz")
+        )
+        for seg, fn in (
+            ("body_regions", "body-regions.nii.gz"),
+            ("body_parts", "body-parts.nii.gz"),
+        ):
             ref = nifti_zyx(saros_source / cid / fn)
             np.testing.assert_array_equal(case.labels(seg).values, ref)
             annotated = np.nonzero(np.all(ref != 255, axis=(1, 2)))[0]
@@ -124,7 +135,9 @@ def test_multi_slab_volume_round_trip(tmp_path: Path) -> None:
     rng = np.random.default_rng(5)
     ct = rng.integers(-1024, 3071, size=(150, 70, 67)).astype(np.int16)
     mask = (rng.integers(0, 4, size=ct.shape)).astype(np.uint8)
-    manifest, labels = write_pairs(tmp_path / "src", {"tall": (ct, mask, np.diag([-0.9, -0.9, 2.0, 1.0]))})
+    manifest, labels = write_pairs(
+        tmp_path / "src", {"tall": (ct, mask, np.diag([-0.9, -0.9, 2.0, 1.0]))}
+    )
     report = ctzarr.convert(manifest, tmp_path / "t.zarr", labels=[str(labels)], progress=False)
     assert report.ok, report
     case = ctzarr.open_collection(tmp_path / "t.zarr")["tall"]

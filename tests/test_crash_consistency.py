@@ -37,8 +37,8 @@ from zarr.storage import LocalStore, WrapperStore
 
 import ctzarr
 from ctzarr.io.transactions import STAGING, case_state
-from ctzarr.testing.phantom import write_dap_atlas
 from ctzarr.read.verify import verify
+from ctzarr.testing.phantom import write_dap_atlas
 
 from .conftest import nifti_zyx
 
@@ -77,8 +77,9 @@ def other_source(tmp_path_factory: pytest.TempPathFactory, source: tuple[Path, l
     shutil.copy2(root / "labels.json", out / "labels.json")
     for cid in ids:  # the two sources really differ, image and labels alike
         for sub in ("images", "masks"):
-            assert not np.array_equal(nifti_zyx(root / sub / f"{cid}.nii.gz"),
-                                      nifti_zyx(out / sub / f"{cid}.nii.gz"))
+            assert not np.array_equal(
+                nifti_zyx(root / sub / f"{cid}.nii.gz"), nifti_zyx(out / sub / f"{cid}.nii.gz")
+            )
     return out
 
 
@@ -195,9 +196,13 @@ def faulty(dest: Path, fault: Fault) -> FaultyStore:
 
 def assert_only_interruption_leftovers(report: Any) -> None:
     """verify() found only what an interrupted run leaves: never a fault in a complete case."""
-    leftovers = ("incomplete (left by an interrupted conversion)", "stale lock (",
-                 "leftover of an interrupted replacement", "from an interrupted update",
-                 "leftover temporary file of an interrupted write")
+    leftovers = (
+        "incomplete (left by an interrupted conversion)",
+        "stale lock (",
+        "leftover of an interrupted replacement",
+        "from an interrupted update",
+        "leftover temporary file of an interrupted write",
+    )
     assert all(any(s in p for s in leftovers) for p in report.problems), str(report)
 
 
@@ -227,8 +232,12 @@ def kill_source(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[st
 
 
 @pytest.mark.parametrize(
-    "seed", KILL_SEEDS,
-    ids=[f"seed{s}-kill-{random.Random(s).uniform(0, KILL_WINDOW_S):.2f}s-after-go" for s in KILL_SEEDS],
+    "seed",
+    KILL_SEEDS,
+    ids=[
+        f"seed{s}-kill-{random.Random(s).uniform(0, KILL_WINDOW_S):.2f}s-after-go"
+        for s in KILL_SEEDS
+    ],
 )
 def test_b1_sigkill_at_a_seeded_moment_then_plain_rerun(
     seed: int, kill_source: tuple[Path, list[str]], tmp_path: Path
@@ -237,8 +246,12 @@ def test_b1_sigkill_at_a_seeded_moment_then_plain_rerun(
     dest = tmp_path / "k.zarr"
     delay = random.Random(seed).uniform(0, KILL_WINDOW_S)
     with open(tmp_path / "child.stderr", "wb") as err:
-        proc = subprocess.Popen([sys.executable, "-c", _KILL_CHILD, str(src), str(dest)],
-                                stdout=subprocess.PIPE, stderr=err, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _KILL_CHILD, str(src), str(dest)],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+        )
         try:
             assert proc.stdout is not None
             assert proc.stdout.readline().strip() == "go"  # imports done: convert() starts now
@@ -257,7 +270,11 @@ def test_b1_sigkill_at_a_seeded_moment_then_plain_rerun(
         for cid in col.case_ids:
             assert_case_equals(col, cid, src)
         root = zarr.open_group(dest, mode="r")
-        on_disk = sorted(p.name for p in (dest / "cases").iterdir() if p.is_dir()) if (dest / "cases").exists() else []
+        on_disk = (
+            sorted(p.name for p in (dest / "cases").iterdir() if p.is_dir())
+            if (dest / "cases").exists()
+            else []
+        )
         for cid in on_disk:
             if case_state(root, cid)[0] == "complete":  # committed (maybe not yet listed)
                 assert_case_equals(col, cid, src)
@@ -276,7 +293,9 @@ def test_b1_sigkill_at_a_seeded_moment_then_plain_rerun(
     for cid in ids:
         assert_case_equals(col, cid, src)
     third = ctzarr.convert(src, dest, progress=False)
-    assert third.skipped == sorted(ids) and third.converted == [] and third.ok
+    assert third.skipped == sorted(ids)
+    assert third.converted == []
+    assert third.ok
 
 
 # -- B2 / B5: a write of one case fails (EIO, ENOSPC) ----------------------------------------------
@@ -305,7 +324,8 @@ def test_b2_b5_failing_write_fails_only_that_case(
     [key] = fault.fired
     assert [r.case_id for r in report.failed] == [cid]
     error = report.failed[0].error
-    assert os.strerror(code) in error and key in error, error
+    assert os.strerror(code) in error, error
+    assert key in error, error
     assert report.converted == others
     # the failed case is gone entirely: not listed, no key left (the code deletes cases/<cid>/)
     col = ctzarr.open_collection(dest)
@@ -313,14 +333,17 @@ def test_b2_b5_failing_write_fails_only_that_case(
     with pytest.raises(KeyError) as exc:
         col[cid]
     assert not isinstance(exc.value, ctzarr.IncompleteCaseError)
-    assert store_keys(dest, f"cases/{cid}/") == [] and not (dest / "cases" / cid).exists()
+    assert store_keys(dest, f"cases/{cid}/") == []
+    assert not (dest / "cases" / cid).exists()
     assert store_keys(dest, "locks/") == []
     assert verify(dest).ok, str(verify(dest))
     for other in others:
         assert_case_equals(col, other, src)
 
     rerun = ctzarr.convert(src, dest, progress=False)
-    assert rerun.ok and rerun.converted == [cid] and rerun.skipped == others, str(rerun)
+    assert rerun.ok, str(rerun)
+    assert rerun.converted == [cid], str(rerun)
+    assert rerun.skipped == others, str(rerun)
     col = ctzarr.open_collection(dest)
     assert col.case_ids == ids
     for c in ids:
@@ -348,7 +371,9 @@ def test_b3_failing_commit_marker_write_leaves_the_case_absent(
             seen["opened"] = type(exc).__name__
 
     commit_key = f"cases/{cid}/zarr.json"
-    fault = Fault(lambda key, data: key == commit_key and MARKER in data, 0, io_error(errno.EIO), observe)
+    fault = Fault(
+        lambda key, data: key == commit_key and MARKER in data, 0, io_error(errno.EIO), observe
+    )
     store = faulty(dest, fault)
     report = ctzarr.convert(src, store, progress=False)
 
@@ -356,7 +381,8 @@ def test_b3_failing_commit_marker_write_leaves_the_case_absent(
     assert MARKER in (dest / "cases" / others[0] / "zarr.json").read_bytes()
     assert seen == {"listed": False, "opened": "IncompleteCaseError"}
     assert [r.case_id for r in report.failed] == [cid]
-    assert "Input/output error" in report.failed[0].error and commit_key in report.failed[0].error
+    assert "Input/output error" in report.failed[0].error
+    assert commit_key in report.failed[0].error
     assert report.converted == others
     col = ctzarr.open_collection(dest)
     assert col.case_ids == others
@@ -367,7 +393,9 @@ def test_b3_failing_commit_marker_write_leaves_the_case_absent(
 
     # the same command again (the one-shot fault is spent) completes the store
     again = ctzarr.convert(src, store, progress=False)
-    assert again.ok and again.converted == [cid] and again.skipped == others, str(again)
+    assert again.ok, str(again)
+    assert again.converted == [cid], str(again)
+    assert again.skipped == others, str(again)
     col = ctzarr.open_collection(dest)
     assert col.case_ids == ids
     for c in ids:
@@ -427,13 +455,19 @@ def test_b4_failing_overwrite_keeps_the_old_case(
             seen["error"] = repr(exc)
 
     staged = f"{STAGING}/{cid}-"
-    fault = Fault(lambda key, data: key.startswith(staged) and (not on_marker or MARKER in data),
-                  k, io_error(errno.EIO), read_meanwhile)
+    fault = Fault(
+        lambda key, data: key.startswith(staged) and (not on_marker or MARKER in data),
+        k,
+        io_error(errno.EIO),
+        read_meanwhile,
+    )
     report = ctzarr.convert(src, faulty(dest, fault), progress=False, overwrite=True)
 
-    assert len(fault.fired) == 1 and fault.fired[0].startswith(staged)
+    assert len(fault.fired) == 1
+    assert fault.fired[0].startswith(staged)
     assert [r.case_id for r in report.failed] == [cid]
-    assert fault.fired[0] in report.failed[0].error and "Input/output error" in report.failed[0].error
+    assert fault.fired[0] in report.failed[0].error
+    assert "Input/output error" in report.failed[0].error
     assert report.skipped == others
     assert "error" not in seen, seen["error"]
     assert seen["listed"]
@@ -449,10 +483,13 @@ def test_b4_failing_overwrite_keeps_the_old_case(
     assert verify(dest).ok, str(verify(dest))  # nothing to repair
 
     refused = ctzarr.convert(src, dest, progress=False)  # no --overwrite: still refused
-    assert [r.case_id for r in refused.failed] == [cid] and CASE_EXISTS in refused.failed[0].error
+    assert [r.case_id for r in refused.failed] == [cid]
+    assert CASE_EXISTS in refused.failed[0].error
     assert_case_equals(ctzarr.open_collection(dest), cid, old)
     done = ctzarr.convert(src, dest, progress=False, overwrite=True)
-    assert done.ok and done.converted == [cid] and done.skipped == others, str(done)
+    assert done.ok, str(done)
+    assert done.converted == [cid], str(done)
+    assert done.skipped == others, str(done)
     col = ctzarr.open_collection(dest)
     assert col.case_ids == ids
     assert_case_equals(col, cid, src)  # the NEW files
@@ -473,7 +510,11 @@ SWAP_FAULTS = [
 
 @pytest.mark.parametrize(("k", "on_marker", "left"), SWAP_FAULTS)
 def test_b4_failing_object_store_swap_in_never_leaves_a_mix(
-    k: int, on_marker: bool, left: str, replaced: tuple[Path, Path, str], source: tuple[Path, list[str]]
+    k: int,
+    on_marker: bool,
+    left: str,
+    replaced: tuple[Path, Path, str],
+    source: tuple[Path, list[str]],
 ) -> None:
     """Object stores have no rename: swap_in first marks the old case incomplete, then copies.
 
@@ -489,18 +530,30 @@ def test_b4_failing_object_store_swap_in_never_leaves_a_mix(
     def read_meanwhile(key: str) -> None:
         try:
             case = ctzarr.open_collection(str(dest))[cid]
-            for name, got, want in zip(("image", "labels"), (case.image.values, case.labels().values),
-                                       source_arrays(old, cid), strict=True):
+            for name, got, want in zip(
+                ("image", "labels"),
+                (case.image.values, case.labels().values),
+                source_arrays(old, cid),
+                strict=True,
+            ):
                 seen[name] = "old" if np.array_equal(got, want) else "other"
         except Exception as exc:
             seen["error"] = type(exc).__name__
 
-    fault = Fault(lambda key, data: key.startswith(target) and (not on_marker or MARKER in data),
-                  k, io_error(errno.EIO), read_meanwhile)
-    report = ctzarr.convert(src, faulty(dest, fault), progress=False, overwrite=True)  # does not raise
+    fault = Fault(
+        lambda key, data: key.startswith(target) and (not on_marker or MARKER in data),
+        k,
+        io_error(errno.EIO),
+        read_meanwhile,
+    )
+    report = ctzarr.convert(
+        src, faulty(dest, fault), progress=False, overwrite=True
+    )  # does not raise
 
-    assert len(fault.fired) == 1 and fault.fired[0].startswith(target)
-    assert [r.case_id for r in report.failed] == [cid] and fault.fired[0] in report.failed[0].error
+    assert len(fault.fired) == 1
+    assert fault.fired[0].startswith(target)
+    assert [r.case_id for r in report.failed] == [cid]
+    assert fault.fired[0] in report.failed[0].error
     assert report.skipped == others
     col = ctzarr.open_collection(dest)
     if left == "old":
@@ -515,9 +568,11 @@ def test_b4_failing_object_store_swap_in_never_leaves_a_mix(
         with pytest.raises(ctzarr.IncompleteCaseError):
             col[cid]
         found = verify(dest)
-        assert found.problems and all(cid in p and "incomplete" in p for p in found.problems), str(found)
+        assert found.problems, str(found)
+        assert all(cid in p and "incomplete" in p for p in found.problems), str(found)
         rerun = ctzarr.convert(src, dest, progress=False)  # a plain run: the case is not complete
-    assert rerun.ok and rerun.converted == [cid], str(rerun)
+    assert rerun.ok, str(rerun)
+    assert rerun.converted == [cid], str(rerun)
     col = ctzarr.open_collection(dest)
     assert col.case_ids == ids
     assert_case_equals(col, cid, src)
@@ -548,13 +603,19 @@ def test_b6_two_converters_one_store_never_mix_a_case(
     dest = tmp_path / "race.zarr"
     order = [first, "B" if first == "A" else "A"]
     procs = {
-        name: subprocess.Popen([sys.executable, "-c", _RACE_CHILD, str(sources[name]), str(dest)],
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        name: subprocess.Popen(
+            [sys.executable, "-c", _RACE_CHILD, str(sources[name]), str(dest)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for name in order
     }
     try:
         for p in procs.values():
-            assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+            assert p.stdout is not None
+            assert p.stdout.readline().strip() == "ready"
         for name in order:
             procs[name].stdin.write("go\n")  # type: ignore[union-attr]
             procs[name].stdin.flush()  # type: ignore[union-attr]
@@ -567,7 +628,9 @@ def test_b6_two_converters_one_store_never_mix_a_case(
     reports: dict[str, dict[str, tuple[str, str | None]]] = {}
     for name, (out, err) in outputs.items():
         assert procs[name].returncode == 0, err
-        reports[name] = {cid: (status, error) for cid, status, error in json.loads(out.splitlines()[-1])}
+        reports[name] = {
+            cid: (status, error) for cid, status, error in json.loads(out.splitlines()[-1])
+        }
         assert sorted(reports[name]) == ids
 
     col = ctzarr.open_collection(dest)
@@ -580,7 +643,8 @@ def test_b6_two_converters_one_store_never_mix_a_case(
         assert len(winners) == 1, outcome
         [loser] = [name for name in sources if name not in winners]
         status, error = outcome[loser]
-        assert status == "failed" and error is not None
+        assert status == "failed"
+        assert error is not None
         assert any(s in error for s in (LOCK_BUSY, LOCK_CONTENDED, CASE_EXISTS)), error
         # image AND labels from the winner's files, never a mix
         assert_case_equals(col, cid, sources[winners[0]])
@@ -602,7 +666,9 @@ class RacingStore(WrapperStore[LocalStore]):
     found no collection, before the caller acts on that: the interleaving of two converters
     started at once on a new store, made deterministic."""
 
-    def __init__(self, store: LocalStore, meanwhile: Callable[[], Any], state: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, store: LocalStore, meanwhile: Callable[[], Any], state: dict[str, Any] | None = None
+    ) -> None:
         super().__init__(store)
         self.meanwhile = meanwhile
         self.state = {"done": False} if state is None else state
@@ -610,7 +676,9 @@ class RacingStore(WrapperStore[LocalStore]):
     def _with_store(self, store: LocalStore) -> RacingStore:
         return RacingStore(store, self.meanwhile, self.state)
 
-    async def get(self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None) -> Buffer | None:
+    async def get(
+        self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None
+    ) -> Buffer | None:
         out = await self._store.get(key, prototype, byte_range)
         if key == "zarr.json" and out is None and not self.state["done"]:
             self.state["done"] = True
@@ -623,11 +691,16 @@ def test_b6_another_converter_creates_the_store_between_open_and_create(
 ) -> None:
     src, ids = source
     dest = tmp_path / "new.zarr"
-    store = RacingStore(LocalStore(dest), lambda: ctzarr.convert(other_source, str(dest), cases=ids[:1], progress=False))
+    store = RacingStore(
+        LocalStore(dest),
+        lambda: ctzarr.convert(other_source, str(dest), cases=ids[:1], progress=False),
+    )
     report = ctzarr.convert(src, store, progress=False)
-    assert store.state["done"] and store.state["result"].converted == ids[:1]
+    assert store.state["done"]
+    assert store.state["result"].converted == ids[:1]
     # the other converter's case stays theirs; this one adds the rest
-    assert [r.case_id for r in report.failed] == ids[:1] and CASE_EXISTS in report.failed[0].error
+    assert [r.case_id for r in report.failed] == ids[:1]
+    assert CASE_EXISTS in report.failed[0].error
     assert report.converted == ids[1:]
     col = ctzarr.open_collection(dest)
     assert col.case_ids == ids
@@ -658,12 +731,15 @@ def test_two_converters_finishing_at_once(source: tuple[Path, list[str]], tmp_pa
             time.sleep(0.01)
         time.sleep(0.3)
 
-    meanwhile = Fault(lambda key, data: key == "index/float_columns/zarr.json", 0, None, other_converter)
+    meanwhile = Fault(
+        lambda key, data: key == "index/float_columns/zarr.json", 0, None, other_converter
+    )
     first = ctzarr.convert(src, faulty(dest, meanwhile), cases=[ids[0]], progress=False)
     thread.join(60)
     assert not thread.is_alive()
     assert meanwhile.fired == ["index/float_columns/zarr.json"]
-    assert first.converted == [ids[0]] and second["report"].converted == [ids[1]]
+    assert first.converted == [ids[0]]
+    assert second["report"].converted == [ids[1]]
     col = ctzarr.open_collection(dest)
     assert col.case_ids == ids[:2]  # both committed cases listed
     assert set(col.table().case_id) == set(ids[:2])
@@ -699,26 +775,35 @@ def test_b7_case_without_commit_marker_is_incomplete(
     assert cid in repaired.repaired
     assert verify(dest).ok
     col = ctzarr.open_collection(dest)
-    assert cid not in col.case_ids and not (dest / "cases" / cid).exists()
+    assert cid not in col.case_ids
+    assert not (dest / "cases" / cid).exists()
     rerun = ctzarr.convert(src, dest, progress=False)
-    assert rerun.ok and rerun.converted == [cid], str(rerun)
+    assert rerun.ok, str(rerun)
+    assert rerun.converted == [cid], str(rerun)
     assert_case_equals(ctzarr.open_collection(dest), cid, src)
 
 
 # -- interruptions outside a case: the collection itself -------------------------------------------
 
 
-def test_failing_collection_creation_then_plain_rerun(source: tuple[Path, list[str]], tmp_path: Path) -> None:
+def test_failing_collection_creation_then_plain_rerun(
+    source: tuple[Path, list[str]], tmp_path: Path
+) -> None:
     """The root zarr.json is written once, with its attributes: a fault there leaves no store
     that a re-run refuses."""
     src, ids = source
     dest = tmp_path / "new.zarr"
-    fault = Fault(lambda key, data: key == "zarr.json" and b'"ctzarr"' in data, 0, io_error(errno.EIO))
-    with pytest.raises(OSError, match="Input/output error"):  # the store itself failed: convert raises
+    fault = Fault(
+        lambda key, data: key == "zarr.json" and b'"ctzarr"' in data, 0, io_error(errno.EIO)
+    )
+    with pytest.raises(
+        OSError, match="Input/output error"
+    ):  # the store itself failed: convert raises
         ctzarr.convert(src, faulty(dest, fault), progress=False)
     assert fault.fired == ["zarr.json"]
     report = ctzarr.convert(src, dest, progress=False)
-    assert report.ok and report.converted == ids, str(report)
+    assert report.ok, str(report)
+    assert report.converted == ids, str(report)
     col = ctzarr.open_collection(dest)
     assert col.case_ids == ids
     for cid in ids:
@@ -733,15 +818,21 @@ def test_interrupted_collection_table_update_is_found_and_rebuilt(
     src, ids = source
     dest = tmp_path / "t.zarr"
     assert ctzarr.convert(src, dest, cases=ids[:1], progress=False).ok
-    fault = Fault(lambda key, data: key == "index/zarr.json" and b"stats-table-1" in data, 0,
-                  io_error(errno.EIO))
+    fault = Fault(
+        lambda key, data: key == "index/zarr.json" and b"stats-table-1" in data,
+        0,
+        io_error(errno.EIO),
+    )
     with pytest.raises(OSError, match="Input/output error"):  # the collection table: convert raises
         ctzarr.convert(src, faulty(dest, fault), cases=ids[:2], progress=False)
     assert fault.fired == ["index/zarr.json"]
     found = verify(dest)
-    assert not found.ok and all("interrupted update" in p for p in found.problems), str(found)
+    assert not found.ok, str(found)
+    assert all("interrupted update" in p for p in found.problems), str(found)
     report = ctzarr.convert(src, dest, progress=False)
-    assert report.ok and report.converted == [ids[2]] and report.skipped == ids[:2], str(report)
+    assert report.ok, str(report)
+    assert report.converted == [ids[2]], str(report)
+    assert report.skipped == ids[:2], str(report)
     col = ctzarr.open_collection(dest)
     assert col.case_ids == ids
     assert set(col.table().case_id) == set(ids)

@@ -49,8 +49,13 @@ def moto_endpoint() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def client(moto_endpoint: str) -> Iterator[Any]:
-    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                       dashboard_address=":0", silence_logs=logging.ERROR)
+    cluster = distributed.LocalCluster(
+        n_workers=2,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=":0",
+        silence_logs=logging.ERROR,
+    )
     client = distributed.Client(cluster)
     try:
         yield client
@@ -62,8 +67,19 @@ def client(moto_endpoint: str) -> Iterator[Any]:
 class RecordingClient:
     """A Client proxy that pickles everything ctzarr hands to the cluster before passing it on."""
 
-    _RECORDED = ("submit", "map", "compute", "persist", "scatter", "run", "run_on_scheduler",
-                 "register_plugin", "register_worker_plugin", "publish_dataset", "upload_file")
+    _RECORDED = (
+        "submit",
+        "map",
+        "compute",
+        "persist",
+        "scatter",
+        "run",
+        "run_on_scheduler",
+        "register_plugin",
+        "register_worker_plugin",
+        "publish_dataset",
+        "upload_file",
+    )
 
     def __init__(self, client: Any) -> None:
         self._client = client
@@ -93,8 +109,9 @@ def _case_ids(source: Path, layout: str) -> list[str]:
 # same results as local runs
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("which", ["dap", "saros"])
-def test_cluster_conversion_equals_local(client: Any, which: str, tmp_path: Path,
-                                         request: pytest.FixtureRequest) -> None:
+def test_cluster_conversion_equals_local(
+    client: Any, which: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     source = request.getfixturevalue(f"{which}_source")
     local = ctzarr.open_collection(request.getfixturevalue(f"{which}_store"))
     report = ctzarr.convert(source, tmp_path / "c.zarr", client=client, progress=False)
@@ -113,11 +130,14 @@ def test_cluster_scan_equals_index(client: Any, which: str, request: pytest.Fixt
     assert len(index) > 0
     pdt.assert_frame_equal(col.stats(method="scan", client=client), index, check_exact=True)
     cid = col.case_ids[-1]
-    pdt.assert_frame_equal(col[cid].stats(method="scan", client=client), col[cid].stats(), check_exact=True)
+    pdt.assert_frame_equal(
+        col[cid].stats(method="scan", client=client), col[cid].stats(), check_exact=True
+    )
 
 
-def test_bad_case_fails_alone_on_the_cluster(client: Any, dap_source: Path, dap_store: Path,
-                                             tmp_path: Path) -> None:
+def test_bad_case_fails_alone_on_the_cluster(
+    client: Any, dap_source: Path, dap_store: Path, tmp_path: Path
+) -> None:
     src = tmp_path / "dap"
     shutil.copytree(dap_source, src)
     cids = _case_ids(src, "dap")
@@ -159,7 +179,9 @@ def test_worker_killed_mid_conversion_does_not_fail_the_job(client: Any, tmp_pat
 
     def run() -> None:
         try:
-            outcome["report"] = ctzarr.convert(src, tmp_path / "c.zarr", client=client, progress=False)
+            outcome["report"] = ctzarr.convert(
+                src, tmp_path / "c.zarr", client=client, progress=False
+            )
         except BaseException as exc:  # surfaced by the main thread
             outcome["error"] = exc
 
@@ -196,7 +218,9 @@ def test_worker_killed_mid_conversion_does_not_fail_the_job(client: Any, tmp_pat
 # --------------------------------------------------------------------------------------------
 # no secret in the task graph
 # --------------------------------------------------------------------------------------------
-def test_task_graphs_carry_no_secret(client: Any, moto_endpoint: str, dap_source: Path, dap_store: Path) -> None:
+def test_task_graphs_carry_no_secret(
+    client: Any, moto_endpoint: str, dap_source: Path, dap_store: Path
+) -> None:
     s3fs = pytest.importorskip("s3fs")
     # the workers see the secret in their environment: that is where credentials must come from
     assert set(client.run(os.environ.get, "AWS_SECRET_ACCESS_KEY").values()) == {SECRET}
@@ -209,7 +233,9 @@ def test_task_graphs_carry_no_secret(client: Any, moto_endpoint: str, dap_source
     ref = ctzarr.open_collection(dap_store)
     cids = ref.case_ids[:1]
     rec = RecordingClient(client)
-    report = ctzarr.convert(dap_source, url, storage_options=so, cases=cids, client=rec, progress=False)
+    report = ctzarr.convert(
+        dap_source, url, storage_options=so, cases=cids, client=rec, progress=False
+    )
     assert report.ok, report
     assert sorted(report.converted) == cids
 
@@ -218,12 +244,17 @@ def test_task_graphs_carry_no_secret(client: Any, moto_endpoint: str, dap_source
     scan = col.stats(method="scan", client=rec)
     pdt.assert_frame_equal(scan, ref.stats(cases=cids), check_exact=True)
 
-    assert rec.calls.count("submit") + rec.calls.count("map") + rec.calls.count("compute") >= 2, rec.calls
+    assert rec.calls.count("submit") + rec.calls.count("map") + rec.calls.count("compute") >= 2, (
+        rec.calls
+    )
     # the recording holds what was really sent (the endpoint travels, the secret does not)
     assert any(moto_endpoint.encode() in blob for blob in rec.pickles)
     for blob in rec.pickles:
         assert SECRET.encode() not in blob
     # nor does anything the scheduler holds on to
     held = client.run_on_scheduler(
-        lambda dask_scheduler: cloudpickle.dumps([ts.run_spec for ts in dask_scheduler.tasks.values()]))
+        lambda dask_scheduler: cloudpickle.dumps(
+            [ts.run_spec for ts in dask_scheduler.tasks.values()]
+        )
+    )
     assert SECRET.encode() not in held

@@ -78,7 +78,9 @@ def _imports(path: Path) -> list[tuple[str, bool, int]]:
                     visit(sub, top)
                 continue
             if isinstance(child, ast.Import):
-                found.extend((a.name, top, child.lineno) for a in child.names if a.name.startswith("ctzarr"))
+                found.extend(
+                    (a.name, top, child.lineno) for a in child.names if a.name.startswith("ctzarr")
+                )
             elif isinstance(child, ast.ImportFrom):
                 if child.level:
                     base = package.split(".")[: len(package.split(".")) - child.level + 1]
@@ -89,11 +91,13 @@ def _imports(path: Path) -> list[tuple[str, bool, int]]:
                     # ``from ctzarr.read import case`` imports the module ctzarr.read.case
                     for alias in child.names:
                         sub = f"{target}.{alias.name}"
-                        is_module = (SRC.parent / Path(*sub.split("."))).with_suffix(".py").exists() or (
-                            SRC.parent / Path(*sub.split(".")) / "__init__.py"
-                        ).exists()
+                        is_module = (SRC.parent / Path(*sub.split("."))).with_suffix(
+                            ".py"
+                        ).exists() or (SRC.parent / Path(*sub.split(".")) / "__init__.py").exists()
                         found.append((sub if is_module else target, top, child.lineno))
-            elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
+            elif isinstance(
+                child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)
+            ):
                 visit(child, False if not isinstance(child, ast.ClassDef) else top)
             else:
                 visit(child, top)
@@ -131,11 +135,15 @@ def test_no_import_cycles() -> None:
     for path in FILES:
         module = _module_name(path)
         graph[module] = {
-            t for t, top, _ in _imports(path) if top and t != module and t in {_module_name(f) for f in FILES}
+            t
+            for t, top, _ in _imports(path)
+            if top and t != module and t in {_module_name(f) for f in FILES}
         }
     # a package __init__ importing its own submodules is not a cycle of concepts
     for module, targets in graph.items():
-        graph[module] = {t for t in targets if not (module == "ctzarr" or t.startswith(module + "."))}
+        graph[module] = {
+            t for t in targets if not (module == "ctzarr" or t.startswith(module + "."))
+        }
     state: dict[str, int] = {}
     stack: list[str] = []
 

@@ -51,7 +51,7 @@ AFFINE = np.diag([0.75, 0.75, 1.5, 1.0])  # exact in float32
 LABELS = {"0": "background", "1": "a"}
 
 CHILD = textwrap.dedent(
-    r'''
+    r"""
     import json, logging, resource, sys, time
 
     args = json.loads(sys.argv[1])
@@ -141,13 +141,20 @@ CHILD = textwrap.dedent(
             outcome = type(exc).__name__
         out.setdefault("nibabel_full_read", {})[path] = [outcome, time.perf_counter() - t0]
     print("RESULT " + json.dumps(out))
-    '''
+    """
 )
 
 
-def run_child(tmp: Path, manifest: Path, dest: Path, margin_mib: int, control_mib: int,
-              nibabel_full_read: list[str] | None = None, timeout: float = 300,
-              open_first: list[str] | None = None) -> dict[str, Any]:
+def run_child(
+    tmp: Path,
+    manifest: Path,
+    dest: Path,
+    margin_mib: int,
+    control_mib: int,
+    nibabel_full_read: list[str] | None = None,
+    timeout: float = 300,
+    open_first: list[str] | None = None,
+) -> dict[str, Any]:
     """Convert manifest into dest in a fresh, address-space-limited process; its figures."""
     warm = tmp / "warm"
     warm_manifest = write_pairs_dir(warm, {"w": (tiny_nifti(np.int16), tiny_nifti(np.uint8))})
@@ -164,11 +171,15 @@ def run_child(tmp: Path, manifest: Path, dest: Path, margin_mib: int, control_mi
     }
     proc = subprocess.run(
         [sys.executable, "-c", CHILD, json.dumps(args)],
-        capture_output=True, text=True, timeout=timeout, check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, f"child failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
-    result: dict[str, Any] = json.loads(lines[-1][len("RESULT "):])
+    assert proc.returncode == 0, f"child failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    assert lines, f"child failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    result: dict[str, Any] = json.loads(lines[-1][len("RESULT ") :])
     assert result["control"] == "MemoryError", result  # the limit really is in force
     assert result["vm_peak_mib"] <= result["limit_mib"] + 1, result
     return result
@@ -196,7 +207,9 @@ def tiny_nifti(dtype: type) -> bytes:
     return gzip.compress(nib.Nifti1Image(data, AFFINE).to_bytes(), mtime=0)
 
 
-def write_pairs_dir(root: Path, cases: dict[str, tuple[bytes, bytes]], suffix: str = ".nii.gz") -> Path:
+def write_pairs_dir(
+    root: Path, cases: dict[str, tuple[bytes, bytes]], suffix: str = ".nii.gz"
+) -> Path:
     """A pairs dataset: cases of (image bytes, label bytes); returns the manifest."""
     root.mkdir(parents=True, exist_ok=True)
     lines = ["case_id,image,seg"]
@@ -210,7 +223,9 @@ def write_pairs_dir(root: Path, cases: dict[str, tuple[bytes, bytes]], suffix: s
     return root / "manifest.csv"
 
 
-def write_zero_bomb(path: Path, shape_xyz: tuple[int, int, int], dtype: type, segment: int = 64 * MIB) -> int:
+def write_zero_bomb(
+    path: Path, shape_xyz: tuple[int, int, int], dtype: type, segment: int = 64 * MIB
+) -> int:
     """A .nii.gz of zeros written without ever holding the volume; returns the voxel bytes.
 
     The deflate stream is the header, then one ``Z_FULL_FLUSH``-terminated compressed block of
@@ -248,9 +263,17 @@ def zero_bomb(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     image, label = root / "zeros_ct.nii.gz", root / "zeros_seg.nii.gz"
     image_bytes = write_zero_bomb(image, BOMB_SHAPE_XYZ, np.int16)
     label_bytes = write_zero_bomb(label, BOMB_SHAPE_XYZ, np.uint8)
-    (root / "manifest.csv").write_text("case_id,image,seg\nzeros,zeros_ct.nii.gz,zeros_seg.nii.gz\n")
+    (root / "manifest.csv").write_text(
+        "case_id,image,seg\nzeros,zeros_ct.nii.gz,zeros_seg.nii.gz\n"
+    )
     (root / "labels.json").write_text(json.dumps(LABELS))
-    return {"root": root, "image": image, "label": label, "image_bytes": image_bytes, "label_bytes": label_bytes}
+    return {
+        "root": root,
+        "image": image,
+        "label": label,
+        "image_bytes": image_bytes,
+        "label_bytes": label_bytes,
+    }
 
 
 def test_zero_bomb_file_is_what_it_claims(zero_bomb: dict[str, Any]) -> None:
@@ -261,7 +284,8 @@ def test_zero_bomb_file_is_what_it_claims(zero_bomb: dict[str, Any]) -> None:
     assert zero_bomb["image_bytes"] == 2 * 2**30
     assert 1000 < zero_bomb["image_bytes"] / size < 1032  # right under deflate's bound
     img = nib.load(image)
-    assert img.shape == BOMB_SHAPE_XYZ and img.get_data_dtype() == np.int16
+    assert img.shape == BOMB_SHAPE_XYZ
+    assert img.get_data_dtype() == np.int16
     np.testing.assert_array_equal(img.affine, AFFINE)
     with gzip.open(image, "rb") as f:
         head = f.read(352 + 4 * MIB)
@@ -289,7 +313,11 @@ def test_a16_header_bomb_refused_fast_without_allocating(tmp_path: Path) -> None
     )
     dest = tmp_path / "out.zarr"
     res = run_child(
-        tmp_path, manifest, dest, margin_mib=300, control_mib=512,
+        tmp_path,
+        manifest,
+        dest,
+        margin_mib=300,
+        control_mib=512,
         nibabel_full_read=[str(src / "bomb_gz_ct.nii.gz")],
         open_first=[str(src / "bomb_gz_ct.nii.gz"), str(src / "bomb_raw_ct.nii")],
     )
@@ -309,7 +337,9 @@ def test_a16_header_bomb_refused_fast_without_allocating(tmp_path: Path) -> None
         assert status == "failed"
         assert seconds < 1.0, seconds
         assert res["error_types"][cid] == ["InvalidNiftiError", True]
-        assert words in error and str(2 * 2**30) in error and f"case {cid!r}" in error, error
+        assert words in error, error
+        assert str(2 * 2**30) in error, error
+        assert f"case {cid!r}" in error, error
         assert f"{cid}_ct.nii" in error
     # what refusing the bombs' headers costs, measured apart from the conversion around it;
     # the conversion itself runs under RLIMIT_AS = baseline + 300 MiB (a 2 GiB allocation
@@ -317,10 +347,11 @@ def test_a16_header_bomb_refused_fast_without_allocating(tmp_path: Path) -> None
     assert "opened" not in res, res
     assert res["open_first_peak_rss_mib"] - res["rss_before_mib"] < 50, res
     assert res["peak_rss_mib"] - res["rss_before_mib"] < 50, res  # the whole conversion too
-    assert list(res["nibabel_full_read"].values())[0][0] == "MemoryError"
+    assert next(iter(res["nibabel_full_read"].values()))[0] == "MemoryError"
     col = ctzarr.open_collection(dest)
     assert col.case_ids == ["good"]
-    assert not (dest / "cases" / "bomb_gz").exists() and not (dest / "cases" / "bomb_raw").exists()
+    assert not (dest / "cases" / "bomb_gz").exists()
+    assert not (dest / "cases" / "bomb_raw").exists()
 
 
 # --------------------------------------------------------------------------------------------
@@ -334,8 +365,12 @@ def test_a17_zero_bomb_converts_slab_wise_under_a_limit_smaller_than_the_volume(
     margin_mib = 1024  # baseline + 1 GiB: half the 2 GiB image, a third of image + label
     dest = tmp_path / "zeros.zarr"
     res = run_child(
-        tmp_path, zero_bomb["root"] / "manifest.csv", dest, margin_mib=margin_mib,
-        control_mib=2048, nibabel_full_read=[str(zero_bomb["image"])],
+        tmp_path,
+        zero_bomb["root"] / "manifest.csv",
+        dest,
+        margin_mib=margin_mib,
+        control_mib=2048,
+        nibabel_full_read=[str(zero_bomb["image"])],
     )
     slab_mib = 64 * 512 * 512 * 2 / MIB
     grew = res["peak_rss_mib"] - res["rss_before_mib"]
@@ -347,11 +382,11 @@ def test_a17_zero_bomb_converts_slab_wise_under_a_limit_smaller_than_the_volume(
         f"before ({grew / slab_mib:.1f} image slabs of {slab_mib:.0f} MiB); virtual peak "
         f"{res['vm_peak_mib']:.0f} MiB under RLIMIT_AS {res['limit_mib']:.0f} MiB = baseline "
         f"{res['baseline_vm_mib']:.0f} + {margin_mib}; nibabel's full read under the same limit: "
-        f"{list(res['nibabel_full_read'].values())[0]}"
+        f"{next(iter(res['nibabel_full_read'].values()))}"
     )
     assert res["converted"] == ["zeros"], res["results"]
     assert grew < 512, res  # ~10 slabs in flight (ring buffers, pyramid, codecs), never the 3 GiB
-    assert list(res["nibabel_full_read"].values())[0][0] == "MemoryError"
+    assert next(iter(res["nibabel_full_read"].values()))[0] == "MemoryError"
     case = ctzarr.open_collection(dest)["zeros"]
     assert case.shape == BOMB_SHAPE_XYZ[::-1]
     assert case.image.dtype == np.int16

@@ -14,7 +14,16 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from ctzarr.testing.phantom import _DAP_NAMES, _affine, _dap_cases, _saros_offset, _to_file_order, make_phantom, write_dap_atlas, write_saros
+from ctzarr.testing.phantom import (
+    _DAP_NAMES,
+    _affine,
+    _dap_cases,
+    _saros_offset,
+    _to_file_order,
+    make_phantom,
+    write_dap_atlas,
+    write_saros,
+)
 
 SHAPE = (48, 64, 64)
 SPACING = (25.0, 8.0, 8.0)  # big enough that the whole body is drawn at physical size

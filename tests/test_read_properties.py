@@ -56,8 +56,9 @@ def test_basic_slicing_equals_numpy(case: dict[str, Any], index: Any) -> None:
     picks=st.lists(st.integers(0, min(SHAPE_ZYX) - 1), min_size=1, max_size=6),
     data=st.data(),
 )
-def test_orthogonal_indices_equal_numpy(case: dict[str, Any], axis: int, picks: list[int],
-                                        data: st.DataObject) -> None:
+def test_orthogonal_indices_equal_numpy(
+    case: dict[str, Any], axis: int, picks: list[int], data: st.DataObject
+) -> None:
     """Scattered indices along one axis (xarray ``isel`` with a list), slices on the others."""
     dims = ("z", "y", "x")
     selection: dict[str, Any] = {dims[axis]: picks}
@@ -67,8 +68,9 @@ def test_orthogonal_indices_equal_numpy(case: dict[str, Any], axis: int, picks: 
         stop = data.draw(st.integers(start + 1, n))
         selection[dims[other]] = slice(start, stop)
     numpy_index = tuple(selection[d] for d in dims)
-    np.testing.assert_array_equal(case["case"].image.isel(selection).values,
-                                  case["image"][numpy_index])
+    np.testing.assert_array_equal(
+        case["case"].image.isel(selection).values, case["image"][numpy_index]
+    )
 
 
 def _mean2(a: np.ndarray) -> np.ndarray:
@@ -84,8 +86,9 @@ def _mean2(a: np.ndarray) -> np.ndarray:
 def test_pyramid_levels_equal_numpy_downsampling(case: dict[str, Any], level: int) -> None:
     """Level n of the labels is every 2^n-th voxel; of the image the 2x2x2 mean of level n-1."""
     c = case["case"]
-    np.testing.assert_array_equal(c.labels(level=level).values,
-                                  case["labels"][:: 2**level, :: 2**level, :: 2**level])
+    np.testing.assert_array_equal(
+        c.labels(level=level).values, case["labels"][:: 2**level, :: 2**level, :: 2**level]
+    )
     ref = case["image"]  # int16, no scaling in the phantom: stored values are the values
     for _ in range(level):
         ref = _mean2(ref)
@@ -96,7 +99,9 @@ def test_pyramid_levels_equal_numpy_downsampling(case: dict[str, Any], level: in
 
 @SETTINGS
 @given(data=st.data())
-def test_any_crop_equals_numpy_slicing_of_its_box(case: dict[str, Any], data: st.DataObject) -> None:
+def test_any_crop_equals_numpy_slicing_of_its_box(
+    case: dict[str, Any], data: st.DataObject
+) -> None:
     c = case["case"]
     stats = c.stats()
     row = stats.iloc[data.draw(st.integers(0, len(stats) - 1))]
@@ -105,8 +110,12 @@ def test_any_crop_equals_numpy_slicing_of_its_box(case: dict[str, Any], data: st
     box = []
     for i, axis in enumerate("zyx"):  # the statistics' bounding box, grown and clipped here
         grow = int(np.ceil(margin_mm / c.spacing[i] - 1e-9))
-        box.append(slice(max(int(row[f"{axis}_start"]) - grow, 0),
-                         min(int(row[f"{axis}_stop"]) + grow, SHAPE_ZYX[i])))
+        box.append(
+            slice(
+                max(int(row[f"{axis}_start"]) - grow, 0),
+                min(int(row[f"{axis}_stop"]) + grow, SHAPE_ZYX[i]),
+            )
+        )
     index = tuple(box)
     assert crop.attrs["box_zyx"] == [v for sl in index for v in (sl.start, sl.stop)]
     np.testing.assert_array_equal(crop["image"].values, case["image"][index])

@@ -32,10 +32,14 @@ def test_rerun_skips_unchanged_cases(dap_copy: Path, tmp_path: Path) -> None:
     first = ctzarr.convert(dap_copy, dest, progress=False)
     assert len(first.converted) == 3
     second = ctzarr.convert(dap_copy, dest, progress=False)
-    assert second.converted == [] and len(second.skipped) == 3 and second.ok
+    assert second.converted == []
+    assert len(second.skipped) == 3
+    assert second.ok
 
 
-def test_leftovers_of_an_interrupted_case_are_invisible_and_replaced(dap_copy: Path, tmp_path: Path) -> None:
+def test_leftovers_of_an_interrupted_case_are_invisible_and_replaced(
+    dap_copy: Path, tmp_path: Path
+) -> None:
     dest = tmp_path / "s.zarr"
     assert ctzarr.convert(dap_copy, dest, progress=False).ok
     cid = ctzarr.open_collection(dest).case_ids[1]
@@ -48,9 +52,12 @@ def test_leftovers_of_an_interrupted_case_are_invisible_and_replaced(dap_copy: P
     with pytest.raises(ctzarr.IncompleteCaseError):
         ctzarr.open_collection(dest)[cid]
     report = ctzarr.convert(dap_copy, dest, progress=False)
-    assert report.converted == [cid] and report.ok
+    assert report.converted == [cid]
+    assert report.ok
     case = ctzarr.open_collection(dest)[cid]
-    np.testing.assert_array_equal(case.image.values, nifti_zyx(dap_copy / "images" / f"{cid}.nii.gz"))
+    np.testing.assert_array_equal(
+        case.image.values, nifti_zyx(dap_copy / "images" / f"{cid}.nii.gz")
+    )
     assert case.meta.to_attributes()["ctzarr"]["source"] == attrs["ctzarr"]["source"]
 
 
@@ -64,14 +71,19 @@ def test_changed_source_is_an_error_unless_overwrite(dap_copy: Path, tmp_path: P
     shutil.copy(dap_copy / "masks" / f"{other}.nii.gz", dap_copy / "masks" / f"{cid}.nii.gz")
     report = ctzarr.convert(dap_copy, dest, progress=False)
     assert [r.case_id for r in report.failed] == [cid]
-    assert "--overwrite" in report.failed[0].error and cid in report.failed[0].error
+    assert "--overwrite" in report.failed[0].error
+    assert cid in report.failed[0].error
     assert len(report.skipped) == 2
     # the old case is untouched
-    assert ctzarr.open_collection(dest)[cid].image.shape != () and cid in ctzarr.open_collection(dest).case_ids
+    assert ctzarr.open_collection(dest)[cid].image.shape != ()
+    assert cid in ctzarr.open_collection(dest).case_ids
     report = ctzarr.convert(dap_copy, dest, progress=False, overwrite=True)
-    assert report.converted == [cid] and report.ok
-    np.testing.assert_array_equal(ctzarr.open_collection(dest)[cid].image.values,
-                                  nifti_zyx(dap_copy / "images" / f"{other}.nii.gz"))
+    assert report.converted == [cid]
+    assert report.ok
+    np.testing.assert_array_equal(
+        ctzarr.open_collection(dest)[cid].image.values,
+        nifti_zyx(dap_copy / "images" / f"{other}.nii.gz"),
+    )
 
 
 def test_touched_but_identical_source_is_skipped(dap_copy: Path, tmp_path: Path) -> None:
@@ -113,8 +125,12 @@ def test_sigkill_at_any_moment_then_rerun(tmp_path: Path, delay_s: float) -> Non
     col = ctzarr.open_collection(dest)
     assert len(col.case_ids) == 4
     for cid in col.case_ids:
-        np.testing.assert_array_equal(col[cid].image.values, nifti_zyx(src / "images" / f"{cid}.nii.gz"))
-        np.testing.assert_array_equal(col[cid].labels().values, nifti_zyx(src / "masks" / f"{cid}.nii.gz"))
+        np.testing.assert_array_equal(
+            col[cid].image.values, nifti_zyx(src / "images" / f"{cid}.nii.gz")
+        )
+        np.testing.assert_array_equal(
+            col[cid].labels().values, nifti_zyx(src / "masks" / f"{cid}.nii.gz")
+        )
     assert ctzarr.convert(src, dest, progress=False).skipped == col.case_ids
 
 
@@ -129,7 +145,8 @@ def test_verify_reports_and_repair_removes_leftovers(dap_copy: Path, tmp_path: P
     grp = zarr.open_group(dest / "cases" / "interrupted_case", mode="r+")
     grp.attrs.put({})
     report = verify(dest)
-    assert not report.ok and any("interrupted_case" in p for p in report.problems)
+    assert not report.ok
+    assert any("interrupted_case" in p for p in report.problems)
     assert "interrupted_case" not in ctzarr.open_collection(dest).case_ids
     repaired = verify(dest, repair=True)
     assert repaired.repaired == ["interrupted_case"]
@@ -157,4 +174,5 @@ def test_verify_finds_and_repair_removes_temporary_files_of_interrupted_writes(
     ]
     np.testing.assert_array_equal(ctzarr.open_collection(dest)[cid].image.values, before)
     assert verify(dest, repair=True).repaired == [f"cases/{cid}/zarr.0123abcd.partial"]
-    assert not stray.exists() and verify(dest).ok
+    assert not stray.exists()
+    assert verify(dest).ok

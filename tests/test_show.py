@@ -10,8 +10,18 @@ import pytest
 from matplotlib.image import imread
 
 import ctzarr
+from ctzarr.read.show import (
+    BONE_WINDOW,
+    FIGSIZE_INCHES,
+    LUNG_WINDOW,
+    SOFT_TISSUE_WINDOW,
+    choose_window,
+    render_structure,
+    scale_bar_mm,
+    structure_panels,
+    window_name,
+)
 from ctzarr.testing.phantom import write_dap_atlas
-from ctzarr.read.show import BONE_WINDOW, FIGSIZE_INCHES, LUNG_WINDOW, SOFT_TISSUE_WINDOW, choose_window, render_structure, scale_bar_mm, structure_panels, window_name
 
 LIVER, SPLEEN, KIDNEY_LEFT, KIDNEY_RIGHT = 13, 26, 15, 16
 AUTOCHTHON_LEFT, AORTA, LUNG_UPPER_RIGHT = 40, 114, 124
@@ -50,8 +60,9 @@ def _centroid_row(mask: np.ndarray) -> float:
     return float(np.nonzero(mask)[0].mean())
 
 
-def test_render_writes_a_valid_png_of_the_expected_size(ras_and_lps: list[ctzarr.Case],
-                                                        tmp_path: Path) -> None:
+def test_render_writes_a_valid_png_of_the_expected_size(
+    ras_and_lps: list[ctzarr.Case], tmp_path: Path
+) -> None:
     case = ras_and_lps[0]
     out = render_structure(case, "liver", tmp_path / "liver.png", dpi=50)
     assert out == tmp_path / "liver.png"
@@ -72,13 +83,17 @@ def test_render_writes_a_valid_png_of_the_expected_size(ras_and_lps: list[ctzarr
 
 
 @pytest.mark.parametrize("case_no", [0, 1])
-def test_panels_are_in_radiological_orientation(ras_and_lps: list[ctzarr.Case],
-                                                case_no: int) -> None:
+def test_panels_are_in_radiological_orientation(
+    ras_and_lps: list[ctzarr.Case], case_no: int
+) -> None:
     case = ras_and_lps[case_no]
     seg, label, (axial, coronal, sagittal) = structure_panels(case, "liver", margin_mm=500)
     assert (seg, label.value) == ("anatomy", LIVER)
     assert (axial.letters, coronal.letters, sagittal.letters) == (
-        ("A", "P", "R", "L"), ("S", "I", "R", "L"), ("S", "I", "A", "P"))
+        ("A", "P", "R", "L"),
+        ("S", "I", "R", "L"),
+        ("S", "I", "A", "P"),
+    )
     assert axial.title.startswith("Axial z=")
     assert coronal.title.startswith("Coronal y=")
     assert sagittal.title.startswith("Sagittal x=")
@@ -98,7 +113,8 @@ def test_panels_are_in_radiological_orientation(ras_and_lps: list[ctzarr.Case],
     assert _centroid_row(axial.labels == AORTA) < _centroid_row(axial.labels == AUTOCHTHON_LEFT)
     # coronal: lung above liver, liver on the image left
     assert _centroid_row(coronal.labels == LUNG_UPPER_RIGHT) < _centroid_row(
-        coronal.labels == LIVER)
+        coronal.labels == LIVER
+    )
     assert _centroid_col(coronal.labels == LIVER) < coronal.image.shape[1] / 2
     # sagittal through the liver: the kidney lies posterior, so to the right of the liver
     liver = sagittal.labels == LIVER
@@ -114,9 +130,13 @@ def test_lps_and_ras_cases_give_the_same_orientation(ras_and_lps: list[ctzarr.Ca
         _, _, panels = structure_panels(case, "kidney left", margin_mm=500)
         axial = panels[0]
         h, w = axial.image.shape
-        per_case.append({
-            v: (_centroid_row(axial.labels == v) / h, _centroid_col(axial.labels == v) / w)
-            for v in (KIDNEY_LEFT, KIDNEY_RIGHT, AUTOCHTHON_LEFT) if (axial.labels == v).any()})
+        per_case.append(
+            {
+                v: (_centroid_row(axial.labels == v) / h, _centroid_col(axial.labels == v) / w)
+                for v in (KIDNEY_LEFT, KIDNEY_RIGHT, AUTOCHTHON_LEFT)
+                if (axial.labels == v).any()
+            }
+        )
         assert per_case[-1][KIDNEY_LEFT][1] > 0.5  # the left kidney on the image right
     ras, lps = per_case
     assert ras.keys() == lps.keys()
@@ -124,15 +144,17 @@ def test_lps_and_ras_cases_give_the_same_orientation(ras_and_lps: list[ctzarr.Ca
         assert np.allclose(ras[v], lps[v], atol=0.08), (v, ras[v], lps[v])
 
 
-def test_left_kidney_outline_is_on_the_image_right_in_the_png(ras_and_lps: list[ctzarr.Case],
-                                                              tmp_path: Path) -> None:
+def test_left_kidney_outline_is_on_the_image_right_in_the_png(
+    ras_and_lps: list[ctzarr.Case], tmp_path: Path
+) -> None:
     for i, case in enumerate(ras_and_lps):
         # the lung window shows air as grey, so the panel area stands out from the black figure
-        out = render_structure(case, "kidney left", tmp_path / f"k{i}.png", margin_mm=500,
-                               window=LUNG_WINDOW, dpi=60)
+        out = render_structure(
+            case, "kidney left", tmp_path / f"k{i}.png", margin_mm=500, window=LUNG_WINDOW, dpi=60
+        )
         rgb = imread(out)[..., :3]
         h, w, _ = rgb.shape
-        band = rgb[int(0.25 * h):int(0.95 * h), : w // 3]  # the axial panel, below the titles
+        band = rgb[int(0.25 * h) : int(0.95 * h), : w // 3]  # the axial panel, below the titles
         lit = np.nonzero((band.max(axis=-1) > 0.1).mean(axis=0) > 0.5)[0]
         left, right = lit.min(), lit.max()
         cols = np.nonzero(_coloured(band))[1]
@@ -149,7 +171,11 @@ def test_window_choice() -> None:
     assert choose_window(math.nan) == SOFT_TISSUE_WINDOW
     assert SOFT_TISSUE_WINDOW.limits == (-160, 240)
     assert [window_name(w) for w in (LUNG_WINDOW, BONE_WINDOW, SOFT_TISSUE_WINDOW, (350, 50))] == [
-        "lung", "bone", "soft tissue", "custom"]
+        "lung",
+        "bone",
+        "soft tissue",
+        "custom",
+    ]
 
 
 def test_scale_bar_is_about_a_quarter_of_the_panel() -> None:
@@ -166,8 +192,11 @@ def test_unknown_or_absent_structure_raises(ras_and_lps: list[ctzarr.Case], tmp_
     with pytest.raises(ctzarr.StructureNotFoundError):
         render_structure(case, "no such organ", tmp_path / "x.png")
     present = {int(v) for v in case.index("anatomy").labels}
-    absent = next(lab.value for lab in case.collection.segmentations["anatomy"]
-                  if lab.value not in present and lab.value > 1)
+    absent = next(
+        lab.value
+        for lab in case.collection.segmentations["anatomy"]
+        if lab.value not in present and lab.value > 1
+    )
     with pytest.raises(ctzarr.StructureNotFoundError, match="absent"):
         render_structure(case, absent, tmp_path / "x.png")
     assert not any(tmp_path.iterdir())
@@ -175,8 +204,12 @@ def test_unknown_or_absent_structure_raises(ras_and_lps: list[ctzarr.Case], tmp_
 
 def test_bad_arguments(ras_and_lps: list[ctzarr.Case], tmp_path: Path) -> None:
     case = ras_and_lps[0]
-    for kwargs, message in (({"dpi": 0}, "dpi"), ({"window": (0, 40)}, "window"),
-                            ({"window": (400, math.nan)}, "window"), ({"margin_mm": -1}, "margin")):
+    for kwargs, message in (
+        ({"dpi": 0}, "dpi"),
+        ({"window": (0, 40)}, "window"),
+        ({"window": (400, math.nan)}, "window"),
+        ({"margin_mm": -1}, "margin"),
+    ):
         with pytest.raises(ValueError, match=message):
             render_structure(case, "liver", tmp_path / "x.png", **kwargs)  # type: ignore[arg-type]
     assert not any(tmp_path.iterdir())

@@ -9,13 +9,12 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
-
-from ctzarr.model.table import STATS_COLUMNS
 from zarr.abc.store import ByteRequest
 from zarr.core.buffer import Buffer, BufferPrototype
 from zarr.storage import LocalStore, WrapperStore
 
 import ctzarr
+from ctzarr.model.table import STATS_COLUMNS
 
 from .conftest import nifti_zyx, write_pairs
 
@@ -23,7 +22,9 @@ Q = [50, 5, 25, 75, 95]
 Q_COLS = ["hu_median", "hu_p05", "hu_p25", "hu_p75", "hu_p95"]
 
 
-def numpy_stats(ct: np.ndarray, mask: np.ndarray, affine: np.ndarray, spacing_zyx: tuple, label: int) -> dict:
+def numpy_stats(
+    ct: np.ndarray, mask: np.ndarray, affine: np.ndarray, spacing_zyx: tuple, label: int
+) -> dict:
     """The statistics of one label, computed directly from the voxels."""
     m = mask == label
     values = ct[m]
@@ -35,8 +36,12 @@ def numpy_stats(ct: np.ndarray, mask: np.ndarray, affine: np.ndarray, spacing_zy
         "volume_ml": n * float(np.prod(spacing_zyx)) / 1000.0,
         "hu_min": values.min(),
         "hu_max": values.max(),
-        "z_start": zz.min(), "z_stop": zz.max() + 1, "y_start": yy.min(), "y_stop": yy.max() + 1,
-        "x_start": xx.min(), "x_stop": xx.max() + 1,
+        "z_start": zz.min(),
+        "z_stop": zz.max() + 1,
+        "y_start": yy.min(),
+        "y_stop": yy.max() + 1,
+        "x_start": xx.min(),
+        "x_stop": xx.max() + 1,
     }
     for col, p in zip(Q_COLS, np.percentile(values, Q), strict=True):
         out[col] = p
@@ -47,13 +52,25 @@ def numpy_stats(ct: np.ndarray, mask: np.ndarray, affine: np.ndarray, spacing_zy
     world = affine @ np.array([xx.sum() / n, yy.sum() / n, zz.sum() / n, 1.0])
     out["centroid_x"], out["centroid_y"], out["centroid_z"] = world[:3]
     shape = mask.shape
-    out["touches_border"] = bool(zz.min() == 0 or yy.min() == 0 or xx.min() == 0 or zz.max() == shape[0] - 1
-                                 or yy.max() == shape[1] - 1 or xx.max() == shape[2] - 1)
+    out["touches_border"] = bool(
+        zz.min() == 0
+        or yy.min() == 0
+        or xx.min() == 0
+        or zz.max() == shape[0] - 1
+        or yy.max() == shape[1] - 1
+        or xx.max() == shape[2] - 1
+    )
     return out
 
 
-def check_case_stats(df: pd.DataFrame, ct: np.ndarray, mask: np.ndarray, affine: np.ndarray, spacing: tuple,
-                     ignore: int | None = None) -> None:
+def check_case_stats(
+    df: pd.DataFrame,
+    ct: np.ndarray,
+    mask: np.ndarray,
+    affine: np.ndarray,
+    spacing: tuple,
+    ignore: int | None = None,
+) -> None:
     present = sorted(set(np.unique(mask).tolist()) - {0, ignore})
     assert df.label.tolist() == present
     for _, row in df.iterrows():
@@ -72,16 +89,26 @@ def test_dap_case_stats_equal_numpy(dap_source: Path, dap_store: Path) -> None:
         img = nib.load(dap_source / "images" / f"{cid}.nii.gz")
         df = col[cid].stats()
         assert list(df.columns) == STATS_COLUMNS
-        check_case_stats(df, nifti_zyx(dap_source / "images" / f"{cid}.nii.gz"),
-                         nifti_zyx(dap_source / "masks" / f"{cid}.nii.gz"), img.affine, col[cid].spacing)
+        check_case_stats(
+            df,
+            nifti_zyx(dap_source / "images" / f"{cid}.nii.gz"),
+            nifti_zyx(dap_source / "masks" / f"{cid}.nii.gz"),
+            img.affine,
+            col[cid].spacing,
+        )
 
 
-def test_saros_sparse_stats_equal_numpy_and_report_annotated_slices(saros_source: Path, saros_store: Path) -> None:
+def test_saros_sparse_stats_equal_numpy_and_report_annotated_slices(
+    saros_source: Path, saros_store: Path
+) -> None:
     col = ctzarr.open_collection(saros_store)
     for cid in col.case_ids:
         ct = nifti_zyx(saros_source / cid / "image.nii.gz")
         affine = nib.load(saros_source / cid / "image.nii.gz").affine
-        for seg, fn in (("body_regions", "body-regions.nii.gz"), ("body_parts", "body-parts.nii.gz")):
+        for seg, fn in (
+            ("body_regions", "body-regions.nii.gz"),
+            ("body_parts", "body-parts.nii.gz"),
+        ):
             mask = nifti_zyx(saros_source / cid / fn)
             df = col[cid].stats(segmentation=seg)
             assert 255 not in df.label.tolist()
@@ -101,7 +128,9 @@ def test_values_beyond_the_usual_hu_range(tmp_path: Path) -> None:
     assert ctzarr.convert(manifest, tmp_path / "w.zarr", labels=[str(labels)], progress=False).ok
     case = ctzarr.open_collection(tmp_path / "w.zarr")["wide"]
     df = case.stats()
-    check_case_stats(df, ct, mask, nib.load(tmp_path / "src" / "wide_ct.nii.gz").affine, case.spacing)
+    check_case_stats(
+        df, ct, mask, nib.load(tmp_path / "src" / "wide_ct.nii.gz").affine, case.spacing
+    )
     pd.testing.assert_frame_equal(df, case.stats(method="scan"))
 
 
@@ -123,19 +152,23 @@ def test_float_image_with_fractional_values_agrees_between_methods(tmp_path: Pat
 
 
 @pytest.mark.parametrize("store_fixture", ["dap_store", "saros_store"])
-def test_index_equals_scan_on_every_case(store_fixture: str, request: pytest.FixtureRequest) -> None:
+def test_index_equals_scan_on_every_case(
+    store_fixture: str, request: pytest.FixtureRequest
+) -> None:
     col = ctzarr.open_collection(request.getfixturevalue(store_fixture))
     pd.testing.assert_frame_equal(col.stats(), col.stats(method="scan"))
 
 
 @pytest.mark.parametrize(
-    "name", ["kidney left", "Kidney-Left", "KIDNEY_LEFT", "kidneyleft", 15, "15"],
+    "name",
+    ["kidney left", "Kidney-Left", "KIDNEY_LEFT", "kidneyleft", 15, "15"],
     ids=["spaces", "hyphen-case", "upper-underscore", "squashed", "int-id", "str-id"],
 )
 def test_structure_names_match_loosely(dap_store: Path, name: str | int) -> None:
     col = ctzarr.open_collection(dap_store)
     df = col.stats(structures=[name])
-    assert set(df.label) == {15} and (df.voxel_count > 0).all()
+    assert set(df.label) == {15}
+    assert (df.voxel_count > 0).all()
 
 
 def test_totalsegmentator_name_resolves_in_dap(dap_store: Path) -> None:
@@ -162,7 +195,9 @@ def test_structure_absent_from_saros_is_an_error(saros_store: Path) -> None:
 
 
 @pytest.mark.parametrize("margin_mm", [0.0, 4.0, 10.0, 500.0])
-def test_crop_equals_numpy_slicing_and_carries_its_affine(dap_source: Path, dap_store: Path, margin_mm: float) -> None:
+def test_crop_equals_numpy_slicing_and_carries_its_affine(
+    dap_source: Path, dap_store: Path, margin_mm: float
+) -> None:
     col = ctzarr.open_collection(dap_store)
     for cid in col.case_ids:
         case = col[cid]
@@ -178,7 +213,9 @@ def test_crop_equals_numpy_slicing_and_carries_its_affine(dap_source: Path, dap_
         np.testing.assert_array_equal(crop.labels.values, mask[tuple(box)])
         affine = nib.load(dap_source / "images" / f"{cid}.nii.gz").affine
         corner = affine @ np.array([box[2].start, box[1].start, box[0].start, 1.0])
-        np.testing.assert_allclose(crop.attrs["affine"] @ np.array([0, 0, 0, 1.0]), corner, rtol=0, atol=1e-9)
+        np.testing.assert_allclose(
+            crop.attrs["affine"] @ np.array([0, 0, 0, 1.0]), corner, rtol=0, atol=1e-9
+        )
         np.testing.assert_allclose(crop.attrs["affine"][:3, :3], affine[:3, :3])
 
 
@@ -190,7 +227,9 @@ class CountingStore(WrapperStore[LocalStore]):
         self.keys: list[str] = []
         self.nbytes = 0
 
-    async def get(self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None) -> Buffer | None:
+    async def get(
+        self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None
+    ) -> Buffer | None:
         out = await self._store.get(key, prototype, byte_range)
         if not key.endswith("zarr.json"):
             self.keys.append(key)
@@ -207,27 +246,34 @@ def test_crop_reads_only_the_chunks_it_needs(tmp_path: Path) -> None:
     ct = rng.integers(-1000, 1000, size=(200, 130, 130)).astype(np.int16)
     mask = np.zeros(ct.shape, np.uint8)
     mask[140:150, 70:80, 70:80] = 2
-    manifest, labels = write_pairs(tmp_path / "src", {"tall": (ct, mask, np.diag([1.0, 1.0, 2.0, 1.0]))})
+    manifest, labels = write_pairs(
+        tmp_path / "src", {"tall": (ct, mask, np.diag([1.0, 1.0, 2.0, 1.0]))}
+    )
     assert ctzarr.convert(manifest, tmp_path / "t.zarr", labels=[str(labels)], progress=False).ok
     store = CountingStore(LocalStore(tmp_path / "t.zarr", read_only=True))
     case = ctzarr.open_collection(store)["tall"]
     store.keys.clear()
     store.nbytes = 0
     crop = case.crop("b", margin_mm=2)
-    assert store.keys == ["cases/tall/labels/seg/index/histogram/c/0/0"] or store.keys == []  # the index only
+    assert (
+        store.keys == ["cases/tall/labels/seg/index/histogram/c/0/0"] or store.keys == []
+    )  # the index only
     store.keys.clear()
     image, lab = crop.image.values, crop.labels.values
     np.testing.assert_array_equal(image, ct[139:151, 68:82, 68:82])
     np.testing.assert_array_equal(lab, mask[139:151, 68:82, 68:82])
-    shards = {k.rsplit("/c/", 1)[0] + "/c/" + k.rsplit("/c/", 1)[1].split("/")[0] for k in store.keys}
+    shards = {
+        k.rsplit("/c/", 1)[0] + "/c/" + k.rsplit("/c/", 1)[1].split("/")[0] for k in store.keys
+    }
     assert shards == {"cases/tall/0/c/2", "cases/tall/labels/seg/0/c/2"}, store.keys
     full_image_bytes = ct.nbytes
     assert store.nbytes < full_image_bytes / 10
 
 
 @pytest.mark.parametrize("store_fixture", ["dap_store", "saros_store"])
-def test_requested_structures_absent_from_a_case_agree_between_methods(store_fixture: str,
-                                                                        request: pytest.FixtureRequest) -> None:
+def test_requested_structures_absent_from_a_case_agree_between_methods(
+    store_fixture: str, request: pytest.FixtureRequest
+) -> None:
     col = ctzarr.open_collection(request.getfixturevalue(store_fixture))
     seg, lm = next(iter(col.segmentations.items()))
     present = set(col.table().label)
@@ -235,7 +281,11 @@ def test_requested_structures_absent_from_a_case_agree_between_methods(store_fix
     some = sorted(present)[:2]
     wanted = [missing, *some][::-1]
     by_index = col.stats(structures=wanted, segmentation=seg)
-    pd.testing.assert_frame_equal(by_index, col.stats(structures=wanted, segmentation=seg, method="scan"))
+    pd.testing.assert_frame_equal(
+        by_index, col.stats(structures=wanted, segmentation=seg, method="scan")
+    )
     absent = by_index[by_index.label == missing]
-    assert len(absent) == len(col.case_ids) and (absent.voxel_count == 0).all() and absent.hu_mean.isna().all()
+    assert len(absent) == len(col.case_ids)
+    assert (absent.voxel_count == 0).all()
+    assert absent.hu_mean.isna().all()
     assert by_index.label.tolist()[: len(wanted)] == wanted

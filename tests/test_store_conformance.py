@@ -10,11 +10,16 @@ store wrapper of ours: a wrapper must behave as a zarr store, whatever it adds.
 
 from __future__ import annotations
 
+import functools
+import inspect
+import pickle
 from pathlib import Path
 from typing import Any
 
 import pytest
-from zarr.core.buffer import Buffer, default_buffer_prototype
+import pytest_asyncio
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.buffer.cpu import Buffer
 from zarr.storage import LocalStore, MemoryStore
 from zarr.testing.store import StoreTests
 
@@ -22,7 +27,34 @@ from ctzarr.io.retry import RetryingStore, RetryPolicy
 from ctzarr.io.strict import StrictStore
 
 
-class _OverLocalStore:
+class _AsyncTests:
+    """StoreTests' async fixtures and tests under pytest-asyncio's strict mode (zarr-python
+    runs its suite in auto mode; ours stays strict)."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # the asyncio mark on the coroutine tests only (a class-wide mark warns on the others);
+        # a wrapper per class, so that StoreTests' own functions stay unmarked
+        super().__init_subclass__(**kwargs)
+        for name in dir(cls):
+            test = getattr(cls, name)
+            if name.startswith("test_") and inspect.iscoroutinefunction(test):
+
+                @functools.wraps(test)
+                async def run(self: Any, *args: Any, _test: Any = test, **kw: Any) -> None:
+                    await _test(self, *args, **kw)
+
+                setattr(cls, name, pytest.mark.asyncio(run))
+
+    @pytest_asyncio.fixture
+    async def store(self, open_kwargs: dict[str, Any]) -> Any:
+        return await self.store_cls.open(**open_kwargs)  # type: ignore[attr-defined]
+
+    @pytest_asyncio.fixture
+    async def store_not_open(self, store_kwargs: dict[str, Any]) -> Any:
+        return self.store_cls(**store_kwargs)  # type: ignore[attr-defined]
+
+
+class _OverLocalStore(_AsyncTests):
     """Reads and writes behind the wrapper's back: the files of the wrapped LocalStore."""
 
     buffer_cls = Buffer
@@ -74,7 +106,7 @@ class TestStrictStoreOverLocal(_OverLocalStore, StoreTests[StrictStore, Buffer])
         assert repr(store).startswith("StrictStore(")
 
 
-class TestStrictStoreOverMemory(StoreTests[StrictStore, Buffer]):  # type: ignore[misc]
+class TestStrictStoreOverMemory(_AsyncTests, StoreTests[StrictStore, Buffer]):  # type: ignore[misc]
     store_cls = StrictStore
     buffer_cls = Buffer
 
@@ -104,15 +136,14 @@ class TestStrictStoreOverMemory(StoreTests[StrictStore, Buffer]):  # type: ignor
     def test_store_eq(self, store: StrictStore, store_kwargs: dict[str, Any]) -> None:
         # a MemoryStore equals another only when both hold the same dict object, and
         # store_kwargs makes a new one: compare over the same dict instead
-        assert store == store  # noqa: PLR0124
+        assert store == store
         assert StrictStore(store._store) == store
 
     async def test_serializable_store(self, store: StrictStore) -> None:
         # a pickled MemoryStore is a copy of its dict, not the same store (zarr's own
         # TestMemoryStore skips this test for the same reason); the wrapper must pickle
-        import pickle
-
         clone = pickle.loads(pickle.dumps(store))
-        assert isinstance(clone, StrictStore) and clone.read_only == store.read_only
+        assert isinstance(clone, StrictStore)
+        assert clone.read_only == store.read_only
         await store.set("foo", self.buffer_cls.from_bytes(b"\x01"))
         assert await store.get("foo", default_buffer_prototype()) is not None

@@ -189,18 +189,19 @@ def get(key: str) -> Any:
         return setting.parse(value)
     except ValueError as exc:
         raise ConfigError(
-            f"{env_name(key)} {exc}, got {value!r} {source} "
-            f"(ctzarr.config {key!r}: {setting.doc})"
+            f"{env_name(key)} {exc}, got {value!r} {source} (ctzarr.config {key!r}: {setting.doc})"
         ) from None
 
 
-def set(arg: Mapping[str, Any] | None = None, **kwargs: Any) -> ConfigSet:  # noqa: A001
+def set(arg: Mapping[str, Any] | None = None, **kwargs: Any) -> ConfigSet:
     """Set settings for the process, or for a block when used as a context manager.
 
     ``ctzarr.config.set(retries=0)``, ``with ctzarr.config.set({"lock_ttl_s": 60}): ...``;
     a value of None goes back to the environment and the default. Unknown keys are refused.
     """
-    unknown = sorted({*(arg or {}), *kwargs} - {*SETTINGS, *(k.replace("_", "-") for k in SETTINGS)})
+    unknown = sorted(
+        {*(arg or {}), *kwargs} - {*SETTINGS, *(k.replace("_", "-") for k in SETTINGS)}
+    )
     if unknown:
         raise KeyError(f"unknown ctzarr setting(s) {unknown}; known: {sorted(SETTINGS)}")
     return config.set(arg, **kwargs)

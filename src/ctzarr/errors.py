@@ -9,13 +9,13 @@ from __future__ import annotations
 
 __all__ = [
     "CaseExistsError",
-    "ClientGoneError",
     "CaseLockedError",
     "CaseMismatchError",
     "CatalogError",
-    "ConfigError",
     "ChunkCorruptError",
     "ChunkMissingError",
+    "ClientGoneError",
+    "ConfigError",
     "CtzarrError",
     "CtzarrWarning",
     "IncompleteCaseError",
@@ -130,7 +130,9 @@ class MetadataError(ChunkCorruptError):
         self.where = where
         self.key = key
         self.fault = fault
-        super().__init__(f"{where}: attribute {key}: {fault}" if where else f"attribute {key}: {fault}")
+        super().__init__(
+            f"{where}: attribute {key}: {fault}" if where else f"attribute {key}: {fault}"
+        )
 
 
 class UnsafeStoreError(StoreError):

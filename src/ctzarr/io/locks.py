@@ -146,15 +146,15 @@ class CaseLock:
                 f.write(data)
             return True
         if (fss := _fsspec_store(store)) is not None:
-            path = _fs_path(fss, key)
+            fs_path = _fs_path(fss, key)
             try:
-                sync(fss.fs._pipe_file(path, data, mode="create"))
+                sync(fss.fs._pipe_file(fs_path, data, mode="create"))
             except FileExistsError:
                 return False
             except (TypeError, NotImplementedError):  # no conditional put: best effort
-                if sync(fss.fs._exists(path)):
+                if sync(fss.fs._exists(fs_path)):
                     return False
-                sync(fss.fs._pipe_file(path, data))
+                sync(fss.fs._pipe_file(fs_path, data))
             except OSError as exc:  # S3 answers 412 Precondition Failed
                 if classify(exc).status == 412:
                     return False

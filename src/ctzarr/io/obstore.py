@@ -30,6 +30,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from obstore.store import ClientConfig, RetryConfig, S3Config
     from zarr.abc.store import Store
 
 import logging
@@ -39,7 +40,7 @@ import urllib.request
 from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 from ctzarr import config
@@ -66,7 +67,14 @@ _S3_IGNORED = frozenset(
 
 
 _HTTP_IGNORED = frozenset(
-    {"skip_instance_cache", "block_size", "simple_links", "same_scheme", "cache_type", "size_policy"}
+    {
+        "skip_instance_cache",
+        "block_size",
+        "simple_links",
+        "same_scheme",
+        "cache_type",
+        "size_policy",
+    }
 )
 
 
@@ -91,7 +99,7 @@ def available() -> bool:
     return True
 
 
-def _client_options(policy: RetryPolicy, http: bool) -> dict[str, Any]:
+def _client_options(policy: RetryPolicy, http: bool) -> ClientConfig:
     t = timedelta(seconds=policy.timeout_s)
     # connect and per-read timeouts as for fsspec (aiohttp sock_connect / sock_read); the total
     # is only a backstop for a body trickling in forever
@@ -103,7 +111,7 @@ def _client_options(policy: RetryPolicy, http: bool) -> dict[str, Any]:
     }
 
 
-def _single_attempt() -> dict[str, Any]:
+def _single_attempt() -> RetryConfig:
     # ctzarr's RetryingStore owns the retry loop (ctzarr.io.retry); obstore tries once
     return {"max_retries": 0, "retry_timeout": timedelta(seconds=1)}
 
@@ -156,7 +164,7 @@ def _bucket_region(bucket: str, timeout_s: float) -> str | None:
     opener = urllib.request.build_opener(_NoRedirect)
     try:
         with opener.open(request, timeout=timeout_s) as response:
-            region = response.headers.get("x-amz-bucket-region")
+            region: str | None = response.headers.get("x-amz-bucket-region")
     except urllib.error.HTTPError as err:
         region = err.headers.get("x-amz-bucket-region") if err.headers else None
     except (OSError, ValueError):
@@ -182,8 +190,13 @@ def _s3_store(url: str, options: Mapping[str, Any], policy: RetryPolicy) -> Any 
                 config["skip_signature"] = True
         elif name in ("key", "secret", "token"):
             if value is not None:
-                config[{"key": "access_key_id", "secret": "secret_access_key",
-                        "token": "session_token"}[name]] = value
+                config[
+                    {
+                        "key": "access_key_id",
+                        "secret": "secret_access_key",
+                        "token": "session_token",
+                    }[name]
+                ] = value
         elif name == "endpoint_url":
             endpoint = value
         elif name == "requester_pays":
@@ -202,11 +215,17 @@ def _s3_store(url: str, options: Mapping[str, Any], policy: RetryPolicy) -> Any 
                 return None
         else:
             return None
-    if not config.get("skip_signature") and "access_key_id" not in config and _profile_in_use(os.environ):
+    if (
+        not config.get("skip_signature")
+        and "access_key_id" not in config
+        and _profile_in_use(os.environ)
+    ):
         return None
     if endpoint is None and any(os.environ.get(v) for v in _ENDPOINT_ENV):
         return None  # botocore's endpoint variables: left to s3fs, which reads them
-    if "region" not in config and not (os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")):
+    if "region" not in config and not (
+        os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    ):
         if endpoint is None:
             region = _bucket_region(bucket, min(policy.timeout_s, 10.0))
             if region is None:
@@ -220,7 +239,7 @@ def _s3_store(url: str, options: Mapping[str, Any], policy: RetryPolicy) -> Any 
     return S3Store(
         bucket,
         prefix=prefix.strip("/") or None,
-        config=config,
+        config=cast("S3Config", config),  # built key by key from the fsspec options
         client_options=_client_options(policy, http),
         retry_config=_single_attempt(),
     )
@@ -243,7 +262,9 @@ def _http_store(url: str, options: Mapping[str, Any], policy: RetryPolicy) -> An
                 return None
         else:
             return None
-    return HTTPStore.from_url(url.rstrip("/"), client_options=client, retry_config=_single_attempt())
+    return HTTPStore.from_url(
+        url.rstrip("/"), client_options=client, retry_config=_single_attempt()
+    )
 
 
 def object_store(
@@ -278,8 +299,13 @@ def object_store(
     # pool), once per process instead of once per open_collection
     # (obstore reads AWS_* variables when a store is made: they are part of the key)
     aws_env = hash(tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_"))))
-    key = (os.getpid(), url, repr(sorted(options.items(), key=lambda kv: kv[0])),
-           policy.timeout_s, aws_env)
+    key = (
+        os.getpid(),
+        url,
+        repr(sorted(options.items(), key=lambda kv: kv[0])),
+        policy.timeout_s,
+        aws_env,
+    )
     cached = None if options.get("skip_instance_cache") else _store_cache.get(key)
     if cached is not None:
         return ObjectStore(cached, read_only=True)
@@ -292,7 +318,9 @@ def object_store(
             _store_cache.pop(next(iter(_store_cache)))
         _store_cache[key] = inner
     if inner is None:
-        logger.debug("%s: read through fsspec (options or protocol not expressible in obstore)",
-                     protocol or "url")
+        logger.debug(
+            "%s: read through fsspec (options or protocol not expressible in obstore)",
+            protocol or "url",
+        )
         return None
     return ObjectStore(inner, read_only=True)

@@ -160,7 +160,11 @@ def _single_try_filesystem(store: Store) -> None:
     fs = getattr(store, "fs", None)
     protocols = getattr(fs, "protocol", ())
     protocols = (protocols,) if isinstance(protocols, str) else tuple(protocols)
-    if {"s3", "s3a"} & set(protocols) and isinstance(getattr(fs, "retries", None), int):
+    if (
+        fs is not None
+        and {"s3", "s3a"} & set(protocols)
+        and isinstance(getattr(fs, "retries", None), int)
+    ):
         fs.retries = 1
 
 
@@ -264,7 +268,7 @@ class RetryingStore(WrapperStore[Store]):
             reraise=True,
         )
         try:
-            result = await retrying(attempt)
+            result: T = await retrying(attempt)
         except Exception as exc:
             fault = classify(exc)
             if fault.kind in (FaultKind.UNKNOWN, FaultKind.MISSING):

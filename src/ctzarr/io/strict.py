@@ -61,8 +61,6 @@ ALLOWED_DTYPES = frozenset(
 )
 
 
-
-
 _BLOSC_HEADER = struct.Struct(
     "<BBBBIII"
 )  # version, versionlz, flags, typesize, nbytes, blocksize, cbytes
@@ -122,10 +120,6 @@ class ArrayLayout:
                 out.append((0, n))
         return out
 
-    def keys_for(self, selection: Any) -> list[str]:
-        """Chunk keys of the stored objects a basic selection touches."""
-        return [key for key, _ in self.touched(selection)]
-
     def touched(self, selection: Any) -> list[tuple[str, list[int]]]:
         """(key, flat indices of the inner chunks read) of each stored object a selection
         touches; unsharded objects have the one inner chunk 0."""
@@ -150,8 +144,6 @@ class ArrayLayout:
 
 def _dtype_name(meta: Any) -> str:
     return str(meta.data_type.to_native_dtype().newbyteorder("=").name)
-
-
 
 
 def _layout(path: str, meta: Any, where: str) -> ArrayLayout:
@@ -182,6 +174,7 @@ def _layout(path: str, meta: Any, where: str) -> ArrayLayout:
     sharded = len(codecs) == 1 and isinstance(codecs[0], ShardingCodec)
     if sharded:
         shard = codecs[0]
+        assert isinstance(shard, ShardingCodec)  # for mypy: checked just above
         inner = tuple(int(c) for c in shard.chunk_shape)
         if str(getattr(shard.index_location, "value", shard.index_location)) != "end" or [
             type(c) for c in shard.index_codecs
@@ -257,11 +250,6 @@ def _symlinks(top: Path) -> Iterable[Path]:
 
 
 # -- chunk checks shared by the local and remote paths -----------------------------------------
-def check_frame(frame: bytes | memoryview, layout: ArrayLayout, where: str) -> None:
-    """Refuse a stored chunk (blosc frame + crc32c) whose header does not declare one chunk."""
-    _check_header(bytes(frame[:16]), len(frame), layout, where)
-
-
 def _check_header(head: bytes, stored_nbytes: int, layout: ArrayLayout, where: str) -> None:
     if not layout.blosc:
         if stored_nbytes != layout.inner_nbytes + _CRC:
@@ -333,7 +321,7 @@ class CheckedArray:
 
     def __init__(
         self,
-        array: zarr.Array,
+        array: zarr.Array[Any],
         layout: ArrayLayout,
         records: Mapping[str, ShardRecord],
         where: str,
@@ -359,7 +347,7 @@ class CheckedArray:
 
     @property
     def dtype(self) -> np.dtype[Any]:
-        return self._array.dtype  # type: ignore[no-any-return]
+        return self._array.dtype
 
     @property
     def ndim(self) -> int:

@@ -61,19 +61,18 @@ def start_local_cluster(n_workers: int) -> Any:
 
     # the scheduler runs in this process and reads its configuration when it starts
     with dask.config.set({"distributed.scheduler.no-workers-timeout": LOCAL_NO_WORKERS_TIMEOUT}):
-        cluster = LocalCluster(
+        # distributed has no annotations: its calls are untyped
+        cluster = LocalCluster(  # type: ignore[no-untyped-call]
             n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=":0"
         )
-    client = Client(cluster)
-    return client
+    return Client(cluster)  # type: ignore[no-untyped-call]
 
 
 def connect(address: str) -> Any:
     """Client of a running scheduler."""
     from distributed import Client  # optional: the distributed extra
 
-    client = Client(address)
-    return client
+    return Client(address)  # type: ignore[no-untyped-call]  # distributed: no annotations
 
 
 def killed_worker_type() -> type[BaseException]:
