@@ -22,6 +22,7 @@ import pandas.testing as pdt
 import pytest
 
 import ctzarr
+from ctzarr.sources.layouts import load_source
 
 from .conftest import nifti_zyx, write_pairs
 from .servers import http_server, moto_s3_server
@@ -231,8 +232,7 @@ def test_touched_remote_source_is_rehashed_with_its_storage_options(
     """A source object rewritten with the same bytes (new mtime) is re-hashed through the
     source's own storage options (endpoint and credentials) and found unchanged: skipped."""
     prefix = f"{BUCKET}/{unique_prefix('touched')}/dap"
-    s3.put(str(dap_source), prefix, recursive=True)
-    s3.rm(f"{prefix}/labels.json")  # the builtin DAP Atlas map (a remote labels.json is not read yet)
+    s3.put(str(dap_source), prefix, recursive=True)  # labels.json included: read remotely too
     # the credentials travel only in the storage options, as they would for a user's bucket
     so = {**s3_options(s3_endpoint), "key": ACCESS_KEY, "secret": SECRET}
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
@@ -252,6 +252,30 @@ def test_touched_remote_source_is_rehashed_with_its_storage_options(
     again = ctzarr.convert(source, dest, storage_options=so, progress=False)
     assert again.ok, again
     assert cid in again.skipped and not again.converted, again
+
+
+def test_remote_dap_labels_json_is_read_with_the_source_storage_options(
+        s3_endpoint: str, s3: Any, dap_source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A DAP Atlas source on S3 takes its label map from its own remote labels.json, read through
+    the source's storage options (the credentials are nowhere else)."""
+    prefix = f"{BUCKET}/{unique_prefix('labels')}/dap"
+    s3.put(str(dap_source), prefix, recursive=True)
+    table = json.loads((dap_source / "labels.json").read_text(encoding="utf-8"))
+    table["2"] = "renamed_in_the_bucket"  # differs from the builtin table: proves the file was read
+    s3.pipe(f"{prefix}/labels.json", json.dumps(table).encode())
+    so = {**s3_options(s3_endpoint), "key": ACCESS_KEY, "secret": SECRET}
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    s3fs.S3FileSystem.clear_instance_cache()
+    source = f"s3://{prefix}"
+
+    ds = load_source(source, storage_options=so)
+    assert ds.label_maps["anatomy"][2].name == "renamed_in_the_bucket"
+    report = ctzarr.convert(source, tmp_path / "dap.zarr", storage_options=so, progress=False)
+    assert report.ok, report
+    col = ctzarr.open_collection(tmp_path / "dap.zarr")
+    assert col.segmentations["anatomy"][2].name == "renamed_in_the_bucket"
+    assert len(col.segmentations["anatomy"]) == 144
 
 
 def test_convert_to_s3_resumes_and_replaces_interrupted_case(s3_endpoint: str, s3: Any, dap_source: Path,

@@ -42,7 +42,7 @@ from collections.abc import Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import cache, cached_property
 from importlib import resources
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, TypeGuard
 
 import yaml
@@ -529,7 +529,10 @@ def parse_label_map(obj: Any, *, name: str, ignore_value: int | None = None) -> 
 
 
 def load_label_map_file(path: str | os.PathLike[str], *, name: str | None = None) -> LabelMap:
-    """Read a label map from a ``.json``, ``.yaml`` or ``.yml`` file.
+    """Read a label map from a local ``.json``, ``.yaml`` or ``.yml`` file.
+
+    Files at fsspec URLs are read by the source layer (:mod:`ctzarr.sources.layouts`), which
+    hands their text to :func:`parse_label_map_text`.
 
     Parameters
     ----------
@@ -551,18 +554,55 @@ def load_label_map_file(path: str | os.PathLike[str], *, name: str | None = None
         The file cannot be read.
     """
     p = Path(path)
-    suffix = p.suffix.lower()
-    if suffix not in (".json", ".yaml", ".yml"):
-        raise LabelMapError(f"{p}: unsupported label map file type {suffix!r} (use .json or .yaml)")
+    suffix = label_map_file_suffix(str(p))
     text = p.read_text(encoding="utf-8")
+    return parse_label_map_text(text, suffix=suffix, name=name or p.stem, where=str(p))
+
+
+def label_map_file_suffix(filename: str) -> str:
+    """The lower-case suffix (``.json``, ``.yaml`` or ``.yml``) of a label map file name or URL.
+
+    Raises
+    ------
+    LabelMapError
+        Any other suffix; the message starts with ``filename``.
+    """
+    suffix = PurePosixPath(filename).suffix.lower()
+    if suffix not in (".json", ".yaml", ".yml"):
+        raise LabelMapError(
+            f"{filename}: unsupported label map file type {suffix!r} (use .json or .yaml)"
+        )
+    return suffix
+
+
+def parse_label_map_text(text: str, *, suffix: str, name: str, where: str) -> LabelMap:
+    """Parse the text of a label map file (no I/O): JSON for ``.json``, else YAML.
+
+    Parameters
+    ----------
+    text : str
+        The file's content, in any form :func:`parse_label_map` accepts. Duplicate keys are an
+        error, not silently overwritten.
+    suffix : str
+        The file's suffix, as :func:`label_map_file_suffix` returns it.
+    name : str
+        Name of the map.
+    where : str
+        The file, for error messages.
+
+    Raises
+    ------
+    LabelMapError
+        Unparsable text or invalid table; the message starts with ``where``.
+    """
     try:
         if suffix == ".json":
             obj = json.loads(text, object_pairs_hook=_unique_pairs)
         else:
             obj = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
-        return parse_label_map(obj, name=name or p.stem)
+        return parse_label_map(obj, name=name)
     except (ValueError, yaml.YAMLError) as exc:  # LabelMapError and JSONDecodeError included
-        raise LabelMapError(f"{p}: {exc}") from exc
+        raise LabelMapError(f"{where}: {exc}") from exc
 
 
 def builtin_label_map(name: str) -> LabelMap:

@@ -97,7 +97,7 @@ _PERCENTILES = (50.0, 5.0, 25.0, 75.0, 95.0)
 def _lerp(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
     """numpy's own linear interpolation (numpy/lib/_function_base_impl.py, _lerp)."""
     diff_b_a = b - a
-    out = np.add(a, diff_b_a * t)
+    out: np.ndarray = np.add(a, diff_b_a * t)
     np.subtract(
         b, diff_b_a * (1 - t), out=out, where=t >= 0.5, casting="unsafe", dtype=type(out.dtype)
     )

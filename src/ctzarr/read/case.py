@@ -134,7 +134,7 @@ class Case:
         return coords
 
     def _dataarray(
-        self, arr: zarr.Array, name: str, level: int, attrs: dict[str, Any]
+        self, arr: CheckedArray, name: str, level: int, attrs: dict[str, Any]
     ) -> xr.DataArray:
         shard = arr.shards or arr.chunks
         data = da.from_array(
@@ -310,7 +310,9 @@ class Case:
         nifti = self.meta.nifti
         image_data = _region(self.array("0"), box, f"ctzarr-crop-image-{self.case_id}")
         if nifti.scaled:
-            image_data = image_data.map_blocks(nifti.scale, dtype=nifti.value_dtype)
+            # da.map_blocks(f, x) is what x.map_blocks(f) calls; the method's functools.wraps
+            # signature is typed as the module function's (func first), so mypy rejects it
+            image_data = da.map_blocks(nifti.scale, image_data, dtype=nifti.value_dtype)
         lm = self.collection.segmentations.get(seg)
         image = xr.DataArray(
             image_data, dims=("z", "y", "x"), coords=coords, name="image", attrs=dict(common)
@@ -394,7 +396,7 @@ class _Region:
     touches; for a crop that is most of its cost, so a crop gets one task per array instead.
     """
 
-    def __init__(self, arr: zarr.Array, box: tuple[slice, slice, slice]) -> None:
+    def __init__(self, arr: CheckedArray, box: tuple[slice, slice, slice]) -> None:
         self.arr = arr
         self.box = box
         self.shape = tuple(sl.stop - sl.start for sl in box)
@@ -414,11 +416,11 @@ class _Region:
         return out[tuple(0 if not isinstance(k, slice) else slice(None) for k in key)]
 
 
-def _region(arr: zarr.Array, box: tuple[slice, slice, slice], name: str) -> da.Array:
+def _region(arr: CheckedArray, box: tuple[slice, slice, slice], name: str) -> da.Array:
     """A one-chunk dask array over a box of a zarr array."""
     region = _Region(arr, box)
     token = "-".join(f"{sl.start}:{sl.stop}" for sl in box)
-    return da.from_array(
+    data: da.Array = da.from_array(
         region,
         chunks=region.shape,
         name=f"{name}-{token}-{id(arr)}",
@@ -427,3 +429,4 @@ def _region(arr: zarr.Array, box: tuple[slice, slice, slice], name: str) -> da.A
         inline_array=True,
         meta=np.empty((0, 0, 0), dtype=arr.dtype),
     )
+    return data

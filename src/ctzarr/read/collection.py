@@ -12,10 +12,10 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import dask
 import numpy as np
 import pandas as pd
 import zarr
+from dask.base import compute
 from zarr.abc.store import Store
 
 from ctzarr.catalog import load_catalog, resolve_entry
@@ -249,7 +249,7 @@ def scan_task(url: str, options: dict[str, Any], case_id: str, segmentation: str
             return None  # the case has no such segmentation (the client did not open it)
         graph = scan_index_graph(case, segmentation)
         if nthreads <= 1:
-            (idx,) = dask.compute(graph, scheduler="sync")
+            (idx,) = compute(graph, scheduler="sync")
         else:
-            (idx,) = dask.compute(graph, scheduler="threads", num_workers=nthreads)
+            (idx,) = compute(graph, scheduler="threads", num_workers=nthreads)
     return idx

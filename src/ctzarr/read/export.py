@@ -10,7 +10,7 @@ from __future__ import annotations
 import gzip
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import nibabel as nib
 import numpy as np
@@ -61,7 +61,9 @@ def crop_to_nifti(
     written = {}
     for role, data, path in (("image", crop.image, out), ("labels", crop.labels, labels_path)):
         values = np.asarray(data.values).transpose(2, 1, 0)
-        klass = nib.Nifti2Image if isinstance(hdr, nib.Nifti2Header) else nib.Nifti1Image
+        klass: type[nib.Nifti1Image] = (
+            nib.Nifti2Image if isinstance(hdr, nib.Nifti2Header) else nib.Nifti1Image
+        )
         img = klass(values, affine)
         img.header.set_xyzt_units(*hdr.get_xyzt_units())
         img.set_qform(affine, code=qcode)
@@ -94,7 +96,7 @@ def case_to_nifti(case: Case, out_dir: str | os.PathLike[str]) -> dict[str, Path
     out.mkdir(parents=True, exist_ok=True)
     hdr_bytes = case.nifti_header_bytes
     hdr = header_from_bytes(hdr_bytes)
-    disk_dtype = hdr.get_data_dtype()
+    disk_dtype: np.dtype[Any] = hdr.get_data_dtype()
     written = {}
     path = out / f"{case.case_id}_image.nii.gz"
     arr = case.array("0")
@@ -114,7 +116,9 @@ def case_to_nifti(case: Case, out_dir: str | os.PathLike[str]) -> dict[str, Path
         seg_hdr = hdr.copy()
         seg_hdr.set_data_dtype(lab.dtype)
         seg_hdr.set_slope_inter(1.0, 0.0)
-        klass = nib.Nifti2Image if isinstance(hdr, nib.Nifti2Header) else nib.Nifti1Image
+        klass: type[nib.Nifti1Image] = (
+            nib.Nifti2Image if isinstance(hdr, nib.Nifti2Header) else nib.Nifti1Image
+        )
         img = klass(np.asarray(lab[:]).transpose(2, 1, 0), None, header=seg_hdr)
         p = out / f"{case.case_id}_{name}.nii.gz"
         img.to_filename(p)

@@ -175,7 +175,7 @@ def _world_axes(affine: np.ndarray) -> tuple[dict[int, int], dict[int, float]]:
     """For each RAS world axis: the stored (z, y, x) dimension nearest to it, and whether the
     index along that dimension runs towards +world (+1) or -world (-1)."""
     # row per voxel axis (i, j, k): (world axis, +-1)
-    ornt = np.asarray(io_orientation(affine))  # type: ignore[no-untyped-call]
+    ornt = np.asarray(io_orientation(affine))
     if np.isnan(ornt).any():
         raise ValueError(f"affine has a degenerate axis; cannot orient slices:\n{affine}")
     dim_of: dict[int, int] = {}
@@ -246,7 +246,7 @@ def structure_panels(
         sel[dn] = k
         plans.append((key, title, row_world, col_world, dn, k))
         lazy += [image[tuple(sel)].data, labels[tuple(sel)].data]
-    computed = dask_compute(*lazy)  # type: ignore[no-untyped-call]
+    computed = dask_compute(*lazy)
 
     panels = []
     for p, (key, title, row_world, col_world, dn, k) in enumerate(plans):
@@ -257,9 +257,7 @@ def structure_panels(
             k = _nearest_slice(labels[box], dn, label.value, k - box[dn].start) + box[dn].start
             sel = list(box)
             sel[dn] = k
-            img2d, lab2d = dask_compute(  # type: ignore[no-untyped-call]
-                image[tuple(sel)].data, labels[tuple(sel)].data
-            )
+            img2d, lab2d = dask_compute(image[tuple(sel)].data, labels[tuple(sel)].data)
         rd, cd = dim_of[row_world], dim_of[col_world]
         # display axes run towards negative world: flip where the stored index runs positive
         flips = (sign_of[row_world] > 0, sign_of[col_world] > 0)

@@ -24,9 +24,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-import dask
 import numpy as np
 import pandas as pd
+from dask.base import compute
+from dask.delayed import delayed
 
 from ctzarr.errors import StructureNotFoundError
 from ctzarr.io.urls import check_no_secrets
@@ -156,20 +157,20 @@ def scan_index_graph(case: Case, segmentation: str) -> Any:
     starts = np.r_[0, np.cumsum(labels.chunks[0])[:-1]].tolist()
     lab_blocks = labels.to_delayed()
     parts = []
-    partial = dask.delayed(_partial, pure=True)
+    partial = delayed(_partial, pure=True)
     for zi, z0 in enumerate(starts):
         assert lab_blocks.shape[1:] == (1, 1), "scan blocks must be whole planes"
         z1 = z0 + labels.chunks[0][zi]
         slab = _ImageSlab(image_array, z0, z1, nifti)
         parts.append(partial(z0, lab_blocks[zi, 0, 0], slab, config))
-    merge = dask.delayed(_merge, pure=True)
+    merge = delayed(_merge, pure=True)
     while len(parts) > 1:  # tree reduction, fan-in 4
         parts = [
             merge(*parts[i : i + 4]) if len(parts[i : i + 4]) > 1 else parts[i]
             for i in range(0, len(parts), 4)
         ]
     sparse = lm.ignore_value is not None
-    return dask.delayed(lambda b: b.finish(sparse_annotation=sparse), pure=True)(parts[0])
+    return delayed(lambda b: b.finish(sparse_annotation=sparse), pure=True)(parts[0])
 
 
 # -- public entry points ----------------------------------------------------------------------
@@ -290,7 +291,7 @@ def _stats(
             for seg, labels in targets.items()
             if seg in case.segmentation_names
         ]
-        results = dask.compute(
+        results = compute(
             *[scan_index_graph(case, seg) for case, seg, _ in pairs], scheduler="threads"
         )
         for (case, seg, labels), idx in zip(pairs, results, strict=True):

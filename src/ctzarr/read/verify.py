@@ -18,7 +18,7 @@ from zarr.core.sync import sync
 from ctzarr.errors import TableMismatchError
 from ctzarr.io.locks import CaseLock, collection_lock, lock_is_stale, read_lock
 from ctzarr.io.stores import make_store
-from ctzarr.io.strict import StrictStore
+from ctzarr.io.strict import CheckedArray, StrictStore
 from ctzarr.io.transactions import STAGING, case_state, remove_case, remove_staging
 from ctzarr.model.manifest import Manifest, crc32c
 from ctzarr.read.case import Case
@@ -272,7 +272,7 @@ def _try(problems: list[str], cid: str, read: Any) -> Any:
         return None
 
 
-def _read_all(arr: zarr.Array, count_labels: bool = False) -> np.ndarray | None:
+def _read_all(arr: CheckedArray, count_labels: bool = False) -> np.ndarray | None:
     """Decode every shard of an array; optionally count label values."""
     step = arr.shards[0] if arr.shards else arr.chunks[0]
     counts = None

@@ -21,7 +21,12 @@ from typing import Any
 import fsspec
 
 from ctzarr.errors import InvalidCaseIdError, LayoutError
-from ctzarr.model.labels import LabelMap, builtin_label_map, load_label_map_file
+from ctzarr.model.labels import (
+    LabelMap,
+    builtin_label_map,
+    label_map_file_suffix,
+    parse_label_map_text,
+)
 
 LAYOUTS = ("dap_atlas", "saros", "pairs")
 
@@ -151,16 +156,27 @@ def _label_args(labels: Sequence[str] | str | None) -> dict[str | None, str]:
 
 
 def _label_map_for(
-    name: str, label_files: Mapping[str | None, str], default: LabelMap | None
+    name: str,
+    label_files: Mapping[str | None, str],
+    default: LabelMap | None,
+    so: Mapping[str, Any],
 ) -> LabelMap:
     path = label_files.get(name) or label_files.get(None)
     if path:
-        return load_label_map_file(path, name=name)
+        return _read_label_map(path, name, so)
     if default is None:
         raise LayoutError(
             f"segmentation {name!r} needs a label map: pass --labels {name}=FILE (JSON or YAML id -> name)"
         )
     return default
+
+
+def _read_label_map(path: str, name: str, so: Mapping[str, Any]) -> LabelMap:
+    """A label map file, local or at an fsspec URL (read with the source's storage options)."""
+    suffix = label_map_file_suffix(path)
+    with fsspec.open(path, "rb", **(so if "://" in path else {})) as f:
+        data: bytes = f.read()
+    return parse_label_map_text(data.decode("utf-8"), suffix=suffix, name=name, where=path)
 
 
 def _dap_atlas(
@@ -193,7 +209,7 @@ def _dap_atlas(
     labels_json = f"{root}/labels.json"
     if "anatomy" not in label_files and None not in label_files and fs.isfile(labels_json):
         label_files = {"anatomy": _url(source, fs, labels_json)}
-    lm = _label_map_for("anatomy", label_files, builtin_label_map("dap_atlas"))
+    lm = _label_map_for("anatomy", label_files, builtin_label_map("dap_atlas"), so)
     return DatasetSource(
         "dap_atlas", source, tuple(cases), {"anatomy": lm}, {"anatomy": False}, "dap_atlas", so
     )
@@ -233,7 +249,7 @@ def _saros(source: str, so: dict[str, Any], label_files: Mapping[str | None, str
     if not cases:
         raise LayoutError(f"{source}: no case_XXX directories found")
     maps = {
-        seg: _label_map_for(seg, label_files, builtin_label_map(f"saros_{seg}"))
+        seg: _label_map_for(seg, label_files, builtin_label_map(f"saros_{seg}"), so)
         for seg in _SAROS_FILES
     }
     return DatasetSource(
@@ -293,7 +309,7 @@ def _pairs(source: str, so: dict[str, Any], label_files: Mapping[str | None, str
         cases.append(CaseSpec(cid, resolve(row["image"]), segs))
     if not cases:
         raise LayoutError(f"{manifest}: no cases")
-    maps = {c: _label_map_for(c, label_files, None) for c in seg_cols}
+    maps = {c: _label_map_for(c, label_files, None, so) for c in seg_cols}
     sparse = {c: maps[c].ignore_value is not None for c in seg_cols}
     dataset_id = posixpath.basename(base.rstrip("/")) or "pairs"
     return DatasetSource("pairs", source, tuple(cases), maps, sparse, dataset_id, so)

@@ -172,10 +172,9 @@ class NiftiSource:
         native = self.raw_dtype.newbyteorder("=")
         with _open_binary(self.path, self.storage_options) as raw_file:
             counted = _HashingReader(raw_file, digest)
-            stream: BinaryIO = (
-                igzip_threaded.open(counted, "rb", threads=1)  # type: ignore[assignment]
-                if self.compressed
-                else counted  # type: ignore[assignment]
+            # igzip_threaded.open is unannotated; in "rb" mode it returns an io.BufferedReader
+            stream: io.BufferedIOBase | _HashingReader = (
+                igzip_threaded.open(counted, "rb", threads=1) if self.compressed else counted
             )
             ring: list[bytearray] = []
             turn = 0
@@ -288,19 +287,19 @@ def _open_binary(path: str, storage_options: dict[str, Any]) -> BinaryIO:
     return open(path, "rb")
 
 
-def _read_into(stream: BinaryIO, buf: memoryview) -> int:
+def _read_into(stream: io.RawIOBase | io.BufferedIOBase, buf: memoryview) -> int:
     """Fill buf from stream; return how many bytes were read (short only at EOF)."""
     view = buf
     got = 0
     while got < len(buf):
-        n = stream.readinto(view[got:])  # type: ignore[attr-defined]
+        n = stream.readinto(view[got:])
         if not n:
             break
         got += n
     return got
 
 
-def _skip(stream: BinaryIO, n: int, src: NiftiSource) -> None:
+def _skip(stream: io.RawIOBase | io.BufferedIOBase, n: int, src: NiftiSource) -> None:
     """Read and discard the first n bytes (header and extensions)."""
     left = n
     while left:
@@ -442,7 +441,7 @@ def _validated(
     nx, ny, nz = shape
 
     try:
-        raw_dtype = hdr.get_data_dtype()
+        raw_dtype: np.dtype[Any] = hdr.get_data_dtype()
     except Exception as exc:  # nibabel raises HeaderDataError for unknown codes
         raise fail(f"unsupported datatype code {int(hdr['datatype'])}") from exc
     if raw_dtype.kind not in "iuf" or raw_dtype.itemsize > 8:

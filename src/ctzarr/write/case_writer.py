@@ -156,7 +156,7 @@ def malloc_arenas(limit: int) -> Iterator[None]:
 
 def _warm_kernels(
     builders: dict[str, LabelIndexBuilder],
-    lab_arrays: dict[str, list[zarr.Array]],
+    lab_arrays: dict[str, list[zarr.Array[Any]]],
     value_dtype: np.dtype[Any],
 ) -> None:
     """Run the index kernel once on a tiny slab of each (label, value) dtype pair."""
@@ -260,7 +260,7 @@ class CaseWriter:
                 self._create(case, str(i), s, i, self.image.raw_dtype.newbyteorder("="))
                 for i, s in enumerate(levels)
             ]
-            lab_arrays: dict[str, list[zarr.Array]] = {}
+            lab_arrays: dict[str, list[zarr.Array[Any]]] = {}
             for seg in self.segmentations:
                 dt = label_dtype(seg.label_map, seg.source)
                 grp = case.require_group(f"labels/{seg.name}")
@@ -370,7 +370,7 @@ class CaseWriter:
         shape: tuple[int, int, int],
         level: int,
         dtype: np.dtype[Any],
-    ) -> zarr.Array:
+    ) -> zarr.Array[Any]:
         chunk, shard = chunk_layout(shape, level)
         return group.create_array(
             name,
@@ -386,13 +386,13 @@ class CaseWriter:
         )
 
     def _write_label_pyramids(
-        self, lab_arrays: dict[str, list[zarr.Array]], z0: int, labels: list[np.ndarray]
+        self, lab_arrays: dict[str, list[zarr.Array[Any]]], z0: int, labels: list[np.ndarray]
     ) -> None:
         for seg, lab in zip(self.segmentations, labels, strict=True):
             self._write_pyramid(lab_arrays[seg.name], z0, lab, downsample_labels)
 
     def _write_pyramid(
-        self, arrays: list[zarr.Array], z0: int, slab: np.ndarray, down: Any
+        self, arrays: list[zarr.Array[Any]], z0: int, slab: np.ndarray, down: Any
     ) -> None:
         for level, arr in enumerate(arrays):
             zl = z0 >> level
@@ -401,7 +401,7 @@ class CaseWriter:
             if level + 1 < len(arrays):
                 slab = down(slab)
 
-    def _record(self, arr: zarr.Array, z0: int, depth: int) -> None:
+    def _record(self, arr: zarr.Array[Any], z0: int, depth: int) -> None:
         """Add the objects just written for slices z0:z0+depth to the manifest.
 
         The bytes are read back from the store (the Rust pipeline writes local files itself);

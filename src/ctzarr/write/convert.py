@@ -446,7 +446,7 @@ def case_attributes(
         case_id=spec.case_id,
         shape_zyx=image.shape_zyx,
         spacing_zyx=image.spacing_zyx,
-        affine=tuple(tuple(row) for row in image.affine.tolist()),  # type: ignore[misc]
+        affine=tuple(tuple(row) for row in image.affine.tolist()),
         nifti=nifti_block(image),
         segmentations=tuple(s.name for s in segs),
         attributes=dict(spec.attributes),

@@ -20,6 +20,7 @@ from typing import Any
 
 import numba
 import numpy as np
+from numpy.typing import NDArray
 
 from ctzarr.model.index import FLOAT_HISTOGRAM_RESOLUTION, LabelIndex
 
@@ -38,25 +39,25 @@ _UNKNOWN = -1  # a value the label map does not define
 
 @numba.njit(nogil=True, cache=True)
 def _scan_runs(
-    lab,
-    keys,
-    kmin,
-    lut,
-    z0,
-    cz,
-    cy,
-    cx,
-    hist,
-    cnt,
-    sums,
-    bmin,
-    bmax,
-    chunks,
-    unknown,
-    ignored_per_z,
-    ignore_value,
-    use_hist,
-):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    lab: NDArray[np.integer[Any]],
+    keys: NDArray[np.integer[Any]],
+    kmin: int,
+    lut: NDArray[np.int32],
+    z0: int,
+    cz: int,
+    cy: int,
+    cx: int,
+    hist: NDArray[np.signedinteger[Any]],
+    cnt: NDArray[np.int64],
+    sums: NDArray[np.int64],
+    bmin: NDArray[np.int64],
+    bmax: NDArray[np.int64],
+    chunks: NDArray[np.bool_],
+    unknown: NDArray[np.int64],
+    ignored_per_z: NDArray[np.int64],
+    ignore_value: int,
+    use_hist: bool,
+) -> None:  # pragma: no cover - compiled
     nz, ny, nx = lab.shape
     for z in range(nz):
         zz = z + z0
@@ -98,6 +99,14 @@ def _scan_runs(
                 x0 = x1
 
 
+def _chunk_ids(occupied: NDArray[np.bool_], grid: tuple[int, int, int]) -> NDArray[np.int64]:
+    """Flat ids of the occupied chunks of one label's occupancy map."""
+    # annotated: numpy types nonzero() of an n-d array as tuple[Any, ...], which would select
+    # ravel_multi_index's scalar overload
+    coords: tuple[NDArray[np.intp], ...] = np.nonzero(occupied)
+    return np.ravel_multi_index(coords, grid).astype(np.int64)
+
+
 class LabelIndexBuilder:
     """Accumulates the index of one segmentation slab by slab.
 
@@ -135,14 +144,15 @@ class LabelIndexBuilder:
         self._lut = np.full(lut_size, _UNKNOWN, dtype=np.int32)
         for i, v in enumerate(values):
             self._lut[v] = i
-        for v in (background, ignore_value):
-            if v is not None and v < lut_size:
-                self._lut[v] = _SKIP
+        for skipped in (background, ignore_value):
+            if skipped is not None and skipped < lut_size:
+                self._lut[skipped] = _SKIP
         self.ignore_value = -1 if ignore_value is None else int(ignore_value)
         self.shape = shape_zyx
         self.chunk_shape = chunk_zyx
         n = len(values)
-        self.grid = tuple(-(-s // c) for s, c in zip(shape_zyx, chunk_zyx, strict=True))
+        (sz, sy, sx), (cz, cy, cx) = shape_zyx, chunk_zyx
+        self.grid = (-(-sz // cz), -(-sy // cy), -(-sx // cx))
         self._cnt = np.zeros(n, np.int64)
         self._sums = np.zeros((n, 3), np.int64)
         self._bmin = np.full((n, 3), np.iinfo(np.int64).max, np.int64)
@@ -170,7 +180,7 @@ class LabelIndexBuilder:
         cz, cy, cx = self.chunk_shape
         _scan_runs(
             labels,
-            keys if dense else labels,
+            keys if dense and keys is not None else labels,
             kmin if dense else 0,
             self._lut,
             z0,
@@ -272,15 +282,14 @@ class LabelIndexBuilder:
         present = np.nonzero(self._cnt)[0]
         li, k, c = self._combined_triplets()
         # every present label owns a (possibly empty: all non-finite) run of the histogram
-        offsets = np.searchsorted(li, np.r_[present, len(self.values)]).astype(np.int64)
+        # np.r_ is typed as returning Any, which would select searchsorted's scalar overload
+        stops: NDArray[np.intp] = np.r_[present, len(self.values)]
+        offsets = np.searchsorted(li, stops).astype(np.int64)
         offsets[-1] = len(li)
         bbox = np.empty((len(present), 6), np.int64)
         bbox[:, 0::2] = self._bmin[present]
         bbox[:, 1::2] = self._bmax[present] + 1
-        chunk_ids = tuple(
-            np.ravel_multi_index(np.nonzero(self._chunks[i]), self.grid).astype(np.int64)
-            for i in present
-        )
+        chunk_ids = tuple(_chunk_ids(self._chunks[i], self.grid) for i in present)
         annotated = None
         if sparse_annotation:
             annotated = np.nonzero(self._ignored_per_z == 0)[0].astype(np.int64)
@@ -295,7 +304,7 @@ class LabelIndexBuilder:
             hist_counts=c,
             histogram_resolution=FLOAT_HISTOGRAM_RESOLUTION if self._float_keys else 1.0,
             annotated_slices=annotated,
-            chunk_grid=self.grid,  # type: ignore[arg-type]
+            chunk_grid=self.grid,
             chunk_shape=self.chunk_shape,
             nonfinite_count=self._nonfinite[present],
         )

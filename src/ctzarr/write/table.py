@@ -55,8 +55,8 @@ def _case_rows(
     rows = []
     for seg in meta.segmentations:
         igrp = grp[f"labels/{seg}/index"]
-        hist = igrp["histogram"]
         assert isinstance(igrp, zarr.Group)
+        hist = igrp["histogram"]
         assert isinstance(hist, zarr.Array)
         where = f"case {case_id!r}: index of {seg!r}"
         idx = LabelIndex.from_attributes(igrp.attrs.asdict(), np.asarray(hist[:]), where)
