@@ -32,14 +32,14 @@ import pytest
 import zarr
 
 import ctzarr
-from ctzarr.read.collection import open_collection
-from ctzarr.io.transactions import case_state
 from ctzarr.errors import (
     CtzarrWarning,
     InvalidCaseIdError,
     InvalidNiftiError,
     LayoutError,
 )
+from ctzarr.io.transactions import case_state
+from ctzarr.read.collection import open_collection
 from ctzarr.sources.layouts import validate_case_id
 from ctzarr.sources.nifti import open_nifti
 from ctzarr.testing.phantom import write_dap_atlas
@@ -957,18 +957,90 @@ MORE_BAD_FILES: list[tuple[str, str, Callable[[bytes], bytes], str, tuple[str, .
         ("trailing data after the voxel data",),
     ),
     # A7: vox_offset, in a raw and in a compressed single file
-    ("a7-nii-vox-offset-100", "image", _raw_set(("vox_offset", None, 100)), ".nii", ("vox_offset 100", "inside the header")),
-    ("a7-nii-vox-offset-minus-352", "image", _raw_set(("vox_offset", None, -352)), ".nii", ("vox_offset -352", "inside the header")),
-    ("a7-nii-vox-offset-348", "image", _raw_set(("vox_offset", None, 348)), ".nii", ("vox_offset 348", "at byte 352 or later")),
-    ("a7-nii-vox-offset-360", "image", _raw_set(("vox_offset", None, 360)), ".nii", ("from byte 360", "holds only 23032")),
-    ("a7-nii-vox-offset-1e9", "image", _raw_set(("vox_offset", None, 1e9)), ".nii", ("from byte 1000000000", "holds only 0")),
-    ("a7-nii-vox-offset-352.5", "image", _raw_set(("vox_offset", None, 352.5)), ".nii", ("vox_offset 352.5", "whole number")),
-    ("a7-nii-vox-offset-nan", "mask", _raw_set(("vox_offset", None, np.nan)), ".nii", ("vox_offset nan", "whole number")),
-    ("a7-gz-vox-offset-100", "image", _set(("vox_offset", None, 100)), ".nii.gz", ("vox_offset 100", "inside the header")),
-    ("a7-gz-vox-offset-minus-352", "image", _set(("vox_offset", None, -352)), ".nii.gz", ("vox_offset -352", "inside the header")),
-    ("a7-gz-vox-offset-360", "image", _set(("vox_offset", None, 360)), ".nii.gz", ("truncated", "voxel data ends after 23032 of 23040")),
-    ("a7-gz-vox-offset-1e9", "image", _set(("vox_offset", None, 1e9)), ".nii.gz", ("from byte 1000000000", "inflate to at most")),
-    ("a7-gz-vox-offset-inf", "mask", _set(("vox_offset", None, np.inf)), ".nii.gz", ("vox_offset inf", "whole number")),
+    (
+        "a7-nii-vox-offset-100",
+        "image",
+        _raw_set(("vox_offset", None, 100)),
+        ".nii",
+        ("vox_offset 100", "inside the header"),
+    ),
+    (
+        "a7-nii-vox-offset-minus-352",
+        "image",
+        _raw_set(("vox_offset", None, -352)),
+        ".nii",
+        ("vox_offset -352", "inside the header"),
+    ),
+    (
+        "a7-nii-vox-offset-348",
+        "image",
+        _raw_set(("vox_offset", None, 348)),
+        ".nii",
+        ("vox_offset 348", "at byte 352 or later"),
+    ),
+    (
+        "a7-nii-vox-offset-360",
+        "image",
+        _raw_set(("vox_offset", None, 360)),
+        ".nii",
+        ("from byte 360", "holds only 23032"),
+    ),
+    (
+        "a7-nii-vox-offset-1e9",
+        "image",
+        _raw_set(("vox_offset", None, 1e9)),
+        ".nii",
+        ("from byte 1000000000", "holds only 0"),
+    ),
+    (
+        "a7-nii-vox-offset-352.5",
+        "image",
+        _raw_set(("vox_offset", None, 352.5)),
+        ".nii",
+        ("vox_offset 352.5", "whole number"),
+    ),
+    (
+        "a7-nii-vox-offset-nan",
+        "mask",
+        _raw_set(("vox_offset", None, np.nan)),
+        ".nii",
+        ("vox_offset nan", "whole number"),
+    ),
+    (
+        "a7-gz-vox-offset-100",
+        "image",
+        _set(("vox_offset", None, 100)),
+        ".nii.gz",
+        ("vox_offset 100", "inside the header"),
+    ),
+    (
+        "a7-gz-vox-offset-minus-352",
+        "image",
+        _set(("vox_offset", None, -352)),
+        ".nii.gz",
+        ("vox_offset -352", "inside the header"),
+    ),
+    (
+        "a7-gz-vox-offset-360",
+        "image",
+        _set(("vox_offset", None, 360)),
+        ".nii.gz",
+        ("truncated", "voxel data ends after 23032 of 23040"),
+    ),
+    (
+        "a7-gz-vox-offset-1e9",
+        "image",
+        _set(("vox_offset", None, 1e9)),
+        ".nii.gz",
+        ("from byte 1000000000", "inflate to at most"),
+    ),
+    (
+        "a7-gz-vox-offset-inf",
+        "mask",
+        _set(("vox_offset", None, np.inf)),
+        ".nii.gz",
+        ("vox_offset inf", "whole number"),
+    ),
     (
         "a7-vox-offset-0-with-extension",
         "image",
@@ -977,12 +1049,42 @@ MORE_BAD_FILES: list[tuple[str, str, Callable[[bytes], bytes], str, tuple[str, .
         ("trailing data after the voxel data",),
     ),
     # A8: dims that disagree with the payload
-    ("a8-dims-smaller-than-payload", "image", _set(("dim", 3, 19)), ".nii.gz", ("trailing data after the voxel data",)),
-    ("a8-dims-larger-than-payload", "image", _set(("dim", 3, 21)), ".nii.gz", ("truncated", "voxel data ends after 23040 of 24192")),
-    ("a8-nii-dims-larger-than-payload", "mask", _raw_set(("dim", 3, 21)), ".nii", ("header declares 12096 bytes", "holds only 11520")),
+    (
+        "a8-dims-smaller-than-payload",
+        "image",
+        _set(("dim", 3, 19)),
+        ".nii.gz",
+        ("trailing data after the voxel data",),
+    ),
+    (
+        "a8-dims-larger-than-payload",
+        "image",
+        _set(("dim", 3, 21)),
+        ".nii.gz",
+        ("truncated", "voxel data ends after 23040 of 24192"),
+    ),
+    (
+        "a8-nii-dims-larger-than-payload",
+        "mask",
+        _raw_set(("dim", 3, 21)),
+        ".nii",
+        ("header declares 12096 bytes", "holds only 11520"),
+    ),
     # A10: datatype codes nibabel cannot or will not read
-    ("a10-datatype-0-none", "image", _set(("datatype", None, 0)), ".nii.gz", ("unsupported datatype", "code 0")),
-    ("a10-datatype-1-binary", "mask", _set(("datatype", None, 1)), ".nii.gz", ("unsupported datatype", "code 1")),
+    (
+        "a10-datatype-0-none",
+        "image",
+        _set(("datatype", None, 0)),
+        ".nii.gz",
+        ("unsupported datatype", "code 0"),
+    ),
+    (
+        "a10-datatype-1-binary",
+        "mask",
+        _set(("datatype", None, 1)),
+        ".nii.gz",
+        ("unsupported datatype", "code 1"),
+    ),
     # A12: implausible scaling
     (
         "a12-scl-slope-1e38",
@@ -1013,10 +1115,34 @@ MORE_BAD_FILES: list[tuple[str, str, Callable[[bytes], bytes], str, tuple[str, .
         ".nii.gz",
         ("invalid qform",),
     ),
-    ("a15-nan-pixdim", "mask", _set(("pixdim", 2, np.nan)), ".nii.gz", ("pixdim", "positive and finite", "nan")),
-    ("a15-qfac-3", "image", _set(("pixdim", 0, 3.0)), ".nii.gz", ("pixdim[0] (qfac)", "-1 or 1", "3.0")),
-    ("a15-sform-code-minus-1", "image", _set(("sform_code", None, -1)), ".nii.gz", ("invalid sform_code -1", "0 to 5")),
-    ("a15-qform-code-99", "mask", _set(("qform_code", None, 99)), ".nii.gz", ("invalid qform_code 99",)),
+    (
+        "a15-nan-pixdim",
+        "mask",
+        _set(("pixdim", 2, np.nan)),
+        ".nii.gz",
+        ("pixdim", "positive and finite", "nan"),
+    ),
+    (
+        "a15-qfac-3",
+        "image",
+        _set(("pixdim", 0, 3.0)),
+        ".nii.gz",
+        ("pixdim[0] (qfac)", "-1 or 1", "3.0"),
+    ),
+    (
+        "a15-sform-code-minus-1",
+        "image",
+        _set(("sform_code", None, -1)),
+        ".nii.gz",
+        ("invalid sform_code -1", "0 to 5"),
+    ),
+    (
+        "a15-qform-code-99",
+        "mask",
+        _set(("qform_code", None, 99)),
+        ".nii.gz",
+        ("invalid qform_code 99",),
+    ),
     # A13: label files that are not label maps
     (
         "a13-labels-int32-300-and-negative",
@@ -1032,7 +1158,13 @@ MORE_BAD_FILES: list[tuple[str, str, Callable[[bytes], bytes], str, tuple[str, .
         ".nii.gz",
         ("non-integer label",),
     ),
-    ("a13-labels-scaled-by-half", "mask", _set(("scl_slope", None, 0.5)), ".nii.gz", ("non-integer label",)),
+    (
+        "a13-labels-scaled-by-half",
+        "mask",
+        _set(("scl_slope", None, 0.5)),
+        ".nii.gz",
+        ("non-integer label",),
+    ),
     # A14: a finite float value no exact index can hold
     (
         "a14-float-value-1e20",
@@ -1108,11 +1240,16 @@ def test_open_nifti_rejects_reliability_row(
     src = root / ("images" if role == "image" else "masks") / f"{names[1]}.nii.gz"
     path = tmp_path / f"bad{suffix}"
     path.write_bytes(make(src.read_bytes()))
-    with pytest.raises(InvalidNiftiError) as info, warnings.catch_warnings():
-        warnings.simplefilter("ignore", CtzarrWarning)  # e.g. qform/sform disagreement on the way
-        source = open_nifti(str(path), case_id="c-1")
-        for _, slab in source.iter_slabs(8):
-            source.scale(slab)  # where float values are checked
+
+    def stream() -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CtzarrWarning)  # e.g. qform/sform disagreement
+            source = open_nifti(str(path), case_id="c-1")
+            for _, slab in source.iter_slabs(8):
+                source.scale(slab)  # where float values are checked
+
+    with pytest.raises(InvalidNiftiError) as info:
+        stream()
     msg = str(info.value)
     assert msg.startswith(f"case 'c-1': {path}: "), msg
     for word in keywords:
@@ -1196,13 +1333,17 @@ def test_a14_float_ct_with_nan_and_inf_converts_exactly_and_counts_them(ds: Data
     assert report.ok, str(report)
     case = open_collection(ds.dest)[ds.bad]
     ref = nifti_zyx(f)
-    assert ref.dtype == np.float32 and np.isnan(ref).sum() == 2 and np.isinf(ref).sum() == 2
+    assert ref.dtype == np.float32
+    assert np.isnan(ref).sum() == 2
+    assert np.isinf(ref).sum() == 2
     got = case.image.values
     assert got.dtype == np.float32
     np.testing.assert_array_equal(got, ref)  # NaN compares equal to NaN here
     idx = case.index("anatomy")
     expected = collections.Counter(int(mask.reshape(-1)[i]) for i in labelled)
-    counted = {int(lab): int(n) for lab, n in zip(idx.labels, idx.nonfinite_count, strict=True) if n}
+    counted = {
+        int(lab): int(n) for lab, n in zip(idx.labels, idx.nonfinite_count, strict=True) if n
+    }
     assert counted == dict(expected)
     stats = case.stats()
     assert np.isfinite(stats[["hu_mean", "hu_std", "hu_min", "hu_max"]].to_numpy()).all()
@@ -1274,7 +1415,9 @@ def test_a11_dtype_byte_order_and_version_convert_exactly(
 
 def test_a13_float_labels_with_inf_fail_only_their_case(ds: Dataset) -> None:
     bad_file = ds.file("mask")
-    bad_file.write_bytes(with_data(lambda a: _put(a.astype(np.float32), [np.inf]))(bad_file.read_bytes()))
+    bad_file.write_bytes(
+        with_data(lambda a: _put(a.astype(np.float32), [np.inf]))(bad_file.read_bytes())
+    )
     report = ds.convert()
     assert_only_bad_failed(ds, report, bad_file, ("label ids",))
 
@@ -1319,20 +1462,25 @@ def test_a18_header_text_and_extensions_are_not_copied(
     assert len(stored) > 10
     for p in stored:
         data = p.read_bytes()
-        assert PHI not in data and b"DOE" not in data, p
+        assert PHI not in data, p
+        assert b"DOE" not in data, p
     for text in (str(report), caplog.text, *(str(w.message) for w in caught)):
         assert "DOE" not in text
     arr = zarr.open_array(str(ds.dest / "cases" / ds.good / "nifti"), mode="r")
     hdr = nib.Nifti1Header.from_fileobj(io.BytesIO(arr[:].tobytes()))
     for field in ("descrip", "aux_file", "intent_name", "db_name", "data_type"):
         assert hdr[field].item() == b"", field
-    assert int(hdr["vox_offset"]) == 352 and arr.shape == (348,)  # no extension kept
+    assert int(hdr["vox_offset"]) == 352
+    assert arr.shape == (348,)
     np.testing.assert_array_equal(hdr.get_best_affine(), nib.load(str(good)).affine)
 
 
 @pytest.mark.parametrize(
     ("value", "ok"),
-    [pytest.param(3507, True, id="int64-small-values"), pytest.param(2**62, False, id="int64-2^62")],
+    [
+        pytest.param(3507, True, id="int64-small-values"),
+        pytest.param(2**62, False, id="int64-2^62"),
+    ],
 )
 def test_a12_scaled_int64_is_checked_by_its_values(tmp_path: Path, value: int, ok: bool) -> None:
     """An int64 image with scl_slope 0.5: the type's range alone exceeds 2**53, its values may
@@ -1346,8 +1494,12 @@ def test_a12_scaled_int64_is_checked_by_its_values(tmp_path: Path, value: int, o
     img.to_filename(path)
     src = open_nifti(str(path), case_id="c")
     if ok:
-        (_, slab), = list(src.iter_slabs(64))
-        np.testing.assert_array_equal(src.scale(slab), np.asanyarray(nib.load(path).dataobj).transpose(2, 1, 0))
+        ((_, slab),) = list(src.iter_slabs(64))
+        np.testing.assert_array_equal(
+            src.scale(slab), np.asanyarray(nib.load(path).dataobj).transpose(2, 1, 0)
+        )
     else:
-        with pytest.raises(InvalidNiftiError, match=r"case 'c'.*takes int64 voxel values to 2.31e\+18, beyond"):
+        with pytest.raises(
+            InvalidNiftiError, match=r"case 'c'.*takes int64 voxel values to 2.31e\+18, beyond"
+        ):
             src.scale(next(iter(src.iter_slabs(64)))[1])

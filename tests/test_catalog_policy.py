@@ -29,9 +29,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ctzarr
-from ctzarr.io.urls import allow_local_targets, parse_catalog_storage_options, parse_catalog_url
 from ctzarr.catalog import resolve_entry
 from ctzarr.errors import CatalogError, ConfigError, CtzarrError
+from ctzarr.io.urls import allow_local_targets, parse_catalog_storage_options, parse_catalog_url
 
 ENTRY = "hostile_entry"
 
@@ -100,7 +100,11 @@ REFUSED = [
     ("loopback-hex", "https://0x7f.0.0.1/x.zarr", "loopback"),
     ("localhost-name", "https://localhost:8443/x.zarr", "local-network name"),
     ("localhost-subdomain", "https://evil.localhost/x.zarr", "local-network name"),
-    ("gce-metadata-name", "https://metadata.google.internal/computeMetadata/v1/", "local-network name"),
+    (
+        "gce-metadata-name",
+        "https://metadata.google.internal/computeMetadata/v1/",
+        "local-network name",
+    ),
     ("single-label-name", "https://intranet/x.zarr", "single-label"),
     ("http-public-host", "http://example.org/x.zarr", "plain http://"),
     ("local-absolute-path", "/data/stores/dap_atlas.zarr", "local path"),
@@ -160,9 +164,16 @@ ALLOWED = [
     ("gs", "gs://bucket/ctzarr/x.zarr", "gs://bucket/ctzarr/x.zarr"),
     ("https-name", "https://example.org/x.zarr", "https://example.org/x.zarr"),
     ("https-public-ipv4", "https://8.8.8.8/x.zarr", "https://8.8.8.8/x.zarr"),
-    ("https-public-ipv6", "https://[2001:4860:4860:0:0:0:0:8888]/x.zarr",
-     "https://[2001:4860:4860:0:0:0:0:8888]/x.zarr"),
-    ("https-port", "https://data.example.org:8443/a/x.zarr", "https://data.example.org:8443/a/x.zarr"),
+    (
+        "https-public-ipv6",
+        "https://[2001:4860:4860:0:0:0:0:8888]/x.zarr",
+        "https://[2001:4860:4860:0:0:0:0:8888]/x.zarr",
+    ),
+    (
+        "https-port",
+        "https://data.example.org:8443/a/x.zarr",
+        "https://data.example.org:8443/a/x.zarr",
+    ),
     ("normalised", "HTTPS://Data.Example.ORG/x.zarr/", "https://data.example.org/x.zarr"),
     ("s3-key-with-dots", "s3://my.bucket/v1.2/x..y.zarr", "s3://my.bucket/v1.2/x..y.zarr"),
 ]
@@ -180,14 +191,19 @@ ALLOWED_WITH_OPT_IN = [
     ("file-url-localhost", "file://localhost/data/x.zarr", "/data/x.zarr"),
     ("http-loopback-server", "http://127.0.0.1:8000/x.zarr", "http://127.0.0.1:8000/x.zarr"),
     ("https-intranet", "https://10.0.0.5/x.zarr", "https://10.0.0.5/x.zarr"),
-    ("http-ipv6-loopback-long-form", "http://[0:0:0:0:0:0:0:1]:8000/x.zarr",
-     "http://[0:0:0:0:0:0:0:1]:8000/x.zarr"),
+    (
+        "http-ipv6-loopback-long-form",
+        "http://[0:0:0:0:0:0:0:1]:8000/x.zarr",
+        "http://[0:0:0:0:0:0:0:1]:8000/x.zarr",
+    ),
     ("localhost-name", "http://localhost:8000/x.zarr", "http://localhost:8000/x.zarr"),
 ]
 
 
 @pytest.mark.parametrize(
-    ("url", "expected"), [r[1:] for r in ALLOWED_WITH_OPT_IN], ids=[r[0] for r in ALLOWED_WITH_OPT_IN]
+    ("url", "expected"),
+    [r[1:] for r in ALLOWED_WITH_OPT_IN],
+    ids=[r[0] for r in ALLOWED_WITH_OPT_IN],
 )
 def test_allowed_with_the_local_opt_in(url: str, expected: str) -> None:
     assert parse_catalog_url(url, entry=ENTRY, allow_local=True, resolve_host=no_dns) == expected
@@ -209,10 +225,21 @@ def test_allowed_with_the_local_opt_in(url: str, expected: str) -> None:
         (["::ffff:192.168.0.1"], "private"),
         (["not-an-address"], "not an IP address"),
     ],
-    ids=["private", "one-of-several-loopback", "metadata-service", "ipv6-ula", "ipv4-mapped", "garbage"],
+    ids=[
+        "private",
+        "one-of-several-loopback",
+        "metadata-service",
+        "ipv6-ula",
+        "ipv4-mapped",
+        "garbage",
+    ],
 )
-def test_name_resolving_to_a_non_public_address_is_refused(addresses: list[str], words: str) -> None:
-    message = refused("https://data.example.org/x.zarr", resolve_host=dns({"data.example.org": addresses}))
+def test_name_resolving_to_a_non_public_address_is_refused(
+    addresses: list[str], words: str
+) -> None:
+    message = refused(
+        "https://data.example.org/x.zarr", resolve_host=dns({"data.example.org": addresses})
+    )
     assert "data.example.org" in message
     assert words in message
 
@@ -232,10 +259,14 @@ def test_unresolvable_name_passes_so_that_offline_use_works() -> None:
 def test_literal_addresses_and_opted_in_hosts_need_no_dns() -> None:
     refused("https://10.1.2.3/x.zarr", resolve_host=no_dns)
     parse_catalog_url("https://8.8.8.8/x.zarr", entry=ENTRY, resolve_host=no_dns)
-    parse_catalog_url("https://intranet.example.org/x.zarr", entry=ENTRY, allow_local=True, resolve_host=no_dns)
+    parse_catalog_url(
+        "https://intranet.example.org/x.zarr", entry=ENTRY, allow_local=True, resolve_host=no_dns
+    )
 
 
-def test_default_resolver_refuses_what_getaddrinfo_maps_to_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_default_resolver_refuses_what_getaddrinfo_maps_to_loopback(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     def fake_getaddrinfo(host: str, *args: Any, **kwargs: Any) -> list[Any]:
         assert host == "rebind.example.org"
         return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", 0))]
@@ -255,16 +286,56 @@ REFUSED_OPTIONS = [
     ("remote-protocol", "s3://b/x.zarr", {"remote_protocol": "file"}, "chains"),
     ("protocol", "s3://b/x.zarr", {"protocol": "file"}, "chains"),
     ("s3-secret", "s3://b/x.zarr", {"key": "AKIA", "secret": "s3cr3t"}, "credentials"),
-    ("gcs-token-file", "gs://b/x.zarr", {"token": "/home/me/.config/gcloud/creds.json"}, "credentials"),
-    ("headers", "https://example.org/x.zarr", {"headers": {"Host": "169.254.169.254"}}, "not an option"),
-    ("https-client-kwargs", "https://example.org/x.zarr", {"client_kwargs": {"trust_env": True}}, "not an option"),
-    ("config-kwargs-proxy", "s3://b/x.zarr", {"config_kwargs": {"proxies": {"https": "http://10.0.0.1"}}}, "not an option"),
-    ("endpoint-metadata", "s3://b/x.zarr", {"endpoint_url": "http://169.254.169.254"}, "link-local"),
-    ("endpoint-loopback", "s3://b/x.zarr", {"client_kwargs": {"endpoint_url": "https://127.0.0.1:9000"}}, "loopback"),
+    (
+        "gcs-token-file",
+        "gs://b/x.zarr",
+        {"token": "/home/me/.config/gcloud/creds.json"},
+        "credentials",
+    ),
+    (
+        "headers",
+        "https://example.org/x.zarr",
+        {"headers": {"Host": "169.254.169.254"}},
+        "not an option",
+    ),
+    (
+        "https-client-kwargs",
+        "https://example.org/x.zarr",
+        {"client_kwargs": {"trust_env": True}},
+        "not an option",
+    ),
+    (
+        "config-kwargs-proxy",
+        "s3://b/x.zarr",
+        {"config_kwargs": {"proxies": {"https": "http://10.0.0.1"}}},
+        "not an option",
+    ),
+    (
+        "endpoint-metadata",
+        "s3://b/x.zarr",
+        {"endpoint_url": "http://169.254.169.254"},
+        "link-local",
+    ),
+    (
+        "endpoint-loopback",
+        "s3://b/x.zarr",
+        {"client_kwargs": {"endpoint_url": "https://127.0.0.1:9000"}},
+        "loopback",
+    ),
     ("endpoint-file", "s3://b/x.zarr", {"endpoint_url": "file:///etc"}, "file://"),
     ("endpoint-s3", "s3://b/x.zarr", {"endpoint_url": "s3://other"}, "https://"),
-    ("client-kwargs-secret", "s3://b/x.zarr", {"client_kwargs": {"aws_secret_access_key": "x"}}, "credentials"),
-    ("client-kwargs-unknown", "s3://b/x.zarr", {"client_kwargs": {"verify": False}}, "not an option"),
+    (
+        "client-kwargs-secret",
+        "s3://b/x.zarr",
+        {"client_kwargs": {"aws_secret_access_key": "x"}},
+        "credentials",
+    ),
+    (
+        "client-kwargs-unknown",
+        "s3://b/x.zarr",
+        {"client_kwargs": {"verify": False}},
+        "not an option",
+    ),
     ("anon-not-bool", "s3://b/x.zarr", {"anon": "yes"}, "true or false"),
     ("concurrency-out-of-range", "s3://b/x.zarr", {"max_concurrency": 10_000}, "1 to 64"),
     ("region-garbage", "s3://b/x.zarr", {"client_kwargs": {"region_name": "x\ny"}}, "region"),
@@ -275,7 +346,9 @@ REFUSED_OPTIONS = [
 
 
 @pytest.mark.parametrize(
-    ("url", "options", "words"), [r[1:] for r in REFUSED_OPTIONS], ids=[r[0] for r in REFUSED_OPTIONS]
+    ("url", "options", "words"),
+    [r[1:] for r in REFUSED_OPTIONS],
+    ids=[r[0] for r in REFUSED_OPTIONS],
 )
 def test_refused_storage_options(url: str, options: Any, words: str) -> None:
     with pytest.raises(CatalogError) as info:
@@ -290,8 +363,11 @@ def test_refused_storage_options(url: str, options: Any, words: str) -> None:
 ALLOWED_OPTIONS = [
     ("s3-anon", "s3://b/x.zarr", {"anon": True}),
     ("s3-requester-pays", "s3://b/x.zarr", {"requester_pays": True, "max_concurrency": 1}),
-    ("s3-region-and-endpoint", "s3://b/x.zarr",
-     {"client_kwargs": {"region_name": "eu-west-1", "endpoint_url": "https://s3.example.org"}}),
+    (
+        "s3-region-and-endpoint",
+        "s3://b/x.zarr",
+        {"client_kwargs": {"region_name": "eu-west-1", "endpoint_url": "https://s3.example.org"}},
+    ),
     ("s3-endpoint", "s3://b/x.zarr", {"endpoint_url": "https://s3.example.org"}),
     ("gs-anon", "gs://b/x.zarr", {"token": "anon", "project": "my-project"}),
 ]
@@ -301,7 +377,10 @@ ALLOWED_OPTIONS = [
     ("url", "options"), [r[1:] for r in ALLOWED_OPTIONS], ids=[r[0] for r in ALLOWED_OPTIONS]
 )
 def test_allowed_storage_options(url: str, options: dict[str, Any]) -> None:
-    assert parse_catalog_storage_options(options, entry=ENTRY, url=url, resolve_host=offline) == options
+    assert (
+        parse_catalog_storage_options(options, entry=ENTRY, url=url, resolve_host=offline)
+        == options
+    )
 
 
 def test_empty_storage_options_are_none() -> None:
@@ -337,7 +416,9 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     return monkeypatch
 
 
-def test_entry_under_the_users_data_root_needs_no_opt_in(tmp_path: Path, clean_env: pytest.MonkeyPatch) -> None:
+def test_entry_under_the_users_data_root_needs_no_opt_in(
+    tmp_path: Path, clean_env: pytest.MonkeyPatch
+) -> None:
     clean_env.setenv("CTZARR_DATA_ROOT", f"{tmp_path}/stores/")
     catalog = write_catalog(tmp_path, {"dap": "{{ env(CTZARR_DATA_ROOT) }}/dap_atlas.zarr"})
     assert resolve_entry("dap", str(catalog)) == (f"{tmp_path}/stores/dap_atlas.zarr", None)
@@ -346,7 +427,9 @@ def test_entry_under_the_users_data_root_needs_no_opt_in(tmp_path: Path, clean_e
 @pytest.mark.parametrize(
     "root", ["s3://my-bucket/ctzarr", "gs://my-bucket", "https://data.example.org/ctzarr"]
 )
-def test_shipped_catalog_resolves_under_a_remote_data_root(root: str, clean_env: pytest.MonkeyPatch) -> None:
+def test_shipped_catalog_resolves_under_a_remote_data_root(
+    root: str, clean_env: pytest.MonkeyPatch
+) -> None:
     clean_env.setenv("CTZARR_DATA_ROOT", root)
     for name in ("dap_atlas", "saros"):
         assert resolve_entry(name, resolve_host=offline) == (f"{root}/{name}.zarr", None)
@@ -363,10 +446,19 @@ def test_shipped_catalog_resolves_under_a_remote_data_root(root: str, clean_env:
         ("/etc/{{ env(CTZARR_DATA_ROOT) }}/x.zarr", "local path"),
         ("simplecache::{{ env(CTZARR_DATA_ROOT) }}/x.zarr", "'::'"),
     ],
-    ids=["other-variable", "sibling", "climb", "climb-deeper", "file-prefix", "root-not-first", "chained"],
+    ids=[
+        "other-variable",
+        "sibling",
+        "climb",
+        "climb-deeper",
+        "file-prefix",
+        "root-not-first",
+        "chained",
+    ],
 )
-def test_data_root_grants_only_paths_below_it(urlpath: str, words: str, tmp_path: Path,
-                                              clean_env: pytest.MonkeyPatch) -> None:
+def test_data_root_grants_only_paths_below_it(
+    urlpath: str, words: str, tmp_path: Path, clean_env: pytest.MonkeyPatch
+) -> None:
     clean_env.setenv("CTZARR_DATA_ROOT", str(tmp_path / "stores"))
     clean_env.setenv("HOME", str(tmp_path))
     catalog = write_catalog(tmp_path, {ENTRY: urlpath})
@@ -386,18 +478,26 @@ def test_data_root_is_still_checked(tmp_path: Path, clean_env: pytest.MonkeyPatc
         resolve_entry(ENTRY, str(catalog))
 
 
-def test_storage_options_under_the_data_root_are_still_the_catalogs(tmp_path: Path,
-                                                                    clean_env: pytest.MonkeyPatch) -> None:
+def test_storage_options_under_the_data_root_are_still_the_catalogs(
+    tmp_path: Path, clean_env: pytest.MonkeyPatch
+) -> None:
     clean_env.setenv("CTZARR_DATA_ROOT", "s3://my-bucket")
     options = {"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000"}}
-    catalog = write_catalog(tmp_path, {ENTRY: {"urlpath": "{{ env(CTZARR_DATA_ROOT) }}/x.zarr",
-                                               "storage_options": options}})
+    catalog = write_catalog(
+        tmp_path,
+        {ENTRY: {"urlpath": "{{ env(CTZARR_DATA_ROOT) }}/x.zarr", "storage_options": options}},
+    )
     with pytest.raises(CatalogError, match="endpoint_url"):
         resolve_entry(ENTRY, str(catalog))
-    assert resolve_entry(ENTRY, str(catalog), allow_local=True) == ("s3://my-bucket/x.zarr", options)
+    assert resolve_entry(ENTRY, str(catalog), allow_local=True) == (
+        "s3://my-bucket/x.zarr",
+        options,
+    )
 
 
-def test_opt_in_by_keyword_environment_and_context(tmp_path: Path, clean_env: pytest.MonkeyPatch) -> None:
+def test_opt_in_by_keyword_environment_and_context(
+    tmp_path: Path, clean_env: pytest.MonkeyPatch
+) -> None:
     local = str(tmp_path / "dap.zarr")
     catalog = str(write_catalog(tmp_path, {ENTRY: local}))
     with pytest.raises(CatalogError, match="opt-in"):
@@ -424,8 +524,14 @@ def test_opt_in_by_keyword_environment_and_context(tmp_path: Path, clean_env: py
 
 @pytest.mark.parametrize(
     "entry",
-    ["just a string", {"args": "not a mapping"}, {"args": {"urlpath": 42}}, {"args": {}},
-     {"args": {"urlpath": "s3://b/x.zarr", "storage_options": ["anon"]}}, None],
+    [
+        "just a string",
+        {"args": "not a mapping"},
+        {"args": {"urlpath": 42}},
+        {"args": {}},
+        {"args": {"urlpath": "s3://b/x.zarr", "storage_options": ["anon"]}},
+        None,
+    ],
     ids=["entry-string", "args-string", "urlpath-int", "no-urlpath", "options-list", "entry-null"],
 )
 def test_malformed_entry_is_a_catalog_error(entry: Any, tmp_path: Path) -> None:
@@ -450,18 +556,27 @@ SECRET = b"TOPSECRET-5f1c2a"
 
 
 @pytest.fixture
-def hostile_catalog(tmp_path: Path, dap_store: Path, clean_env: pytest.MonkeyPatch) -> dict[str, Any]:
+def hostile_catalog(
+    tmp_path: Path, dap_store: Path, clean_env: pytest.MonkeyPatch
+) -> dict[str, Any]:
     """A catalog whose entries point at a secret directory and at a real, valid store."""
     secret = tmp_path / "secret"
     (secret / "store.zarr").mkdir(parents=True)
-    (secret / "store.zarr" / "zarr.json").write_bytes(b'{"zarr_format": 3, "node_type": "group", "attributes": {"x": "' + SECRET + b'"}}')
+    (secret / "store.zarr" / "zarr.json").write_bytes(
+        b'{"zarr_format": 3, "node_type": "group", "attributes": {"x": "' + SECRET + b'"}}'
+    )
     refs = secret / "refs.json"
-    refs.write_text(json.dumps({"version": 1, "refs": {"zarr.json": [f"file://{secret}/store.zarr/zarr.json"]}}))
+    refs.write_text(
+        json.dumps({"version": 1, "refs": {"zarr.json": [f"file://{secret}/store.zarr/zarr.json"]}})
+    )
     entries = {
         "chained": f"simplecache::file://{secret}/store.zarr",
         "file_url": f"file://{secret}/store.zarr",
         "valid_store_by_file_url": f"file://{dap_store}",
-        "reference": {"urlpath": "reference://", "storage_options": {"fo": str(refs), "remote_protocol": "file"}},
+        "reference": {
+            "urlpath": "reference://",
+            "storage_options": {"fo": str(refs), "remote_protocol": "file"},
+        },
         "metadata_service": "http://169.254.169.254/latest/meta-data/",
         "loopback": "https://127.0.0.1:8443/x.zarr",
         "local_path": str(secret / "store.zarr"),
@@ -471,16 +586,32 @@ def hostile_catalog(tmp_path: Path, dap_store: Path, clean_env: pytest.MonkeyPat
     }
     catalog = write_catalog(tmp_path, entries)
     clean_env.setenv("CTZARR_CATALOG", str(catalog))
-    return {"catalog": catalog, "secret": secret, "entries": sorted(entries), "dap_store": dap_store}
+    return {
+        "catalog": catalog,
+        "secret": secret,
+        "entries": sorted(entries),
+        "dap_store": dap_store,
+    }
 
 
-HOSTILE_ENTRIES = ["chained", "file_url", "valid_store_by_file_url", "reference", "metadata_service",
-                   "loopback", "local_path", "climb", "memory", "zip"]
+HOSTILE_ENTRIES = [
+    "chained",
+    "file_url",
+    "valid_store_by_file_url",
+    "reference",
+    "metadata_service",
+    "loopback",
+    "local_path",
+    "climb",
+    "memory",
+    "zip",
+]
 
 
 @pytest.mark.parametrize("name", HOSTILE_ENTRIES)
-def test_open_collection_refuses_before_any_io(name: str, hostile_catalog: dict[str, Any],
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_open_collection_refuses_before_any_io(
+    name: str, hostile_catalog: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
     def no_store(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("a store was built for a refused catalog entry")
 
@@ -496,16 +627,18 @@ def test_open_collection_refuses_before_any_io(name: str, hostile_catalog: dict[
     assert isinstance(info.value, KeyError)  # CatalogError's builtin
 
 
-def test_the_valid_store_opens_once_the_user_opts_in(hostile_catalog: dict[str, Any],
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_valid_store_opens_once_the_user_opts_in(
+    hostile_catalog: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The refusal above is the policy, not a missing store: opted in, the same entry opens."""
     monkeypatch.setenv("CTZARR_ALLOW_LOCAL", "1")
     col = ctzarr.open_collection("valid_store_by_file_url")
     assert col.case_ids == ctzarr.open_collection(hostile_catalog["dap_store"]).case_ids
 
 
-def test_cli_opt_in_flag_opens_the_same_entry(hostile_catalog: dict[str, Any],
-                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_opt_in_flag_opens_the_same_entry(
+    hostile_catalog: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
     from ctzarr.cli.main import main
 
     assert main(["info", "valid_store_by_file_url"]) == 1
@@ -531,22 +664,34 @@ sys.exit(main(sys.argv[2:]))
 
 
 def _cli_env(catalog: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("CTZARR_ALLOW_LOCAL", "CTZARR_DEBUG", "CTZARR_DATA_ROOT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("CTZARR_ALLOW_LOCAL", "CTZARR_DEBUG", "CTZARR_DATA_ROOT")
+    }
     env["CTZARR_CATALOG"] = str(catalog)
     return env
 
 
 @pytest.mark.parametrize(
     "argv",
-    [["info", "chained"], ["stats", "reference", "--structure", "liver"], ["verify", "file_url"],
-     ["export", "zip", "case", "out"]],
+    [
+        ["info", "chained"],
+        ["stats", "reference", "--structure", "liver"],
+        ["verify", "file_url"],
+        ["export", "zip", "case", "out"],
+    ],
     ids=["info-chained", "stats-reference", "verify-file-url", "export-zip"],
 )
-def test_cli_refuses_in_one_line_before_any_io(argv: list[str], hostile_catalog: dict[str, Any],
-                                               tmp_path: Path) -> None:
+def test_cli_refuses_in_one_line_before_any_io(
+    argv: list[str], hostile_catalog: dict[str, Any], tmp_path: Path
+) -> None:
     proc = subprocess.run(
         [sys.executable, "-c", _AUDITED_CLI, str(hostile_catalog["secret"]), *argv],
-        capture_output=True, timeout=120, cwd=tmp_path, env=_cli_env(hostile_catalog["catalog"]),
+        capture_output=True,
+        timeout=120,
+        cwd=tmp_path,
+        env=_cli_env(hostile_catalog["catalog"]),
     )
     assert proc.returncode == 1, (proc.returncode, proc.stderr)  # 99: the secret was touched
     err = proc.stderr.decode().strip()
@@ -556,12 +701,17 @@ def test_cli_refuses_in_one_line_before_any_io(argv: list[str], hostile_catalog:
     assert not (tmp_path / "out").exists()
 
 
-def test_the_audit_hook_does_see_an_opted_in_open(hostile_catalog: dict[str, Any], tmp_path: Path) -> None:
+def test_the_audit_hook_does_see_an_opted_in_open(
+    hostile_catalog: dict[str, Any], tmp_path: Path
+) -> None:
     """Control for the test above: once the user opts in, the secret store is opened (exit 99)."""
     env = _cli_env(hostile_catalog["catalog"]) | {"CTZARR_ALLOW_LOCAL": "1"}
     proc = subprocess.run(
         [sys.executable, "-c", _AUDITED_CLI, str(hostile_catalog["secret"]), "info", "file_url"],
-        capture_output=True, timeout=120, cwd=tmp_path, env=env,
+        capture_output=True,
+        timeout=120,
+        cwd=tmp_path,
+        env=env,
     )
     assert proc.returncode == 99, proc.stderr
 
@@ -569,7 +719,10 @@ def test_the_audit_hook_does_see_an_opted_in_open(hostile_catalog: dict[str, Any
 def test_cli_entry_point_refuses_a_metadata_service_entry(hostile_catalog: dict[str, Any]) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "ctzarr.cli", "info", "metadata_service"],
-        capture_output=True, text=True, timeout=120, env=_cli_env(hostile_catalog["catalog"]),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_cli_env(hostile_catalog["catalog"]),
     )
     assert proc.returncode == 1
     assert proc.stderr.count("\n") == 1, proc.stderr
@@ -582,7 +735,10 @@ def test_cli_catalog_listing_still_shows_hostile_entries_without_opening_them(
 ) -> None:
     proc = subprocess.run(
         [sys.executable, "-c", _AUDITED_CLI, str(hostile_catalog["secret"]), "catalog"],
-        capture_output=True, text=True, timeout=120, env=_cli_env(hostile_catalog["catalog"]),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_cli_env(hostile_catalog["catalog"]),
     )
     assert proc.returncode == 0, proc.stderr
     assert all(name in proc.stdout for name in hostile_catalog["entries"])
@@ -591,6 +747,7 @@ def test_cli_catalog_listing_still_shows_hostile_entries_without_opening_them(
 # --------------------------------------------------------------------------------------------
 # Properties: whatever the text, a normalised allowed URL or a CatalogError
 # --------------------------------------------------------------------------------------------
+
 
 def outcome(function: Any, *args: Any, **kwargs: Any) -> Any:
     """The function's result, or the CatalogError it raised (any other exception propagates)."""
@@ -601,16 +758,35 @@ def outcome(function: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 _PREFIXES = st.sampled_from(
-    ["", "s3://", "gs://", "https://", "http://", "file://", "memory://", "reference://",
-     "simplecache::", "https://[", "https://127.0.0.1", "s3://bucket/", "/", "../", "%2e%2e/"]
+    [
+        "",
+        "s3://",
+        "gs://",
+        "https://",
+        "http://",
+        "file://",
+        "memory://",
+        "reference://",
+        "simplecache::",
+        "https://[",
+        "https://127.0.0.1",
+        "s3://bucket/",
+        "/",
+        "../",
+        "%2e%2e/",
+    ]
 )
 _ALPHABET = st.characters(codec="utf-8") | st.sampled_from(list("/.:[]@%?#\\{}0123456789abcdefx"))
 
 
 @settings(max_examples=400, deadline=None)
 @given(prefix=_PREFIXES, tail=st.text(_ALPHABET, max_size=40), allow_local=st.booleans())
-def test_any_text_gives_an_allowed_url_or_a_catalog_error(prefix: str, tail: str, allow_local: bool) -> None:
-    got = outcome(parse_catalog_url, prefix + tail, entry=ENTRY, allow_local=allow_local, resolve_host=offline)
+def test_any_text_gives_an_allowed_url_or_a_catalog_error(
+    prefix: str, tail: str, allow_local: bool
+) -> None:
+    got = outcome(
+        parse_catalog_url, prefix + tail, entry=ENTRY, allow_local=allow_local, resolve_host=offline
+    )
     if isinstance(got, CatalogError):
         assert str(got).startswith(f"catalog entry {ENTRY!r}:")
         assert "\n" not in str(got)
@@ -626,7 +802,9 @@ def test_any_text_gives_an_allowed_url_or_a_catalog_error(prefix: str, tail: str
 
 _JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=12), children, max_size=3),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=12), children, max_size=3)
+    ),
     max_leaves=8,
 )
 
@@ -634,15 +812,29 @@ _JSON = st.recursive(
 @settings(max_examples=300, deadline=None)
 @given(
     options=st.dictionaries(
-        st.sampled_from(["anon", "client_kwargs", "endpoint_url", "token", "fo", "max_concurrency", "x"]),
+        st.sampled_from(
+            ["anon", "client_kwargs", "endpoint_url", "token", "fo", "max_concurrency", "x"]
+        ),
         _JSON | st.fixed_dictionaries({"endpoint_url": st.text(max_size=30)}),
         max_size=3,
     ),
-    url=st.sampled_from(["s3://b/x.zarr", "gs://b/x.zarr", "https://example.org/x.zarr", "/d/x.zarr"]),
+    url=st.sampled_from(
+        ["s3://b/x.zarr", "gs://b/x.zarr", "https://example.org/x.zarr", "/d/x.zarr"]
+    ),
 )
-def test_any_storage_options_give_a_mapping_or_a_catalog_error(options: dict[str, Any], url: str) -> None:
-    got = outcome(parse_catalog_storage_options, options, entry=ENTRY, url=url, resolve_host=offline)
+def test_any_storage_options_give_a_mapping_or_a_catalog_error(
+    options: dict[str, Any], url: str
+) -> None:
+    got = outcome(
+        parse_catalog_storage_options, options, entry=ENTRY, url=url, resolve_host=offline
+    )
     if isinstance(got, CatalogError):
         assert "\n" not in str(got)
         return
-    assert got is None or set(got) <= {"anon", "client_kwargs", "endpoint_url", "token", "max_concurrency"}
+    assert got is None or set(got) <= {
+        "anon",
+        "client_kwargs",
+        "endpoint_url",
+        "token",
+        "max_concurrency",
+    }

@@ -29,8 +29,8 @@ import pytest
 import zarr
 
 import ctzarr
-from ctzarr.io.transactions import case_state
 from ctzarr.errors import StoreError
+from ctzarr.io.transactions import case_state
 
 distributed = pytest.importorskip("distributed")
 from distributed.diagnostics.plugin import WorkerPlugin  # noqa: E402
@@ -50,8 +50,15 @@ class Fault(WorkerPlugin):
     retry) or "pause" (sleep ``pause_s``, then go on), the first ``times`` calls (all if None).
     """
 
-    def __init__(self, where: str, case_id: str | None, action: str, marker_dir: Path,
-                 times: int | None = None, pause_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        where: str,
+        case_id: str | None,
+        action: str,
+        marker_dir: Path,
+        times: int | None = None,
+        pause_s: float = 0.0,
+    ) -> None:
         self.name = f"ctzarr-test-fault-{uuid.uuid4().hex[:8]}"
         self.where, self.case_id, self.action = where, case_id, action
         self.marker_dir, self.times, self.pause_s = str(marker_dir), times, pause_s
@@ -102,7 +109,10 @@ class Fault(WorkerPlugin):
         return {
             "convert": (module("ctzarr.write.convert"), "convert_case"),
             "commit": (module("ctzarr.write.case_writer").CaseWriter, "commit"),
-            "scan": (module("ctzarr.read.collection"), "scan_index_graph"),  # the worker task calls it there
+            "scan": (
+                module("ctzarr.read.collection"),
+                "scan_index_graph",
+            ),  # the worker task calls it there
         }[self.where]
 
     def setup(self, worker: Any) -> None:
@@ -111,17 +121,21 @@ class Fault(WorkerPlugin):
         self._real = real
         hit = self._hit
         if self.where == "convert":
+
             def patched(root: Any, ds: Any, spec: Any, **kw: Any) -> Any:
                 hit(spec.case_id)
                 return real(root, ds, spec, **kw)
         elif self.where == "commit":
+
             def patched(writer: Any, *a: Any, **kw: Any) -> Any:  # type: ignore[misc]
                 hit(writer.case_id)
                 return real(writer, *a, **kw)
         else:
+
             def patched(case: Any, *a: Any, **kw: Any) -> Any:  # type: ignore[misc]
                 hit(case.case_id)
                 return real(case, *a, **kw)
+
         setattr(owner, attr, patched)
 
     def teardown(self, worker: Any) -> None:
@@ -130,8 +144,15 @@ class Fault(WorkerPlugin):
 
 
 @contextlib.contextmanager
-def injected(client: Any, tmp_path: Path, where: str, case_id: str | None, action: str,
-             times: int | None = None, pause_s: float = 0.0) -> Iterator[Fault]:
+def injected(
+    client: Any,
+    tmp_path: Path,
+    where: str,
+    case_id: str | None,
+    action: str,
+    times: int | None = None,
+    pause_s: float = 0.0,
+) -> Iterator[Fault]:
     """Register a :class:`Fault` on the cluster for the duration of the block."""
     marker_dir = tmp_path / f"fault-{uuid.uuid4().hex[:8]}"
     marker_dir.mkdir()
@@ -155,8 +176,12 @@ def _local_cluster(n_workers: int = 2, threads_per_worker: int = 1, **config: An
     settings |= {f"distributed.scheduler.{k.replace('_', '-')}": v for k, v in config.items()}
     with dask.config.set(settings):  # the scheduler (in this process) reads them as it starts
         return distributed.LocalCluster(
-            n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True,
-            dashboard_address=":0", silence_logs=logging.CRITICAL)
+            n_workers=n_workers,
+            threads_per_worker=threads_per_worker,
+            processes=True,
+            dashboard_address=":0",
+            silence_logs=logging.CRITICAL,
+        )
 
 
 def _close(client: Any, cluster: Any) -> None:
@@ -223,8 +248,9 @@ def in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
 # G1: a worker dies once during a query
 # (during a conversion: test_distributed.py::test_worker_killed_mid_conversion_does_not_fail_the_job)
 # --------------------------------------------------------------------------------------------
-def test_worker_dying_once_mid_scan_changes_nothing(healthy: Any, dap_store: Path,
-                                                    tmp_path: Path) -> None:
+def test_worker_dying_once_mid_scan_changes_nothing(
+    healthy: Any, dap_store: Path, tmp_path: Path
+) -> None:
     col = ctzarr.open_collection(dap_store)
     victim = col.case_ids[1]
     local = col.stats(method="scan")
@@ -240,7 +266,8 @@ def test_worker_dying_once_mid_scan_changes_nothing(healthy: Any, dap_store: Pat
 # G2: a case whose task kills every worker it runs on
 # --------------------------------------------------------------------------------------------
 def test_case_killing_every_worker_fails_alone_and_commits_nothing(
-        healthy: Any, dap_source: Path, dap_store: Path, tmp_path: Path) -> None:
+    healthy: Any, dap_source: Path, dap_store: Path, tmp_path: Path
+) -> None:
     ref = ctzarr.open_collection(dap_store)
     cids = ref.case_ids
     bad, others = cids[1], [c for c in cids if c != cids[1]]
@@ -281,8 +308,9 @@ def test_case_killing_every_worker_fails_alone_and_commits_nothing(
     pdt.assert_frame_equal(col.table(), ref.table(), check_exact=True)
 
 
-def test_cases_blamed_beside_a_killer_are_run_again_alone(dap_source: Path, dap_store: Path,
-                                                          tmp_path: Path) -> None:
+def test_cases_blamed_beside_a_killer_are_run_again_alone(
+    dap_source: Path, dap_store: Path, tmp_path: Path
+) -> None:
     # one worker with two threads: the killer and another case always run side by side, so
     # every death is blamed on both and the scheduler gives up on both
     ref = ctzarr.open_collection(dap_store)
@@ -292,8 +320,9 @@ def test_cases_blamed_beside_a_killer_are_run_again_alone(dap_source: Path, dap_
     client = distributed.Client(cluster)
     try:
         with injected(client, tmp_path, "convert", bad, "exit") as fault:
-            report = ctzarr.convert(dap_source, tmp_path / "c.zarr", cases=cids, client=client,
-                                    progress=False)
+            report = ctzarr.convert(
+                dap_source, tmp_path / "c.zarr", cases=cids, client=client, progress=False
+            )
             deaths = fault.faults()
     finally:
         _close(client, cluster)
@@ -302,14 +331,18 @@ def test_cases_blamed_beside_a_killer_are_run_again_alone(dap_source: Path, dap_
     assert deaths == 2 * (ALLOWED_FAILURES + 1)
     n = ALLOWED_FAILURES + 1
     assert f"died {n} times beside other cases, then {n} times when run alone" in (
-        report.failed[0].error or "")
+        report.failed[0].error or ""
+    )
     assert states(tmp_path / "c.zarr", cids) == {bad: "absent", innocent: "complete"}
     assert_cases_equal(ctzarr.open_collection(tmp_path / "c.zarr"), ref, [innocent])
 
 
 def test_cli_reports_a_worker_killing_case_in_one_line_and_exits_1(
-        dap_source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
+    dap_source: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     import dask
 
     import ctzarr.run.cluster
@@ -348,8 +381,9 @@ def test_cli_reports_a_worker_killing_case_in_one_line_and_exits_1(
 # --------------------------------------------------------------------------------------------
 # G3: transient read errors
 # --------------------------------------------------------------------------------------------
-def test_scan_retries_a_transient_read_error(healthy: Any, dap_store: Path, tmp_path: Path,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_scan_retries_a_transient_read_error(
+    healthy: Any, dap_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import ctzarr.run.cluster
 
     col = ctzarr.open_collection(dap_store)
@@ -362,9 +396,14 @@ def test_scan_retries_a_transient_read_error(healthy: Any, dap_store: Path, tmp_
 
     # without retries the first fault ends the scan, naming the case
     monkeypatch.setattr(ctzarr.run.cluster, "READ_RETRIES", 0)
-    with injected(healthy, tmp_path, "scan", victim, "oserror", times=1) as fault, \
-            pytest.raises(StoreError, match=f"scan of case '{victim}'.*ConnectionResetError.*"
-                                            r"injected transient fault.*\(tried 1 times\)"):
+    with (
+        injected(healthy, tmp_path, "scan", victim, "oserror", times=1) as fault,
+        pytest.raises(
+            StoreError,
+            match=f"scan of case '{victim}'.*ConnectionResetError.*"
+            r"injected transient fault.*\(tried 1 times\)",
+        ),
+    ):
         col.stats(method="scan", client=healthy)
     assert fault.calls() == 1
 
@@ -373,8 +412,10 @@ def test_scan_does_not_retry_a_ctzarr_error(healthy: Any, dap_store: Path, tmp_p
     col = ctzarr.open_collection(dap_store)
     victim = col.case_ids[0]
     # StoreError is an OSError too, but says something about the data, not the moment
-    with injected(healthy, tmp_path, "scan", victim, "store_error") as fault, \
-            pytest.raises(StoreError) as info:
+    with (
+        injected(healthy, tmp_path, "scan", victim, "store_error") as fault,
+        pytest.raises(StoreError) as info,
+    ):
         col.stats(method="scan", client=healthy)
     assert fault.calls() == 1
     # the error as raised on the worker; its worker traceback is a note (pytest's match sees it)
@@ -386,7 +427,8 @@ def test_scan_does_not_retry_a_ctzarr_error(healthy: Any, dap_store: Path, tmp_p
 # G4: the client goes away mid-job
 # --------------------------------------------------------------------------------------------
 def test_client_closed_mid_conversion_commits_no_partial_case_and_rerun_resumes(
-        healthy: Any, dap_source: Path, dap_store: Path, tmp_path: Path) -> None:
+    healthy: Any, dap_source: Path, dap_store: Path, tmp_path: Path
+) -> None:
     ref = ctzarr.open_collection(dap_store)
     cids = ref.case_ids
     dest = tmp_path / "c.zarr"
@@ -394,7 +436,8 @@ def test_client_closed_mid_conversion_commits_no_partial_case_and_rerun_resumes(
     # every case pauses just before its commit: the client closes while all are unfinished
     with injected(healthy, tmp_path, "commit", None, "pause", pause_s=1.5) as fault:
         thread, outcome = in_thread(
-            lambda: ctzarr.convert(dap_source, dest, client=job_client, progress=False))
+            lambda: ctzarr.convert(dap_source, dest, client=job_client, progress=False)
+        )
         deadline = time.monotonic() + 30
         while fault.calls() == 0 and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -408,21 +451,25 @@ def test_client_closed_mid_conversion_commits_no_partial_case_and_rerun_resumes(
         report = outcome["value"]
         assert not report.ok
         for r in report.failed:
-            assert r.error and r.error.startswith("not finished: the dask client or scheduler "
-                                                  "went away"), r.error
+            assert r.error, r.error
+            assert r.error.startswith("not finished: the dask client or scheduler went away"), (
+                r.error
+            )
             assert r.error.endswith("re-run to resume")
         assert set(report.converted) | {r.case_id for r in report.failed} == set(cids)
         # whatever is committed is whole (tasks still running may commit later: also whole)
         now = states(dest, cids)
         assert set(report.converted) <= {c for c, s in now.items() if s == "complete"}
-        assert_cases_equal(ctzarr.open_collection(dest), ref,
-                           [c for c, s in now.items() if s == "complete"])
+        assert_cases_equal(
+            ctzarr.open_collection(dest), ref, [c for c, s in now.items() if s == "complete"]
+        )
         # let the orphaned tasks finish before the re-run
         while any(healthy.run(lambda dask_worker: len(dask_worker.state.executing)).values()):
             time.sleep(0.05)
     later = states(dest, cids)
-    assert_cases_equal(ctzarr.open_collection(dest), ref,
-                       [c for c, s in later.items() if s == "complete"])
+    assert_cases_equal(
+        ctzarr.open_collection(dest), ref, [c for c, s in later.items() if s == "complete"]
+    )
 
     again = ctzarr.convert(dap_source, dest, client=healthy, progress=False)
     assert again.ok, again
@@ -451,9 +498,9 @@ def soak_source(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 @pytest.mark.parametrize(("mode", "delay"), [("sys.exit", "1.5s"), ("segfault", "1s")])
-def test_random_worker_deaths_end_complete_or_cleanly(mode: str, delay: str,
-                                                      soak_source: tuple[Path, Path],
-                                                      tmp_path: Path) -> None:
+def test_random_worker_deaths_end_complete_or_cleanly(
+    mode: str, delay: str, soak_source: tuple[Path, Path], tmp_path: Path
+) -> None:
     from distributed.chaos import KillWorker
 
     src, local = soak_source
@@ -471,8 +518,10 @@ def test_random_worker_deaths_end_complete_or_cleanly(mode: str, delay: str,
         seconds = time.monotonic() - t0
     finally:
         _close(client, cluster)
-    print(f"chaos {mode}: {len(report.converted)} converted, {len(report.failed)} failed "
-          f"in {seconds:.1f} s")
+    print(
+        f"chaos {mode}: {len(report.converted)} converted, {len(report.failed)} failed "
+        f"in {seconds:.1f} s"
+    )
     assert seconds < 120  # liveness (no hang), not a speed claim: deaths come every second
     assert sorted(report.converted + [r.case_id for r in report.failed]) == cids
     now = states(dest, cids)

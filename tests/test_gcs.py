@@ -12,19 +12,19 @@ import os
 
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
-import contextlib  # noqa: E402
-import logging  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
+import contextlib
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
-import pandas.testing as pdt  # noqa: E402
-import pytest  # noqa: E402
+import pandas.testing as pdt
+import pytest
 
-import ctzarr  # noqa: E402
+import ctzarr
 
-from .servers import unused_port  # noqa: E402
-from .test_remote import assert_same_collection  # noqa: E402
+from .servers import unused_port
+from .test_remote import assert_same_collection
 
 gcsfs = pytest.importorskip("gcsfs")
 emulator = pytest.importorskip("gcp_storage_emulator.server")
@@ -40,7 +40,11 @@ def gcs_options() -> Iterator[dict[str, Any]]:
     server = emulator.create_server("127.0.0.1", port, in_memory=True, default_bucket=BUCKET)
     server.start()
     try:
-        yield {"endpoint_url": f"http://127.0.0.1:{port}", "token": "anon", "project": "ctzarr-test"}
+        yield {
+            "endpoint_url": f"http://127.0.0.1:{port}",
+            "token": "anon",
+            "project": "ctzarr-test",
+        }
     finally:
         with contextlib.suppress(Exception):
             server.stop()
@@ -50,14 +54,17 @@ def gcs_options() -> Iterator[dict[str, Any]]:
 def gcs_collection(gcs_options: dict[str, Any], dap_source: Path) -> tuple[str, list[str]]:
     url = f"gs://{BUCKET}/dap.zarr"
     cases = sorted(p.name[: -len(".nii.gz")] for p in (dap_source / "images").iterdir())[:2]
-    report = ctzarr.convert(dap_source, url, storage_options=gcs_options, cases=cases, progress=False)
+    report = ctzarr.convert(
+        dap_source, url, storage_options=gcs_options, cases=cases, progress=False
+    )
     assert report.ok, report
     assert sorted(report.converted) == cases
     return url, cases
 
 
-def test_convert_to_gcs_and_read_back_equal_to_local(gcs_collection: tuple[str, list[str]],
-                                                     gcs_options: dict[str, Any], dap_store: Path) -> None:
+def test_convert_to_gcs_and_read_back_equal_to_local(
+    gcs_collection: tuple[str, list[str]], gcs_options: dict[str, Any], dap_store: Path
+) -> None:
     url, cases = gcs_collection
     col = ctzarr.open_collection(url, storage_options=gcs_options)
     ref = ctzarr.open_collection(dap_store)
@@ -69,10 +76,13 @@ def test_convert_to_gcs_and_read_back_equal_to_local(gcs_collection: tuple[str, 
     assert (crop.image.values == want.image.values).all()
 
 
-def test_rerun_into_gcs_resumes(gcs_collection: tuple[str, list[str]], gcs_options: dict[str, Any],
-                                dap_source: Path) -> None:
+def test_rerun_into_gcs_resumes(
+    gcs_collection: tuple[str, list[str]], gcs_options: dict[str, Any], dap_source: Path
+) -> None:
     url, cases = gcs_collection
-    again = ctzarr.convert(dap_source, url, storage_options=gcs_options, cases=cases, progress=False)
+    again = ctzarr.convert(
+        dap_source, url, storage_options=gcs_options, cases=cases, progress=False
+    )
     assert again.ok, again
     assert sorted(again.skipped) == cases
     assert again.converted == []

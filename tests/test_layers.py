@@ -14,17 +14,19 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "ctzarr"
 
 #: rank of each layer, lowest first (DESIGN.md "Package layout"); a module may import modules
-#: of its own rank or lower. ``catalog`` sits below ``read`` because ``open_collection`` resolves
-#: catalog names through it, and ``run`` (the cluster runner) below ``write`` and ``read``
-#: because it runs the task functions they hand it and imports nothing above it.
+#: of its own rank or lower. ``io`` sits below ``sources`` because NIfTI files and layouts are
+#: read from buckets and servers through io's URL helpers; ``catalog`` below ``read`` because
+#: ``open_collection`` resolves catalog names through it; ``run`` (the cluster runner) below
+#: ``write`` and ``read`` because it runs the task functions they hand it and imports nothing
+#: above it.
 LAYERS: dict[str, int] = {
     "ctzarr.errors": 0,
     "ctzarr._version": 0,
     "ctzarr.config": 0,
     "ctzarr.extras": 0,
     "ctzarr.model": 1,
-    "ctzarr.sources": 2,
-    "ctzarr.io": 3,
+    "ctzarr.io": 2,
+    "ctzarr.sources": 3,
     "ctzarr.catalog": 4,
     "ctzarr.run": 4,
     "ctzarr.write": 5,

@@ -135,8 +135,12 @@ BACKENDS = ["local", "memory", "s3", "s3-fsspec", "http", "http-fsspec"]
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
-def backend(request: pytest.FixtureRequest, dap_source: Path, dap_store: Path,
-            tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict[str, Any] | None]]:
+def backend(
+    request: pytest.FixtureRequest,
+    dap_source: Path,
+    dap_store: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[str, dict[str, Any] | None]]:
     """(url, storage_options) of the DAP phantom collection on one backend."""
     kind = request.param.removesuffix("-fsspec")
     if kind == "local":
@@ -176,8 +180,12 @@ class TestBackends:
         url, so = request.getfixturevalue("backend")
         store = ctzarr.open_collection(url, storage_options=so).root.store
         inner = type(getattr(store, "_store", store)).__name__
-        expected = {"local": "LocalStore", "memory": "FsspecStore", "s3": "ObjectStore",
-                    "http": "ObjectStore"}.get(param, "FsspecStore")
+        expected = {
+            "local": "LocalStore",
+            "memory": "FsspecStore",
+            "s3": "ObjectStore",
+            "http": "ObjectStore",
+        }.get(param, "FsspecStore")
         assert inner == expected, (param, inner)
 
     def test_case_ids(self, backend: tuple[str, dict[str, Any] | None], dap_store: Path) -> None:
@@ -189,16 +197,23 @@ class TestBackends:
         assert col.dataset_id == ref.dataset_id
         assert list(col.segmentations) == ["anatomy"]
 
-    def test_values_equal_nibabel(self, backend: tuple[str, dict[str, Any] | None], dap_source: Path) -> None:
+    def test_values_equal_nibabel(
+        self, backend: tuple[str, dict[str, Any] | None], dap_source: Path
+    ) -> None:
         url, so = backend
         col = ctzarr.open_collection(url, storage_options=so)
         for cid in col.case_ids:
             case = col[cid]
-            np.testing.assert_array_equal(case.image.values, nifti_zyx(dap_source / "images" / f"{cid}.nii.gz"))
-            np.testing.assert_array_equal(case.labels("anatomy").values,
-                                          nifti_zyx(dap_source / "masks" / f"{cid}.nii.gz"))
+            np.testing.assert_array_equal(
+                case.image.values, nifti_zyx(dap_source / "images" / f"{cid}.nii.gz")
+            )
+            np.testing.assert_array_equal(
+                case.labels("anatomy").values, nifti_zyx(dap_source / "masks" / f"{cid}.nii.gz")
+            )
 
-    def test_crop_equals_local(self, backend: tuple[str, dict[str, Any] | None], dap_store: Path) -> None:
+    def test_crop_equals_local(
+        self, backend: tuple[str, dict[str, Any] | None], dap_store: Path
+    ) -> None:
         url, so = backend
         col = ctzarr.open_collection(url, storage_options=so)
         ref = ctzarr.open_collection(dap_store)
@@ -208,16 +223,22 @@ class TestBackends:
             np.testing.assert_array_equal(got.attrs["affine"], want.attrs["affine"])
             np.testing.assert_array_equal(got.image.values, want.image.values)
             np.testing.assert_array_equal(got.labels.values, want.labels.values)
-            np.testing.assert_array_equal(got.image.coords["z"].values, want.image.coords["z"].values)
+            np.testing.assert_array_equal(
+                got.image.coords["z"].values, want.image.coords["z"].values
+            )
 
-    def test_index_stats_equal_local(self, backend: tuple[str, dict[str, Any] | None], dap_store: Path) -> None:
+    def test_index_stats_equal_local(
+        self, backend: tuple[str, dict[str, Any] | None], dap_store: Path
+    ) -> None:
         url, so = backend
         got = ctzarr.open_collection(url, storage_options=so).stats()
         want = ctzarr.open_collection(dap_store).stats()
         assert len(want) > 0
         pdt.assert_frame_equal(got, want, check_exact=True)
 
-    def test_scan_stats_equal_local(self, backend: tuple[str, dict[str, Any] | None], dap_store: Path) -> None:
+    def test_scan_stats_equal_local(
+        self, backend: tuple[str, dict[str, Any] | None], dap_store: Path
+    ) -> None:
         url, so = backend
         got = ctzarr.open_collection(url, storage_options=so).stats(method="scan")
         want = ctzarr.open_collection(dap_store).stats(method="scan")
@@ -228,7 +249,8 @@ class TestBackends:
 # conversion straight to S3
 # --------------------------------------------------------------------------------------------
 def test_touched_remote_source_is_rehashed_with_its_storage_options(
-        s3_endpoint: str, s3: Any, dap_source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    s3_endpoint: str, s3: Any, dap_source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A source object rewritten with the same bytes (new mtime) is re-hashed through the
     source's own storage options (endpoint and credentials) and found unchanged: skipped."""
     prefix = f"{BUCKET}/{unique_prefix('touched')}/dap"
@@ -251,11 +273,13 @@ def test_touched_remote_source_is_rehashed_with_its_storage_options(
 
     again = ctzarr.convert(source, dest, storage_options=so, progress=False)
     assert again.ok, again
-    assert cid in again.skipped and not again.converted, again
+    assert cid in again.skipped, again
+    assert not again.converted, again
 
 
 def test_remote_dap_labels_json_is_read_with_the_source_storage_options(
-        s3_endpoint: str, s3: Any, dap_source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    s3_endpoint: str, s3: Any, dap_source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A DAP Atlas source on S3 takes its label map from its own remote labels.json, read through
     the source's storage options (the credentials are nowhere else)."""
     prefix = f"{BUCKET}/{unique_prefix('labels')}/dap"
@@ -278,13 +302,16 @@ def test_remote_dap_labels_json_is_read_with_the_source_storage_options(
     assert len(col.segmentations["anatomy"]) == 144
 
 
-def test_convert_to_s3_resumes_and_replaces_interrupted_case(s3_endpoint: str, s3: Any, dap_source: Path,
-                                                             dap_store: Path) -> None:
+def test_convert_to_s3_resumes_and_replaces_interrupted_case(
+    s3_endpoint: str, s3: Any, dap_source: Path, dap_store: Path
+) -> None:
     so = s3_options(s3_endpoint)
     key = f"{BUCKET}/{unique_prefix('convert')}/dap.zarr"
     url = f"s3://{key}"
     ref = ctzarr.open_collection(dap_store)
-    cids = ref.case_ids[:2]  # two cases keep it quick: every write is a few hundred requests to moto
+    cids = ref.case_ids[
+        :2
+    ]  # two cases keep it quick: every write is a few hundred requests to moto
     ref_stats = ref.stats(cases=cids)
 
     report = ctzarr.convert(dap_source, url, storage_options=so, cases=cids, progress=False)
@@ -338,11 +365,15 @@ def tall_site(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarra
     rng = np.random.default_rng(21)
     ct = rng.integers(-1000, 1000, size=TALL_SHAPE).astype(np.int16)
     mask = np.zeros(ct.shape, np.uint8)
-    mask[10:20, 70:80, 70:80] = 2     # chunk (0, 1, 1)
-    mask[150:160, 5:20, 5:20] = 1     # chunk (2, 0, 0)
+    mask[10:20, 70:80, 70:80] = 2  # chunk (0, 1, 1)
+    mask[150:160, 5:20, 5:20] = 1  # chunk (2, 0, 0)
     root = tmp_path_factory.mktemp("tall")
-    manifest, labels = write_pairs(root / "src", {"tall": (ct, mask, np.diag([1.0, 1.0, 2.0, 1.0]))})
-    report = ctzarr.convert(manifest, root / "site" / "t.zarr", labels=[str(labels)], progress=False)
+    manifest, labels = write_pairs(
+        root / "src", {"tall": (ct, mask, np.diag([1.0, 1.0, 2.0, 1.0]))}
+    )
+    report = ctzarr.convert(
+        manifest, root / "site" / "t.zarr", labels=[str(labels)], progress=False
+    )
     assert report.ok, report
     return root / "site", ct, mask
 
@@ -366,9 +397,9 @@ def io(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     return str(request.param)
 
 
-def test_cold_crop_over_http_within_request_budget(tall_server: tuple[str, Any],
-                                                   tall_site: tuple[Path, np.ndarray, np.ndarray],
-                                                   io: str) -> None:
+def test_cold_crop_over_http_within_request_budget(
+    tall_server: tuple[str, Any], tall_site: tuple[Path, np.ndarray, np.ndarray], io: str
+) -> None:
     url, log = tall_server
     _, ct, mask = tall_site
     log.clear()
@@ -383,18 +414,24 @@ def test_cold_crop_over_http_within_request_budget(tall_server: tuple[str, Any],
     assert all(status in (200, 206) for *_, status in entries), entries
     # voxels come from the first shard of level 0 only, of the image and of the labels
     data = {path for _, path, _, _ in entries if "/c/" in path and "/index/" not in path}
-    assert data == {"/t.zarr/cases/tall/0/c/0/0/0", "/t.zarr/cases/tall/labels/seg/0/c/0/0/0"}, entries
+    assert data == {"/t.zarr/cases/tall/0/c/0/0/0", "/t.zarr/cases/tall/labels/seg/0/c/0/0/0"}, (
+        entries
+    )
     # and ranged: the shard index and one inner chunk, never a whole shard
     assert all(rng is not None for _, path, rng, _ in entries if path in data), entries
 
 
-def test_scan_over_http_reads_each_shard_about_once(tall_server: tuple[str, Any],
-                                                     tall_site: tuple[Path, np.ndarray, np.ndarray],
-                                                     io: str) -> None:
+def test_scan_over_http_reads_each_shard_about_once(
+    tall_server: tuple[str, Any], tall_site: tuple[Path, np.ndarray, np.ndarray], io: str
+) -> None:
     url, log = tall_server
     site, _, mask = tall_site
     store_dir = site / "t.zarr"
-    stored = {"/t.zarr/" + p.relative_to(store_dir).as_posix() for p in store_dir.rglob("*") if p.is_file()}
+    stored = {
+        "/t.zarr/" + p.relative_to(store_dir).as_posix()
+        for p in store_dir.rglob("*")
+        if p.is_file()
+    }
     level0_shards = {k for k in stored if "/c/" in k and ("/tall/0/c/" in k or "/seg/0/c/" in k)}
     assert len(level0_shards) == 5  # 3 image shards, 2 labels shards
     absent = "/t.zarr/cases/tall/labels/seg/0/c/1/0/0"
@@ -405,7 +442,10 @@ def test_scan_over_http_reads_each_shard_about_once(tall_server: tuple[str, Any]
     df = col.stats(method="scan")
     entries = list(log.entries)
     assert sorted(df.label.tolist()) == [1, 2]
-    assert df.set_index("label").voxel_count.to_dict() == {1: int((mask == 1).sum()), 2: int((mask == 2).sum())}
+    assert df.set_index("label").voxel_count.to_dict() == {
+        1: int((mask == 1).sum()),
+        2: int((mask == 2).sum()),
+    }
     pdt.assert_frame_equal(df, col.stats(), check_exact=True)
 
     _no_v2_probes_and_no_head(entries)
@@ -431,7 +471,9 @@ class _RefusingClient:
     """Stands in for a dask Client: ctzarr must refuse the secrets before submitting anything."""
 
     def __getattr__(self, name: str) -> Any:
-        raise AssertionError(f"ctzarr used client.{name} although the storage options carry secrets")
+        raise AssertionError(
+            f"ctzarr used client.{name} although the storage options carry secrets"
+        )
 
 
 def _messages(exc: BaseException) -> str:
@@ -446,13 +488,23 @@ def _messages(exc: BaseException) -> str:
     return "\n".join(parts)
 
 
-def test_secret_never_leaks(s3_endpoint: str, s3: Any, dap_source: Path, tmp_path: Path,
-                            caplog: pytest.LogCaptureFixture, io: str) -> None:
+def test_secret_never_leaks(
+    s3_endpoint: str,
+    s3: Any,
+    dap_source: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    io: str,
+) -> None:
     assert os.environ["AWS_SECRET_ACCESS_KEY"] == SECRET  # credentials of the environment...
     caplog.set_level(logging.DEBUG, logger="ctzarr")
     env_so = s3_options(s3_endpoint)
     # ...and the same secret passed explicitly
-    secret_so = {"key": ACCESS_KEY, "secret": SECRET, "client_kwargs": {"endpoint_url": s3_endpoint}}
+    secret_so = {
+        "key": ACCESS_KEY,
+        "secret": SECRET,
+        "client_kwargs": {"endpoint_url": s3_endpoint},
+    }
     src = tmp_path / "dap"
     shutil.copytree(dap_source, src)
     cids = sorted(p.name[: -len(".nii.gz")] for p in (src / "images").iterdir())
@@ -497,8 +549,12 @@ def test_secret_never_leaks(s3_endpoint: str, s3: Any, dap_source: Path, tmp_pat
             ctzarr.open_collection(f"s3://{prefix}/missing.zarr", storage_options=so)
         texts.append(_messages(store_info.value))
         with pytest.raises(OSError) as os_info:  # noqa: PT011 - whatever s3fs makes of NoSuchBucket
-            ctzarr.convert(src, f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/x.zarr", storage_options=so,
-                           progress=False)
+            ctzarr.convert(
+                src,
+                f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/x.zarr",
+                storage_options=so,
+                progress=False,
+            )
         texts.append(_messages(os_info.value))
 
     # a scan on a cluster is refused while the options hold the secret, naming the keys only
@@ -527,14 +583,21 @@ def test_secrets_with_a_cluster_are_refused(s3_endpoint: str, dap_source: Path) 
     """Secrets in storage options would be pickled into the task graph: refused, naming the keys."""
     cases: list[tuple[dict[str, Any], list[str]]] = [
         ({"key": ACCESS_KEY, "secret": SECRET}, ["key", "secret"]),
-        ({"client_kwargs": {"aws_access_key_id": ACCESS_KEY, "aws_secret_access_key": SECRET}},
-         ["client_kwargs.aws_access_key_id", "client_kwargs.aws_secret_access_key"]),
+        (
+            {"client_kwargs": {"aws_access_key_id": ACCESS_KEY, "aws_secret_access_key": SECRET}},
+            ["client_kwargs.aws_access_key_id", "client_kwargs.aws_secret_access_key"],
+        ),
     ]
     for options, names in cases:
-        so = {**options, "client_kwargs": {**options.get("client_kwargs", {}), "endpoint_url": s3_endpoint}}
+        so = {
+            **options,
+            "client_kwargs": {**options.get("client_kwargs", {}), "endpoint_url": s3_endpoint},
+        }
         url = f"s3://{BUCKET}/{unique_prefix('refuse')}/dap.zarr"
         with pytest.raises(ctzarr.CtzarrError) as info:
-            ctzarr.convert(dap_source, url, storage_options=so, client=_RefusingClient(), progress=False)
+            ctzarr.convert(
+                dap_source, url, storage_options=so, client=_RefusingClient(), progress=False
+            )
         assert SECRET not in _messages(info.value)
         for n in names:
             assert n in str(info.value)

@@ -24,8 +24,8 @@ from zarr.core.sync import sync
 import ctzarr
 from ctzarr.errors import ConfigError, RemotePermissionError, RemoteStoreError
 from ctzarr.io.retry import RetryingStore, RetryPolicy
-from ctzarr.io.urls import redact_url
 from ctzarr.io.stores import make_store, remote_storage_options
+from ctzarr.io.urls import redact_url
 
 from .servers import FaultServer, Reply, fault_server, s3_error, unused_port
 
@@ -51,11 +51,18 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """bucket/x.zarr (8x8 int16 in four 4x4 chunks) and bucket/sharded.zarr (one 8x8 shard of
     four 4x4 chunks): served over HTTP as ``/bucket/...`` and as S3 path-style ``s3://bucket/``."""
     root = tmp_path_factory.mktemp("fault-site")
-    plain = zarr.create_array(root / "bucket" / "x.zarr", shape=(8, 8), chunks=(4, 4), dtype="int16",
-                              fill_value=FILL)
+    plain = zarr.create_array(
+        root / "bucket" / "x.zarr", shape=(8, 8), chunks=(4, 4), dtype="int16", fill_value=FILL
+    )
     plain[:] = VALUES
-    sharded = zarr.create_array(root / "bucket" / "sharded.zarr", shape=(8, 8), chunks=(4, 4),
-                                shards=(8, 8), dtype="int16", fill_value=FILL)
+    sharded = zarr.create_array(
+        root / "bucket" / "sharded.zarr",
+        shape=(8, 8),
+        chunks=(4, 4),
+        shards=(8, 8),
+        dtype="int16",
+        fill_value=FILL,
+    )
     sharded[:] = VALUES
     return root
 
@@ -87,9 +94,14 @@ def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """Dummy credentials, no profile, no metadata service: signed requests to the fake S3."""
     for name in ("AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL"):
         monkeypatch.delenv(name, raising=False)
-    for name, value in {"AWS_ACCESS_KEY_ID": "ctzarr-fake-key", "AWS_SECRET_ACCESS_KEY": "ctzarr-fake-secret",
-                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
-                        "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull}.items():
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "ctzarr-fake-key",
+        "AWS_SECRET_ACCESS_KEY": "ctzarr-fake-secret",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_CONFIG_FILE": os.devnull,
+        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+    }.items():
         monkeypatch.setenv(name, value)
 
 
@@ -111,8 +123,9 @@ def reader(url: str, io: str, **kwargs: Any) -> Any:
     return store
 
 
-def s3_store(server: FaultServer, policy: RetryPolicy | None = FAST, io: str | None = None,
-             **options: Any) -> Any:
+def s3_store(
+    server: FaultServer, policy: RetryPolicy | None = FAST, io: str | None = None, **options: Any
+) -> Any:
     """An S3 store on the fault server: writable (fsspec) by default, read-only through ``io``."""
     so = {"client_kwargs": {"endpoint_url": server.base}, **options}
     if io is None:
@@ -133,9 +146,16 @@ def count(server: FaultServer, path: str, status: int | None = None) -> int:
 # --------------------------------------------------------------------------------------------
 def test_default_policy_and_its_stated_bounds() -> None:
     policy = RetryPolicy()
-    assert (policy.retries, policy.attempts, policy.backoff_s, policy.max_backoff_s, policy.timeout_s) == (
-        3, 4, 0.2, 2.0, 30.0)
-    assert [policy.nominal_backoff_s(i) for i in range(6)] == pytest.approx([0.2, 0.4, 0.8, 1.6, 2.0, 2.0])
+    assert (
+        policy.retries,
+        policy.attempts,
+        policy.backoff_s,
+        policy.max_backoff_s,
+        policy.timeout_s,
+    ) == (3, 4, 0.2, 2.0, 30.0)
+    assert [policy.nominal_backoff_s(i) for i in range(6)] == pytest.approx(
+        [0.2, 0.4, 0.8, 1.6, 2.0, 2.0]
+    )
     assert policy.max_sleep_s == pytest.approx(1.4)
     assert policy.worst_case_s == pytest.approx(4 * 30 + 1.4)
     for i in range(3):  # jitter stays within [1/2, 1] of the nominal sleep
@@ -144,18 +164,33 @@ def test_default_policy_and_its_stated_bounds() -> None:
     assert pickle.loads(pickle.dumps(policy)) == policy
 
 
-@pytest.mark.parametrize(("changes", "match"), [
-    ({"retries": -1}, "retries"), ({"retries": 1.5}, "retries"), ({"timeout_s": 0}, "timeout_s"),
-    ({"timeout_s": float("nan")}, "timeout_s"), ({"backoff_s": -0.1}, "backoff_s"),
-], ids=["negative-retries", "fractional-retries", "zero-timeout", "nan-timeout", "negative-backoff"])
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"retries": -1}, "retries"),
+        ({"retries": 1.5}, "retries"),
+        ({"timeout_s": 0}, "timeout_s"),
+        ({"timeout_s": float("nan")}, "timeout_s"),
+        ({"backoff_s": -0.1}, "backoff_s"),
+    ],
+    ids=[
+        "negative-retries",
+        "fractional-retries",
+        "zero-timeout",
+        "nan-timeout",
+        "negative-backoff",
+    ],
+)
 def test_policy_rejects_bad_values(changes: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         RetryPolicy(**changes)
 
 
-def test_bad_environment_value_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, server: FaultServer) -> None:
+def test_bad_environment_value_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch, server: FaultServer
+) -> None:
     monkeypatch.setenv("CTZARR_RETRIES", "three")
-    with pytest.raises(ConfigError, match="CTZARR_RETRIES.*'three'") as info:
+    with pytest.raises(ConfigError, match=r"CTZARR_RETRIES.*'three'") as info:
         make_store(http_url(server))
     assert isinstance(info.value, ValueError)
 
@@ -165,7 +200,9 @@ def test_bad_environment_value_is_a_clear_error(monkeypatch: pytest.MonkeyPatch,
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("status", [500, 503])
 @pytest.mark.parametrize("failures", [1, 2])
-def test_e2_http_5xx_then_ok_recovers(server: FaultServer, status: int, failures: int, io: str) -> None:
+def test_e2_http_5xx_then_ok_recovers(
+    server: FaultServer, status: int, failures: int, io: str
+) -> None:
     server.plan(CHUNK, [status] * failures)
     np.testing.assert_array_equal(read_all(reader(http_url(server), io, retry=FAST)), VALUES)
     assert count(server, CHUNK, status) == failures
@@ -174,7 +211,9 @@ def test_e2_http_5xx_then_ok_recovers(server: FaultServer, status: int, failures
 
 
 @pytest.mark.parametrize("status", [500, 503])
-def test_e2_http_5xx_beyond_budget_fails_within_the_bound(server: FaultServer, status: int, io: str) -> None:
+def test_e2_http_5xx_beyond_budget_fails_within_the_bound(
+    server: FaultServer, status: int, io: str
+) -> None:
     policy = RetryPolicy(retries=2, backoff_s=0.1, max_backoff_s=0.15, timeout_s=1.0)
     server.plan(CHUNK, [status] * policy.attempts)  # exactly the budget: the last attempt fails too
     store = reader(http_url(server), io, retry=policy)
@@ -186,7 +225,8 @@ def test_e2_http_5xx_beyond_budget_fails_within_the_bound(server: FaultServer, s
     err = info.value
     assert count(server, CHUNK) == policy.attempts == err.attempts == 3
     assert err.status == status
-    assert isinstance(err, OSError) and isinstance(err, ctzarr.CtzarrError)
+    assert isinstance(err, OSError)
+    assert isinstance(err, ctzarr.CtzarrError)
     assert f"{server.base}/bucket/x.zarr/c/0/0" in str(err)
     assert f"HTTP {status}" in str(err)
     assert "gave up after 3 attempts" in str(err)
@@ -220,7 +260,7 @@ def test_e3_body_cut_short_is_retried(server: FaultServer, io: str) -> None:
 def test_e3_body_cut_short_every_time_is_an_error(server: FaultServer, io: str) -> None:
     server.plan(CHUNK, [], then="truncate")
     arr = zarr.open_array(store=reader(http_url(server), io, retry=FAST), mode="r", zarr_format=3)
-    with pytest.raises(RemoteStoreError, match="ClientPayloadError|body error") as info:
+    with pytest.raises(RemoteStoreError, match=r"ClientPayloadError|body error") as info:
         arr[:]
     assert info.value.attempts == 3
     assert count(server, CHUNK) == 3
@@ -229,7 +269,9 @@ def test_e3_body_cut_short_every_time_is_an_error(server: FaultServer, io: str) 
 def test_e3_connection_dropped_without_answer(server: FaultServer, io: str) -> None:
     server.plan(CHUNK, [], then="drop")
     arr = zarr.open_array(store=reader(http_url(server), io, retry=FAST), mode="r", zarr_format=3)
-    with pytest.raises(RemoteStoreError, match="Server ?Disconnected|ClientOSError|Connection") as info:
+    with pytest.raises(
+        RemoteStoreError, match=r"Server ?Disconnected|ClientOSError|Connection"
+    ) as info:
         arr[:]
     assert info.value.attempts == 3
     # aiohttp itself re-sends an idempotent request once when a kept-alive connection turns out
@@ -254,7 +296,9 @@ def test_e4_hang_times_out_within_the_timeout(server: FaultServer, io: str) -> N
     assert 0.9 <= elapsed <= policy.worst_case_s + SLACK_S
 
 
-def test_e4_hang_then_answer_recovers_within_timeout_plus_backoff(server: FaultServer, io: str) -> None:
+def test_e4_hang_then_answer_recovers_within_timeout_plus_backoff(
+    server: FaultServer, io: str
+) -> None:
     policy = RetryPolicy(retries=1, backoff_s=0.01, timeout_s=0.5)
     server.plan(CHUNK, ["hang"])
     start = time.monotonic()
@@ -296,8 +340,9 @@ def test_e5_refused_after_the_server_answered_is_retried(site: Path, io: str) ->
 # E7: a fake S3 endpoint answering SlowDown / InternalError (s3fs + botocore underneath)
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("reply", [SLOWDOWN, INTERNAL], ids=["503-SlowDown", "500-InternalError"])
-def test_e7_s3_errors_bounded_attempts_and_time(server: FaultServer, aws_env: None, reply: Reply,
-                                               io: str) -> None:
+def test_e7_s3_errors_bounded_attempts_and_time(
+    server: FaultServer, aws_env: None, reply: Reply, io: str
+) -> None:
     policy = RetryPolicy(retries=2, backoff_s=0.05, max_backoff_s=0.1, timeout_s=1.0)
     store = s3_store(server, policy, io=io)
     assert sync(store.getsize("zarr.json")) > 0  # the S3 client is made (not timed below)
@@ -319,7 +364,7 @@ def test_e7_s3_errors_bounded_attempts_and_time(server: FaultServer, aws_env: No
     server.reset()
     server.plan("/", [], then=reply)
     start = time.monotonic()
-    with pytest.raises(RemoteStoreError, match="write s3://bucket/x.zarr/c/9/9"):
+    with pytest.raises(RemoteStoreError, match=r"write s3://bucket/x.zarr/c/9/9"):
         sync(store.set("c/9/9", default_buffer_prototype().buffer.from_bytes(b"payload")))
     assert [m for m, *_ in server.requests()] == ["PUT"] * policy.attempts
     assert time.monotonic() - start <= policy.max_sleep_s + SLACK_S
@@ -345,16 +390,20 @@ def test_e8_http_403_is_a_permission_error_never_fill(server: FaultServer, io: s
     arr = zarr.open_array(store=reader(http_url(server), io, retry=FAST), mode="r", zarr_format=3)
     with pytest.raises(RemotePermissionError) as info:
         arr[:]
-    assert isinstance(info.value, PermissionError) and isinstance(info.value, ctzarr.CtzarrError)
-    assert "HTTP 403" in str(info.value) and "not retried" in str(info.value)
+    assert isinstance(info.value, PermissionError)
+    assert isinstance(info.value, ctzarr.CtzarrError)
+    assert "HTTP 403" in str(info.value)
+    assert "not retried" in str(info.value)
     assert count(server, CHUNK) == 1
 
 
-def test_e8_s3_403_is_a_permission_error_never_fill(server: FaultServer, aws_env: None, io: str) -> None:
+def test_e8_s3_403_is_a_permission_error_never_fill(
+    server: FaultServer, aws_env: None, io: str
+) -> None:
     store = s3_store(server, io=io)
     arr = zarr.open_array(store=store, mode="r", zarr_format=3)
     server.plan(CHUNK, [], then=ACCESS_DENIED)
-    with pytest.raises(RemotePermissionError, match="s3://bucket/x.zarr/c/0/0.*403") as info:
+    with pytest.raises(RemotePermissionError, match=r"s3://bucket/x.zarr/c/0/0.*403") as info:
         arr[:]
     assert info.value.attempts == 1
     assert count(server, CHUNK) == 1
@@ -374,9 +423,16 @@ def test_e8_404_stays_missing_and_is_not_retried(server: FaultServer, io: str) -
 # E9: anonymous S3 never asks the instance metadata service
 # --------------------------------------------------------------------------------------------
 def test_e9_anonymous_s3_needs_no_credentials_or_metadata_service(
-        server: FaultServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
-                 "AWS_EC2_METADATA_DISABLED", "AWS_ENDPOINT_URL"):
+    server: FaultServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in (
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_PROFILE",
+        "AWS_EC2_METADATA_DISABLED",
+        "AWS_ENDPOINT_URL",
+    ):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
@@ -390,13 +446,15 @@ def test_e9_anonymous_s3_needs_no_credentials_or_metadata_service(
 
         np.testing.assert_array_equal(read_all(s3_store(server, anon=True)), VALUES)
         start = time.monotonic()  # a second, new S3 client: its time without the imports
-        np.testing.assert_array_equal(read_all(s3_store(server, anon=True, skip_instance_cache=True)), VALUES)
+        np.testing.assert_array_equal(
+            read_all(s3_store(server, anon=True, skip_instance_cache=True)), VALUES
+        )
         assert time.monotonic() - start < 1.9  # a probe would cost the 2 s metadata timeout
         assert imds.requests() == []
 
         # control: without anon the same environment does probe it (so the check above can fail)
         start = time.monotonic()
-        with pytest.raises(Exception, match="[Cc]redentials"):
+        with pytest.raises(Exception, match=r"[Cc]redentials"):
             read_all(s3_store(server, anon=False))
         assert time.monotonic() - start >= 1.9
         assert len(imds.requests()) >= 1
@@ -413,8 +471,9 @@ def _failing_read_attempts(server: FaultServer, **make_kwargs: Any) -> int:
     return count(server, "/bucket/x.zarr/zarr.json")
 
 
-def test_environment_sets_retries_and_timeout(server: FaultServer, monkeypatch: pytest.MonkeyPatch,
-                                             io: str) -> None:
+def test_environment_sets_retries_and_timeout(
+    server: FaultServer, monkeypatch: pytest.MonkeyPatch, io: str
+) -> None:
     monkeypatch.setenv("CTZARR_BACKOFF_S", "0.01")
     monkeypatch.setenv("CTZARR_RETRIES", "0")
     assert _failing_read_attempts(server) == 1
@@ -432,7 +491,9 @@ def test_environment_sets_retries_and_timeout(server: FaultServer, monkeypatch: 
     assert count(server, CHUNK) == 2
 
 
-def test_keyword_setter_and_context_manager(server: FaultServer, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_keyword_setter_and_context_manager(
+    server: FaultServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("CTZARR_RETRIES", "0")
     quick = RetryPolicy(retries=3, backoff_s=0.01)
     assert _failing_read_attempts(server, retry=quick) == 4  # the keyword beats the environment
@@ -453,7 +514,10 @@ def test_keyword_setter_and_context_manager(server: FaultServer, monkeypatch: py
 def test_open_collection_uses_the_policy(server: FaultServer) -> None:
     """The library entry point goes through make_store: a 503 on the root becomes our error."""
     server.plan("/bucket/x.zarr/zarr.json", [], then=503)
-    with ctzarr.config.set(retries=1, backoff_s=0.01), pytest.raises(RemoteStoreError, match="gave up after 2"):
+    with (
+        ctzarr.config.set(retries=1, backoff_s=0.01),
+        pytest.raises(RemoteStoreError, match="gave up after 2"),
+    ):
         ctzarr.open_collection(http_url(server))
     assert count(server, "/bucket/x.zarr/zarr.json") == 2
 
@@ -464,16 +528,18 @@ def test_open_collection_uses_the_policy(server: FaultServer) -> None:
 def test_sharded_ranges_are_retried_and_fail_as_one_error(server: FaultServer, io: str) -> None:
     shard = "/bucket/sharded.zarr/c/0/0"
     server.plan(shard, [503, "serve", 503])  # the shard index once, then one inner chunk once
-    arr = zarr.open_array(store=reader(http_url(server, "sharded.zarr"), io, retry=FAST), mode="r",
-                          zarr_format=3)
+    arr = zarr.open_array(
+        store=reader(http_url(server, "sharded.zarr"), io, retry=FAST), mode="r", zarr_format=3
+    )
     np.testing.assert_array_equal(arr[:4, :4], VALUES[:4, :4])
     assert count(server, shard, 503) == 2
     assert all(rng for _, _, rng, _ in server.requests(shard))  # ranged, never the whole shard
 
     server.reset()
     server.plan(shard, ["serve"], then=500)  # index fine, the chunk range never
-    arr = zarr.open_array(store=reader(http_url(server, "sharded.zarr"), io, retry=FAST), mode="r",
-                          zarr_format=3)
+    arr = zarr.open_array(
+        store=reader(http_url(server, "sharded.zarr"), io, retry=FAST), mode="r", zarr_format=3
+    )
     with pytest.raises(RemoteStoreError, match="HTTP 500") as info:
         arr[:4, :4]
     assert not isinstance(info.value, BaseExceptionGroup)
@@ -487,7 +553,8 @@ def test_store_pickles_with_its_policy(server: FaultServer, aws_env: None, io: s
     store = reader(http_url(server), io, retry=FAST)
     assert isinstance(store, RetryingStore)
     clone = pickle.loads(pickle.dumps(store))
-    assert clone.policy == FAST and clone == store
+    assert clone.policy == FAST
+    assert clone == store
     server.plan(CHUNK, [503, 503])
     np.testing.assert_array_equal(read_all(clone), VALUES)
     assert count(server, CHUNK) == 3
@@ -506,7 +573,12 @@ def test_store_pickles_with_its_policy(server: FaultServer, aws_env: None, io: s
     err.url, err.attempts, err.status = "http://h/x", 3, 503
     back = pickle.loads(pickle.dumps(err))
     assert (type(back), str(back), back.url, back.attempts, back.status) == (
-        RemoteStoreError, "read x: HTTP 503", "http://h/x", 3, 503)
+        RemoteStoreError,
+        "read x: HTTP 503",
+        "http://h/x",
+        3,
+        503,
+    )
 
 
 def test_no_credentials_in_repr_or_errors(server: FaultServer) -> None:
@@ -520,9 +592,14 @@ def test_no_credentials_in_repr_or_errors(server: FaultServer) -> None:
     for text in (repr(store), str(store), str(info.value), info.value.url):
         assert secret not in text, text
         assert "reader" not in text, text
-    s3 = make_store("s3://bucket/x.zarr", storage_options={"key": "AKIAFAKE", "secret": secret}, retry=FAST)
-    assert secret not in repr(s3) and "AKIAFAKE" not in repr(s3)
-    assert redact_url("see https://u:p@h/x?X-Amz-Signature=abc&t=1 now") == "see https://h/x?... now"
+    s3 = make_store(
+        "s3://bucket/x.zarr", storage_options={"key": "AKIAFAKE", "secret": secret}, retry=FAST
+    )
+    assert secret not in repr(s3)
+    assert "AKIAFAKE" not in repr(s3)
+    assert (
+        redact_url("see https://u:p@h/x?X-Amz-Signature=abc&t=1 now") == "see https://h/x?... now"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -533,18 +610,34 @@ def test_library_options_filled_in_and_user_options_win() -> None:
 
     policy = RetryPolicy(timeout_s=7)
     http = remote_storage_options("https://h/x.zarr", None, policy)
-    assert http["client_kwargs"]["timeout"] == aiohttp.ClientTimeout(total=None, sock_connect=7, sock_read=7)
+    assert http["client_kwargs"]["timeout"] == aiohttp.ClientTimeout(
+        total=None, sock_connect=7, sock_read=7
+    )
     mine = aiohttp.ClientTimeout(total=99)
-    kept = remote_storage_options("https://h/x.zarr", {"client_kwargs": {"timeout": mine, "trust_env": True}}, policy)
+    kept = remote_storage_options(
+        "https://h/x.zarr", {"client_kwargs": {"timeout": mine, "trust_env": True}}, policy
+    )
     assert kept["client_kwargs"] == {"timeout": mine, "trust_env": True}
 
     s3 = remote_storage_options("s3://b/x.zarr", {"anon": True}, policy)
-    assert s3 == {"anon": True, "config_kwargs": {
-        "connect_timeout": 7, "read_timeout": 7, "retries": {"total_max_attempts": 1, "mode": "standard"}}}
+    assert s3 == {
+        "anon": True,
+        "config_kwargs": {
+            "connect_timeout": 7,
+            "read_timeout": 7,
+            "retries": {"total_max_attempts": 1, "mode": "standard"},
+        },
+    }
     user = {"config_kwargs": {"read_timeout": 120, "retries": {"max_attempts": 2}}}
     s3_user = remote_storage_options("s3://b/x.zarr", user, policy)
-    assert s3_user["config_kwargs"] == {"read_timeout": 120, "retries": {"max_attempts": 2}, "connect_timeout": 7}
-    assert user == {"config_kwargs": {"read_timeout": 120, "retries": {"max_attempts": 2}}}  # not mutated
+    assert s3_user["config_kwargs"] == {
+        "read_timeout": 120,
+        "retries": {"max_attempts": 2},
+        "connect_timeout": 7,
+    }
+    assert user == {
+        "config_kwargs": {"read_timeout": 120, "retries": {"max_attempts": 2}}
+    }  # not mutated
 
     assert remote_storage_options("gs://b/x.zarr", None, policy) == {"requests_timeout": 7}
     assert remote_storage_options("memory://x.zarr", None, policy) == {}

@@ -24,7 +24,9 @@ def _arrays(group: zarr.Group):
 
 
 @pytest.mark.parametrize("store_fixture", ["dap_store", "saros_store"])
-def test_every_case_is_a_valid_ome_zarr_image_with_labels(store_fixture: str, request: pytest.FixtureRequest) -> None:
+def test_every_case_is_a_valid_ome_zarr_image_with_labels(
+    store_fixture: str, request: pytest.FixtureRequest
+) -> None:
     store = request.getfixturevalue(store_fixture)
     col = ctzarr.open_collection(store)
     for cid in col.case_ids:
@@ -39,7 +41,8 @@ def test_every_case_is_a_valid_ome_zarr_image_with_labels(store_fixture: str, re
             label = ImageLabel.from_zarr(label_grp)
             assert len(label.attributes.ome.multiscales[0].datasets) == len(levels)
             ome = label_grp.attrs["ome"]
-            assert ome["version"] == "0.5" and ome["image-label"]["version"] == "0.5"
+            assert ome["version"] == "0.5"
+            assert ome["image-label"]["version"] == "0.5"
             props = {p["label-value"]: p for p in ome["image-label"]["properties"]}
             lm = col.segmentations[seg]
             assert set(props) == set(lm.values)
@@ -62,11 +65,15 @@ def test_every_array_ends_its_codec_chain_with_crc32c(dap_store: Path) -> None:
             assert codecs[-1]["name"] == "crc32c", arr.path
 
 
-def test_nifti_header_array_reproduces_the_source_geometry(dap_source: Path, dap_store: Path) -> None:
+def test_nifti_header_array_reproduces_the_source_geometry(
+    dap_source: Path, dap_store: Path
+) -> None:
     col = ctzarr.open_collection(dap_store)
     for cid in col.case_ids:
         arr = zarr.open_array(dap_store / "cases" / cid / "nifti", mode="r")
-        assert arr.shape == (348,) and arr.dtype == np.uint8 and arr.chunks == (348,)
+        assert arr.shape == (348,)
+        assert arr.dtype == np.uint8
+        assert arr.chunks == (348,)
         hdr = nib.Nifti1Header.from_fileobj(__import__("io").BytesIO(arr[:].tobytes()))
         src = nib.load(dap_source / "images" / f"{cid}.nii.gz").header
         np.testing.assert_array_equal(hdr.get_best_affine(), src.get_best_affine())
@@ -98,7 +105,10 @@ def test_collection_table_matches_case_indexes(dap_store: Path) -> None:
         rows = table[table.case_id == cid]
         np.testing.assert_array_equal(rows.label.to_numpy(), idx.labels)
         np.testing.assert_array_equal(rows.voxel_count.to_numpy(), idx.voxel_count)
-        np.testing.assert_array_equal(rows[["z_start", "z_stop", "y_start", "y_stop", "x_start", "x_stop"]].to_numpy(), idx.bbox)
+        np.testing.assert_array_equal(
+            rows[["z_start", "z_stop", "y_start", "y_stop", "x_start", "x_stop"]].to_numpy(),
+            idx.bbox,
+        )
 
 
 def test_index_equals_numpy_on_phantom_cases(dap_source: Path, dap_store: Path) -> None:
@@ -121,6 +131,7 @@ def test_case_attributes_record_the_source(dap_store: Path) -> None:
     files = meta.source_files
     assert set(files) == {"image", "anatomy"}
     assert files["image"].path.startswith("images/")
-    assert files["image"].sha256 is not None and len(files["image"].sha256) == 64
+    assert files["image"].sha256 is not None
+    assert len(files["image"].sha256) == 64
     assert meta.complete is True
     json.dumps(meta.to_attributes())

@@ -34,12 +34,12 @@ from ctzarr.io.urls import (
     DATA_ROOT_ENV,
     REMOTE_PROTOCOLS,
     ResolveHost,
-    _expand,
-    _local_opt_in,
-    _under_user_root,
     allow_local_targets,
+    expand_env,
+    local_opt_in,
     parse_catalog_storage_options,
     parse_catalog_url,
+    under_user_root,
 )
 
 __all__ = [
@@ -121,11 +121,11 @@ def resolve_entry(
     raw = args.get("urlpath")
     if not isinstance(raw, str):
         raise CatalogError(f"catalog entry {name!r} has no args.urlpath")
-    opted_in = _local_opt_in(allow_local)
+    opted_in = local_opt_in(allow_local)
     url = parse_catalog_url(
-        _expand(raw, name),
+        expand_env(raw, name),
         entry=name,
-        allow_local=opted_in or _under_user_root(raw, name),
+        allow_local=opted_in or under_user_root(raw, name),
         resolve_host=resolve_host,
     )
     # storage options come from the catalog author even when the root is the user's, so only

@@ -169,7 +169,8 @@ class CaseLock:
     def _put(self, data: bytes) -> None:
         write_key(self.store, lock_key(self.case_id), data)  # whole object (local: rename)
 
-    def _delete(self) -> None:
+    def remove(self) -> None:
+        """Delete the lock object whoever holds it (``verify --repair`` of a stale lock)."""
         key = lock_key(self.case_id)
         with contextlib.suppress(FileNotFoundError):
             sync(self.store.delete(key))
@@ -201,7 +202,7 @@ class CaseLock:
                 )
             logger.info("case %s: taking over a stale lock of pid %s", self.case_id, rec.get("pid"))
             if read_lock(self.store, self.case_id) == rec:
-                self._delete()
+                self.remove()
         else:
             raise CaseLockedError(f"case {self.case_id!r}: could not take its lock (contended)")
         self._thread = threading.Thread(
@@ -235,7 +236,7 @@ class CaseLock:
         if self._thread is not None:
             self._thread.join(timeout=5)
         if not self.lost and self._still_ours():
-            self._delete()
+            self.remove()
 
 
 #: the lock of the collection's case list and table (``@`` is never part of a case id)

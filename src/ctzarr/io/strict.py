@@ -442,6 +442,11 @@ class StrictStore(WrapperStore[Store]):
         self._where = where
 
     @property
+    def inner(self) -> Store:
+        """The store this one reads through (for whole-object checks that bypass the manifest)."""
+        return self._store
+
+    @property
     def _supports_sync_io(self) -> bool:
         return False  # every read goes through the checked async methods below
 

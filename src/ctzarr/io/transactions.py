@@ -142,6 +142,12 @@ def _mark_incomplete(store: Any, key: str) -> None:
     write_key(store, key, json.dumps(doc, separators=(",", ":")).encode())
 
 
+def discard_staged(root: zarr.Group, staged: str) -> None:
+    """Delete a staged replacement that will not be swapped in (its conversion failed)."""
+    sync(root.store.delete_dir(staged))
+    _drop_empty_staging(root.store)
+
+
 def _drop_empty_staging(store: Any) -> None:
     """Remove ``staging/`` once no replacement is in it.
 

@@ -120,7 +120,7 @@ ALLOW_LOCAL_ENV = config.env_name("allow_local")
 
 
 #: where the user keeps converted stores; an entry under it is the user's own choice (see
-#: ``_under_user_root``; setting ``data_root``)
+#: ``under_user_root``; setting ``data_root``)
 DATA_ROOT_ENV = config.env_name("data_root")
 
 
@@ -361,7 +361,7 @@ def _shown(value: str) -> str:
     return repr(shown)
 
 
-def _local_opt_in(explicit: bool | None) -> bool:
+def local_opt_in(explicit: bool | None) -> bool:
     """The user's decision: argument, else allow_local_targets block, else $CTZARR_ALLOW_LOCAL."""
     if explicit is not None:
         return bool(explicit)
@@ -371,7 +371,7 @@ def _local_opt_in(explicit: bool | None) -> bool:
     return bool(config.get("allow_local"))
 
 
-def _under_user_root(raw: str, name: str) -> bool:
+def under_user_root(raw: str, name: str) -> bool:
     """True when the entry's URL is ``{{ env(CTZARR_DATA_ROOT) }}/relative/path``.
 
     Why this needs no further opt-in: the documented flow (README "Catalog", the shipped
@@ -393,7 +393,7 @@ def _under_user_root(raw: str, name: str) -> bool:
     return True
 
 
-def _expand(value: str, name: str) -> str:
+def expand_env(value: str, name: str) -> str:
     def sub(m: re.Match[str]) -> str:
         var = m.group(1)
         # the data root is a setting (ctzarr.config.set(data_root=...) counts too)

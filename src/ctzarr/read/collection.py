@@ -21,6 +21,7 @@ from zarr.abc.store import Store
 from ctzarr.catalog import load_catalog, resolve_entry
 from ctzarr.errors import IncompleteCaseError, StoreError, UnsafeStoreError
 from ctzarr.io.stores import codec_pipeline, make_store
+from ctzarr.io.urls import url_protocol
 from ctzarr.model.case import is_committed
 from ctzarr.model.collection import CollectionAttributes, is_collection
 from ctzarr.model.labels import LabelMap
@@ -55,7 +56,7 @@ def open_collection(
         return _open_root(repr(url_or_catalog_name), store, None)
     target = os.fspath(url_or_catalog_name)
     so = dict(storage_options) if storage_options else None
-    if "://" not in target and not Path(target).exists() and "/" not in target:
+    if not url_protocol(target) and not Path(target).exists() and "/" not in target:
         if target not in load_catalog():
             raise StoreError(
                 f"{target}: no collection store here, and no catalog entry of that name"

@@ -36,7 +36,7 @@ def check_objects(case: Case) -> list[str]:
     """
     store = case.group.store
     if isinstance(store, StrictStore):
-        store = store._store
+        store = store.inner
     manifest: Manifest = case.manifest
     problems = []
     base = case.group.path
@@ -180,7 +180,7 @@ def _check_locks_and_staging(
         )
         if repair:
             lock = CaseLock(_writable_store(col, storage_options), cid)
-            lock._delete()
+            lock.remove()
             report.repaired.append(f"lock of {cid}")
     staged = {k[len(STAGING) + 1 :].split("/", 1)[0] for k in sync(keys(f"{STAGING}/"))}
     for name in sorted(staged):

@@ -21,6 +21,7 @@ from typing import Any
 import fsspec
 
 from ctzarr.errors import InvalidCaseIdError, LayoutError
+from ctzarr.io.urls import url_protocol
 from ctzarr.model.labels import (
     LabelMap,
     builtin_label_map,
@@ -174,7 +175,7 @@ def _label_map_for(
 def _read_label_map(path: str, name: str, so: Mapping[str, Any]) -> LabelMap:
     """A label map file, local or at an fsspec URL (read with the source's storage options)."""
     suffix = label_map_file_suffix(path)
-    with fsspec.open(path, "rb", **(so if "://" in path else {})) as f:
+    with fsspec.open(path, "rb", **(so if url_protocol(path) else {})) as f:
         data: bytes = f.read()
     return parse_label_map_text(data.decode("utf-8"), suffix=suffix, name=name, where=path)
 
@@ -217,7 +218,7 @@ def _dap_atlas(
 
 def _url(source: str, fs: fsspec.AbstractFileSystem, path: str) -> str:
     """A path listed by fs, as a URL of the same kind as source."""
-    if "://" not in source:
+    if not url_protocol(source):
         return path
     return fs.unstrip_protocol(path)  # type: ignore[no-any-return]
 
@@ -301,7 +302,7 @@ def _pairs(source: str, so: dict[str, Any], label_files: Mapping[str | None, str
 
         def resolve(p: str) -> str:
             p = p.strip()
-            if "://" in p or p.startswith("/"):
+            if url_protocol(p) or p.startswith("/"):
                 return p
             return _url(source, fs, f"{base}/{p}")
 

@@ -33,6 +33,7 @@ from isal import igzip_threaded
 from nibabel.spatialimages import HeaderDataError
 
 from ctzarr.errors import CtzarrWarning, InvalidNiftiError
+from ctzarr.io.urls import url_protocol
 from ctzarr.model.case import apply_scaling
 
 logger = logging.getLogger(__name__)
@@ -282,7 +283,7 @@ def _bytes_after_first_member(path: str, storage_options: dict[str, Any]) -> int
 
 def _open_binary(path: str, storage_options: dict[str, Any]) -> BinaryIO:
     """Open a local path or fsspec URL for binary reading."""
-    if "://" in path:
+    if url_protocol(path):
         return fsspec.open(path, "rb", **storage_options).open()  # type: ignore[no-any-return]
     return open(path, "rb")
 
@@ -310,7 +311,7 @@ def _skip(stream: io.RawIOBase | io.BufferedIOBase, n: int, src: NiftiSource) ->
 
 
 def _file_size(path: str, storage_options: dict[str, Any]) -> int:
-    if "://" in path:
+    if url_protocol(path):
         fs, p = fsspec.core.url_to_fs(path, **storage_options)
         return int(fs.size(p))
     return Path(path).stat().st_size

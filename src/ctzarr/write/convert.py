@@ -23,7 +23,6 @@ import fsspec
 import numpy as np
 import zarr
 from zarr.abc.store import Store
-from zarr.core.sync import sync
 
 from ctzarr._version import __version__
 from ctzarr.errors import (
@@ -38,8 +37,8 @@ from ctzarr.io.locks import case_lock, collection_lock
 from ctzarr.io.stores import make_store
 from ctzarr.io.transactions import (
     STAGING,
-    _drop_empty_staging,
     case_state,
+    discard_staged,
     remove_case,
     remove_staging,
     swap_in,
@@ -402,8 +401,7 @@ def convert_case(
             except BaseException:
                 try:
                     if staged:
-                        sync(root.store.delete_dir(staged))
-                        _drop_empty_staging(root.store)
+                        discard_staged(root, staged)
                     else:
                         remove_case(root, cid)
                 except Exception:  # never hide the original fault behind a cleanup failure
