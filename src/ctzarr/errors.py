@@ -11,6 +11,7 @@ __all__ = [
     "CaseExistsError",
     "CaseLockedError",
     "CaseMismatchError",
+    "CaseNotFoundError",
     "CatalogError",
     "ChunkCorruptError",
     "ChunkMissingError",
@@ -27,6 +28,7 @@ __all__ = [
     "MissingDependencyError",
     "RemotePermissionError",
     "RemoteStoreError",
+    "SegmentationNotFoundError",
     "StoreError",
     "StructureNotFoundError",
     "TableMismatchError",
@@ -86,6 +88,20 @@ class IncompleteCaseError(CtzarrError, KeyError):
     """A case exists in the store but was never committed (an interrupted conversion)."""
 
     def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class CaseNotFoundError(CtzarrError, KeyError):
+    """No case of that id in the collection; the message lists some of the ids it has."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class SegmentationNotFoundError(CtzarrError, KeyError):
+    """No segmentation of that name in the collection or case (or none named where several exist)."""
+
+    def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
 
 

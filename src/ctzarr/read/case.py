@@ -21,7 +21,7 @@ import zarr
 from zarr.core.group import AsyncGroup
 from zarr.storage import LocalStore, StorePath
 
-from ctzarr.errors import ChunkCorruptError, StructureNotFoundError
+from ctzarr.errors import ChunkCorruptError, SegmentationNotFoundError, StructureNotFoundError
 from ctzarr.io.stores import codec_pipeline
 from ctzarr.io.strict import CheckedArray, StrictStore, check_local_links, validate_case_metadata
 from ctzarr.model.case import CaseAttributes
@@ -209,10 +209,12 @@ class Case:
         names = self.segmentation_names
         if segmentation is None:
             if len(names) != 1:
-                raise KeyError(f"case {self.case_id!r} has segmentations {names}: name one")
+                raise SegmentationNotFoundError(
+                    f"case {self.case_id!r} has segmentations {names}: name one"
+                )
             return names[0]
         if segmentation not in names:
-            raise KeyError(
+            raise SegmentationNotFoundError(
                 f"case {self.case_id!r} has no segmentation {segmentation!r}; it has {names}"
             )
         return segmentation

@@ -19,7 +19,7 @@ from dask.base import compute
 from zarr.abc.store import Store
 
 from ctzarr.catalog import load_catalog, resolve_entry
-from ctzarr.errors import IncompleteCaseError, StoreError, UnsafeStoreError
+from ctzarr.errors import CaseNotFoundError, IncompleteCaseError, StoreError, UnsafeStoreError
 from ctzarr.io.stores import codec_pipeline, make_store
 from ctzarr.io.urls import url_protocol
 from ctzarr.model.case import is_committed
@@ -138,7 +138,7 @@ class Collection:
         try:
             validate_case_id(case_id)
         except ValueError as exc:  # never let a hostile id reach a store key
-            raise KeyError(f"no case {case_id!r} in {self.url}: {exc}") from exc
+            raise CaseNotFoundError(f"no case {case_id!r} in {self.url}: {exc}") from exc
         try:
             with codec_pipeline(self.root.store):
                 grp = zarr.open_group(
@@ -150,7 +150,7 @@ class Collection:
                     f"case {case_id!r} in {self.url} is listed but its group cannot be opened: "
                     f"{type(exc).__name__}: {exc}"
                 ) from exc
-            raise KeyError(
+            raise CaseNotFoundError(
                 f"no case {case_id!r} in {self.url}; cases: {self.case_ids[:10]}"
             ) from exc
         except (ValueError, TypeError, zarr.errors.BaseZarrError) as exc:  # unknown codec, bad JSON

@@ -29,7 +29,7 @@ import pandas as pd
 from dask.base import compute
 from dask.delayed import delayed
 
-from ctzarr.errors import StructureNotFoundError
+from ctzarr.errors import CaseNotFoundError, SegmentationNotFoundError, StructureNotFoundError
 from ctzarr.io.urls import check_no_secrets
 from ctzarr.model.case import NiftiBlock
 from ctzarr.model.table import (
@@ -189,7 +189,9 @@ def _resolve_targets(
     )
     for s in segs:
         if s not in col.segmentations:
-            raise KeyError(f"no segmentation {s!r} in {col.url}; it has {list(col.segmentations)}")
+            raise SegmentationNotFoundError(
+                f"no segmentation {s!r} in {col.url}; it has {list(col.segmentations)}"
+            )
     if not structures:
         return dict.fromkeys(segs)
     targets: dict[str, list[int] | None] = {s: [] for s in segs}
@@ -234,7 +236,7 @@ def collection_stats(
     ids = list(cases) if cases is not None else col.case_ids
     missing = sorted(set(ids) - set(col.case_ids))
     if missing:
-        raise KeyError(f"no such cases in {col.url}: {missing[:10]}")
+        raise CaseNotFoundError(f"no such cases in {col.url}: {missing[:10]}")
     return _stats(col, ids, structures, segmentation, method, client)
 
 
