@@ -1042,11 +1042,25 @@ MORE_BAD_FILES: list[tuple[str, str, Callable[[bytes], bytes], str, tuple[str, .
         ("vox_offset inf", "whole number"),
     ),
     (
+        "a7-nii-vox-offset-0",
+        "image",
+        _raw_set(("vox_offset", None, 0)),
+        ".nii",
+        ("vox_offset 0", "inside the header", "at byte 352 or later", "nibabel"),
+    ),
+    (
+        "a7-gz-vox-offset-0",
+        "mask",
+        _set(("vox_offset", None, 0)),
+        ".nii.gz",
+        ("vox_offset 0", "inside the header", "at byte 352 or later", "nibabel"),
+    ),
+    (
         "a7-vox-offset-0-with-extension",
         "image",
         lambda gz: _set(("vox_offset", None, 0))(_with_extension(gz)),
         ".nii.gz",
-        ("trailing data after the voxel data",),
+        ("vox_offset 0", "inside the header"),
     ),
     # A8: dims that disagree with the payload
     (
@@ -1185,6 +1199,7 @@ MORE_IN_DATASET = {
     "a6-nii-truncated",
     "a6-nii-4096-trailing-bytes",
     "a7-nii-vox-offset-100",
+    "a7-nii-vox-offset-0",
     "a7-nii-vox-offset-360",
     "a7-gz-vox-offset-1e9",
     # not a8-dims-smaller-than-payload: in a dataset the mask's 20 slices differ from the
@@ -1274,22 +1289,18 @@ def test_a4_nul_padding_after_gzip_member_is_accepted(ds: Dataset) -> None:
 
 
 @pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
-def test_a7_vox_offset_0_reads_right_after_the_header(ds: Dataset, suffix: str) -> None:
-    """vox_offset 0 in a single file: data right after the header, never the header shifted in.
+def test_a7_vox_offset_0_is_refused_not_guessed(ds: Dataset, suffix: str) -> None:
+    """vox_offset 0 in a single file: nibabel reads from byte 0 (the header becomes voxels).
 
-    nibabel reads such a file from byte 0 (the header becomes voxels); ctzarr reads from byte
-    352, and only because the file is exactly header + voxels (short or trailing data would be
-    an error, as with an extension: see a7-vox-offset-0-with-extension).
+    Reading from right after the header instead would be a guess that disagrees with nibabel;
+    the case fails with a message naming the file and the offset, and nothing of it is stored.
     """
     raw = _raw_set(("vox_offset", None, 0))(ds.file("image").read_bytes())
     bad_file = _replace(ds, "image", raw if suffix == ".nii" else gzip.compress(raw), suffix)
     shifted = nifti_zyx(bad_file)
     assert not np.array_equal(shifted, nifti_zyx(ds.original("image")))  # nibabel's shifted read
     report = ds.convert()
-    assert report.ok, str(report)
-    case = open_collection(ds.dest)[ds.bad]
-    np.testing.assert_array_equal(case.image.values, nifti_zyx(ds.original("image")))
-    assert any("vox_offset 0" in n for n in case.meta.nifti.notes)
+    assert_only_bad_failed(ds, report, bad_file, ("vox_offset 0", "inside the header"))
 
 
 @pytest.mark.parametrize(

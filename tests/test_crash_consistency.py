@@ -219,9 +219,9 @@ KILL_SEEDS = [32, 7, 9, 24, 2]
 
 _KILL_CHILD = """
 import sys
-import ctzarr
+from ctzarr import convert  # the writing side loads on first use: before "go", not after
 print("go", flush=True)
-ctzarr.convert(sys.argv[1], sys.argv[2], progress=False)
+convert(sys.argv[1], sys.argv[2], progress=False)
 """
 
 
@@ -836,6 +836,32 @@ def test_interrupted_collection_table_update_is_found_and_rebuilt(
     col = ctzarr.open_collection(dest)
     assert col.case_ids == ids
     assert set(col.table().case_id) == set(ids)
+    assert verify(dest).ok
+
+
+def test_first_run_stopped_before_its_table_is_an_interruption(
+    source: tuple[Path, list[str]], tmp_path: Path
+) -> None:
+    """The first run of a new store fails its very first table write (index/ exists, empty, no
+    case listed yet): verify reports an interrupted update, repair and a re-run complete it."""
+    src, ids = source
+    dest = tmp_path / "first.zarr"
+    fault = Fault(
+        lambda key, data: key == "index/zarr.json" and b"stats-table-1" in data,
+        0,
+        io_error(errno.EIO),
+    )
+    with pytest.raises(OSError, match="Input/output error"):
+        ctzarr.convert(src, faulty(dest, fault), cases=ids[:1], progress=False)
+    assert fault.fired == ["index/zarr.json"]
+    found = verify(dest)
+    assert found.problems, str(found)
+    assert_only_interruption_leftovers(found)
+    repaired = verify(dest, repair=True)
+    assert "collection table" in repaired.repaired, str(repaired)
+    report = ctzarr.convert(src, dest, progress=False)
+    assert report.ok, str(report)
+    assert ctzarr.open_collection(dest).case_ids == ids
     assert verify(dest).ok
 
 

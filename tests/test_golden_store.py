@@ -51,7 +51,12 @@ def _copy(fmt: Path, store: str, tmp_path: Path) -> Path:
 
 def test_golden_stores_present() -> None:
     names = {(fmt.name, name) for fmt, name, _ in COLLECTIONS}
-    assert {("format-1", "dap_atlas"), ("format-1", "saros")} <= names
+    assert {
+        ("format-1", "dap_atlas"),
+        ("format-1", "saros"),
+        ("format-2", "dap_atlas"),
+        ("format-2", "saros"),
+    } <= names
 
 
 @pytest.mark.parametrize(
@@ -75,7 +80,8 @@ def test_golden_store_cli_verify(
     n_cases = len(json.loads((fmt / "expected" / name / "index.json").read_text())["case_ids"])
     assert main(["verify", str(copy)]) == 0
     out = capsys.readouterr().out
-    assert out.strip() == f"{copy}: {n_cases} cases checked, 0 problems"
+    version = int(fmt.name.removeprefix("format-"))
+    assert out.strip() == f"{copy}: format {version}, {n_cases} cases checked, 0 problems"
 
 
 def test_golden_check_is_exact(tmp_path: Path) -> None:

@@ -41,8 +41,9 @@ LAYERS: dict[str, int] = {
 
 #: modules that may defer imports of ctzarr modules into functions: the package's __init__ and
 #: the CLI keep ``import ctzarr`` and ``ctzarr --help`` from loading the reading side (startup
-#: time), which is not a cycle being dodged.
-DEFERRING = ("ctzarr", "ctzarr.cli")
+#: time), which is not a cycle being dodged; so does the xarray backend, which xarray imports
+#: whenever it lists its engines, for any file it opens.
+DEFERRING = ("ctzarr", "ctzarr.cli", "ctzarr.read.xarray_backend")
 
 
 def _module_name(path: Path) -> str:

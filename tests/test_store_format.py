@@ -34,6 +34,12 @@ def test_every_case_is_a_valid_ome_zarr_image_with_labels(
         image = Image.from_zarr(grp)
         levels = image.attributes.ome.multiscales[0].datasets
         assert [a.name for a in image.attributes.ome.multiscales[0].axes] == ["z", "y", "x"]
+        # format 2: RFC-4 orientation of every axis, a translation at every level
+        axes = grp.attrs["ome"]["multiscales"][0]["axes"]
+        assert all(a["orientation"]["type"] == "anatomical" for a in axes)
+        for ds in grp.attrs["ome"]["multiscales"][0]["datasets"]:
+            kinds = [t["type"] for t in ds["coordinateTransformations"]]
+            assert kinds == ["scale", "translation"]
         assert grp.attrs["ome"]["version"] == "0.5"
         assert grp["labels"].attrs["ome"]["version"] == "0.5"
         for seg in col.segmentations:
@@ -79,6 +85,16 @@ def test_nifti_header_array_reproduces_the_source_geometry(
         np.testing.assert_array_equal(hdr.get_best_affine(), src.get_best_affine())
         assert hdr.get_data_dtype() == src.get_data_dtype()
         assert hdr["descrip"].item() == b""  # free text is not copied
+        assert arr.metadata.dimension_names == ("nifti_byte",)
+        # format 2: the label image group has the segmentation's own header, label dtype
+        lab = zarr.open_array(dap_store / "cases" / cid / "labels" / "anatomy" / "nifti", mode="r")
+        assert lab.metadata.dimension_names == ("nifti_byte",)
+        lab_hdr = nib.Nifti1Header.from_fileobj(__import__("io").BytesIO(lab[:].tobytes()))
+        mask = nib.load(dap_source / "masks" / f"{cid}.nii.gz").header
+        np.testing.assert_array_equal(lab_hdr.get_best_affine(), mask.get_best_affine())
+        levels = zarr.open_array(dap_store / "cases" / cid / "labels" / "anatomy" / "0", mode="r")
+        assert lab_hdr.get_data_dtype().newbyteorder("=") == levels.dtype
+        assert lab_hdr.get_slope_inter() in ((1.0, 0.0), (None, None))
 
 
 def test_nifti_zarr_reader_gets_the_image_back(dap_source: Path, dap_store: Path) -> None:

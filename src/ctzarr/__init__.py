@@ -34,22 +34,27 @@ from .errors import (
     RemotePermissionError,
     RemoteStoreError,
     SegmentationNotFoundError,
+    StoreCorruptError,
     StoreError,
     StructureNotFoundError,
     TableMismatchError,
     UnknownLabelError,
     UnsafeStoreError,
+    UnsupportedFormatError,
 )
 from .model.labels import Label, LabelMap
-from .write.convert import CaseResult, ConversionReport, convert
 
 if TYPE_CHECKING:
     from .read.case import Case
     from .read.collection import Collection, open_collection
+    from .write.convert import CaseResult, ConversionReport, convert
 
 # The reading side pulls in dask.array, xarray and pandas (~1.5 s, ~140 MB); a conversion needs
-# none of them, so they load on first use.
+# none of them, so they load on first use. The writing side (numba, the case writer) loads on
+# first use too: xarray imports ctzarr (its "ctzarr" engine) whenever it lists its engines, for
+# any file it opens.
 _LAZY = {"Case", "Collection", "open_collection"}
+_LAZY_WRITE = {"CaseResult", "ConversionReport", "convert"}
 
 
 def __getattr__(name: str) -> Any:
@@ -57,6 +62,10 @@ def __getattr__(name: str) -> Any:
         from .read import case, collection
 
         return getattr(case if name == "Case" else collection, name)
+    if name in _LAZY_WRITE:
+        from .write import convert
+
+        return getattr(convert, name)
     raise AttributeError(f"module 'ctzarr' has no attribute {name!r}")
 
 
@@ -88,11 +97,13 @@ __all__ = [
     "RemotePermissionError",
     "RemoteStoreError",
     "SegmentationNotFoundError",
+    "StoreCorruptError",
     "StoreError",
     "StructureNotFoundError",
     "TableMismatchError",
     "UnknownLabelError",
     "UnsafeStoreError",
+    "UnsupportedFormatError",
     "__version__",
     "config",
     "convert",

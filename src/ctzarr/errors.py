@@ -29,11 +29,13 @@ __all__ = [
     "RemotePermissionError",
     "RemoteStoreError",
     "SegmentationNotFoundError",
+    "StoreCorruptError",
     "StoreError",
     "StructureNotFoundError",
     "TableMismatchError",
     "UnknownLabelError",
     "UnsafeStoreError",
+    "UnsupportedFormatError",
 ]
 
 
@@ -116,6 +118,24 @@ class StoreError(CtzarrError, OSError):
     """A store is missing, not a ctzarr collection, or fails verification."""
 
 
+class UnsupportedFormatError(StoreError):
+    """A store or case was written in a newer store format than this release reads.
+
+    Not damage (never repaired or removed): the message names the format version, the release
+    that wrote it when the store says, and asks to upgrade ctzarr. Attributes ``where``,
+    ``key``, ``version`` (the stored format) and ``readable`` (the newest this release reads).
+    """
+
+    def __init__(
+        self, message: str, *, where: str = "", key: str = "", version: int = 0, readable: int = 0
+    ) -> None:
+        self.where = where
+        self.key = key
+        self.version = version
+        self.readable = readable
+        super().__init__(message)
+
+
 class CatalogError(CtzarrError, KeyError):
     """A catalog entry is unknown or malformed."""
 
@@ -123,14 +143,36 @@ class CatalogError(CtzarrError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
-class ChunkMissingError(CtzarrError, KeyError):
+class StoreCorruptError(CtzarrError, ValueError):
+    """A stored object or metadata document is damaged: unreadable (bad JSON or encoding,
+    absurd nesting, missing keys), or not what the commit record says (bit rot, truncation,
+    edits, same-size forgery, swaps between cases).
+
+    The root of every store-damage error: :class:`ChunkCorruptError` (and its
+    :class:`MetadataError`) and :class:`ChunkMissingError` derive from it, so ``except
+    StoreCorruptError`` catches all damage, while callers catching those, ``ValueError`` or
+    ``KeyError`` keep working. The message names the store-relative key (``zarr.json``,
+    ``cases/<id>/zarr.json``, ``index/int_columns``) or the array and chunk; attribute
+    ``store_key`` holds the key when one document is at fault. Damage is not a missing store
+    (:class:`StoreError`) nor an interrupted update (:class:`TableMismatchError`).
+    """
+
+    def __init__(self, message: str = "", store_key: str | None = None) -> None:
+        self.store_key = store_key
+        super().__init__(message)
+
+    def __reduce__(self) -> tuple[type[StoreCorruptError], tuple[str, str | None]]:
+        return type(self), (str(self.args[0]) if self.args else "", self.store_key)
+
+
+class ChunkMissingError(StoreCorruptError, KeyError):
     """A stored object that the case's manifest lists is missing (it would read as fill)."""
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
 
 
-class ChunkCorruptError(CtzarrError, ValueError):
+class ChunkCorruptError(StoreCorruptError):
     """A stored object is truncated, corrupt, swapped, or would decompress beyond its size."""
 
 
@@ -149,6 +191,9 @@ class MetadataError(ChunkCorruptError):
         super().__init__(
             f"{where}: attribute {key}: {fault}" if where else f"attribute {key}: {fault}"
         )
+
+    def __reduce__(self) -> tuple[type[MetadataError], tuple[str, str, str]]:  # type: ignore[override]
+        return type(self), (self.where, self.key, self.fault)
 
 
 class UnsafeStoreError(StoreError):

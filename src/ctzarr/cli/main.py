@@ -125,6 +125,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         args.store, storage_options=_storage_options(args.storage_options), repair=args.repair
     )
     print(report)
+    for note in report.notes:  # what the store's format cannot prove
+        print(f"ctzarr: note: {note}", file=sys.stderr)
     return 0 if report.ok or (args.repair and len(report.problems) == len(report.repaired)) else 1
 
 
@@ -351,11 +353,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("ctzarr: interrupted", file=sys.stderr)
         return 130
-    except (CtzarrError, OSError, ValueError, KeyError, TypeError) as exc:
+    except (CtzarrError, OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
+        # store damage is a StoreCorruptError naming the key; whatever else escapes still ends
+        # as one line, never a traceback or an empty message
         if debug:
             raise
         msg = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
-        print(f"ctzarr: error: {' '.join(msg.split())}", file=sys.stderr)
+        msg = " ".join(msg.split())
+        if isinstance(exc, RecursionError) or not msg:
+            msg = f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
+        print(f"ctzarr: error: {msg}", file=sys.stderr)
         return 1
 
 

@@ -6,8 +6,14 @@ What no library does for us, and why it is written here:
   ``read_missing_chunks=False`` would also refuse the all-background shards our writer
   legitimately omits, and the Rust pipeline (``zarrs``) has no such switch. The **manifest**
   (written at conversion into the case's ``zarr.json``) lists every stored object with its
-  size, crc32c and the crc32c of its shard index, so a missing, truncated, replaced or swapped
-  object is an error naming the array and the chunk, and absent shards cost no request.
+  size and digests (format 2: of the object, of its shard index, of each inner chunk; see
+  :mod:`ctzarr.model.manifest`), so a missing, truncated, replaced, forged or swapped object is
+  an error naming the array and the chunk, and absent shards cost no request. A read checks
+  the digests of exactly the bytes it reads (the shard index and the inner chunks touched).
+- The metadata an answer depends on (the case's attributes; each array's metadata and chunk
+  records; each group's attributes) is checked against digests bound to the case id
+  (:class:`CaseIntegrity`): a case document is checked when the case opens, a member node when
+  it is first used.
 - zarr, numcodecs and zarrs allocate whatever a blosc header declares before they check it
   against the chunk shape (measured with zarr-python: a 117 KB chunk peaks at
   2 GiB). Before any chunk is decoded we read its 16-byte blosc header and refuse a frame whose
@@ -24,6 +30,7 @@ Local stores are checked just before each read (the Rust pipeline reads files it
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import os
 import struct
@@ -36,11 +43,29 @@ import numpy as np
 import zarr
 from zarr.abc.store import ByteRequest, RangeByteRequest, Store, SuffixByteRequest
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
-from zarr.core.buffer import Buffer, BufferPrototype
+from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 from zarr.storage import LocalStore, WrapperStore
 
-from ctzarr.errors import ChunkCorruptError, ChunkMissingError, UnsafeStoreError
-from ctzarr.model.manifest import Manifest, ShardRecord, check_relative_path, crc32c
+from ctzarr.errors import (
+    ChunkCorruptError,
+    ChunkMissingError,
+    MetadataError,
+    StoreCorruptError,
+    UnsafeStoreError,
+)
+from ctzarr.io.stores import read_key
+from ctzarr.model.manifest import (
+    Integrity,
+    Manifest,
+    ShardRecord,
+    check_relative_path,
+    crc32c,
+    digest,
+    document_digest,
+    node_digest,
+    raw_digest,
+    seal,
+)
 
 #: caps applied to every array of a case before anything is read (a whole-body CT at 0.5 mm is
 #: ~2000 x 1024 x 1024 = 2^31 voxels)
@@ -282,6 +307,47 @@ def _check_chunk(chunk: bytes, layout: ArrayLayout, where: str) -> None:
     _check_header(chunk[:16], len(chunk), layout, where)
 
 
+def _check_inner_digest(
+    chunk: bytes, rec: ShardRecord, entries: np.ndarray, i: int, where: str
+) -> None:
+    """A format-2 inner chunk against its recorded digest (``entries``: the checked index)."""
+    if not rec.has_digests:
+        return  # format 1: crc32c only
+    stored = ~((entries[:, 0] == _EMPTY) & (entries[:, 1] == _EMPTY))
+    rank = int(np.count_nonzero(stored[:i]))
+    want = rec.inner_digest(rank)
+    if want is None or digest(chunk) != want:
+        raise ChunkCorruptError(
+            f"{where}: inner chunk {i} differs from its digest in the manifest (a chunk "
+            "re-encoded or replaced, same size or not)"
+        )
+
+
+def _check_index_record(index: bytes, rec: ShardRecord, where: str) -> None:
+    """A shard index against the manifest (its digest; format 1: its crc32c)."""
+    ok = digest(index) == rec.index_digest if rec.has_digests else crc32c(index) == rec.index_crc32c
+    if not ok:
+        raise ChunkCorruptError(
+            f"{where}: shard index differs from the manifest (swapped or replaced)"
+        )
+
+
+def _check_whole(data: bytes, rec: ShardRecord, where: str) -> None:
+    """A whole stored object against the manifest: size and digest (format 1: crc32c, which on
+    bytes ending in their own crc32c checks nothing but the size)."""
+    if rec.has_digests:
+        if len(data) != rec.nbytes or digest(data) != rec.digest:
+            raise ChunkCorruptError(
+                f"{where}: {len(data)} bytes whose digest differs from the manifest's "
+                f"({rec.nbytes} bytes): truncated, corrupt, forged or swapped"
+            )
+    elif len(data) != rec.nbytes or crc32c(data) != rec.crc32c:
+        raise ChunkCorruptError(
+            f"{where}: {len(data)} bytes with crc32c {crc32c(data):08x}, the manifest says "
+            f"{rec.nbytes} bytes, {rec.crc32c or 0:08x} (truncated, corrupt or swapped)"
+        )
+
+
 def _parse_index(index: bytes, layout: ArrayLayout, where: str) -> np.ndarray:
     """(offset, nbytes) per inner chunk, checked against the index's own crc32c."""
     body, trailer = index[:-_CRC], index[-_CRC:]
@@ -401,17 +467,20 @@ class CheckedArray:
                 )
             lay = self._layout
             if not lay.sharded:
-                _check_chunk(os.pread(fd, size, 0), lay, where)
+                whole = os.pread(fd, size, 0)
+                _check_chunk(whole, lay, where)
+                if rec.has_digests:
+                    _check_whole(whole, rec, where)
                 return
             assert lay.index_nbytes is not None
             index = os.pread(fd, lay.index_nbytes, size - lay.index_nbytes)
-            if crc32c(index) != rec.index_crc32c:
-                raise ChunkCorruptError(
-                    f"{where}: shard index differs from the manifest (swapped or replaced)"
-                )
+            _check_index_record(index, rec, where)
             entries = _parse_index(index, lay, where)
-            for off, n in _inner_ranges(entries[list(inner)], size, lay, where):
-                _check_chunk(os.pread(fd, n, off), lay, where)
+            for i in inner:
+                for off, n in _inner_ranges(entries[i : i + 1], size, lay, where):
+                    chunk = os.pread(fd, n, off)
+                    _check_chunk(chunk, lay, where)
+                    _check_inner_digest(chunk, rec, entries, i, where)
         finally:
             os.close(fd)
 
@@ -440,6 +509,9 @@ class StrictStore(WrapperStore[Store]):
         self._layouts = dict(layouts or {})
         self._manifest = manifest or Manifest({})
         self._where = where
+        #: checked shard indexes by key, to find the digest of an inner chunk read by range
+        #: (shared with the copies zarr makes through ``_with_store``)
+        self._indexes: dict[str, np.ndarray] = {}
 
     @property
     def inner(self) -> Store:
@@ -451,7 +523,9 @@ class StrictStore(WrapperStore[Store]):
         return False  # every read goes through the checked async methods below
 
     def _with_store(self, store: Store) -> StrictStore:
-        return StrictStore(store, self._case_path, self._layouts, self._manifest, self._where)
+        out = StrictStore(store, self._case_path, self._layouts, self._manifest, self._where)
+        out._indexes = self._indexes
+        return out
 
     def __repr__(self) -> str:
         return f"StrictStore({self._store!r}, {self._case_path!r})"
@@ -477,7 +551,24 @@ class StrictStore(WrapperStore[Store]):
         chunk_key = "c/" + rest
         return layout, chunk_key, self._manifest.records(array_path).get(chunk_key)
 
-    def _check(
+    async def _index(
+        self, key: str, layout: ArrayLayout, rec: ShardRecord, where: str
+    ) -> np.ndarray:
+        """The checked index of a shard (read once more if zarr fetched it elsewhere)."""
+        entries = self._indexes.get(key)
+        if entries is None:
+            assert layout.index_nbytes is not None
+            buf = await self._store.get(
+                key, default_buffer_prototype(), SuffixByteRequest(layout.index_nbytes)
+            )
+            if buf is None:
+                raise ChunkMissingError(f"{where}: missing from the store (the manifest lists it)")
+            index = buf.to_bytes()
+            _check_index_record(index, rec, where)
+            entries = self._indexes[key] = _parse_index(index, layout, where)
+        return entries
+
+    async def _check(
         self,
         key: str,
         info: tuple[ArrayLayout, str, ShardRecord | None],
@@ -491,11 +582,7 @@ class StrictStore(WrapperStore[Store]):
         assert rec is not None
         data = buf.to_bytes()
         if byte_range is None:
-            if len(data) != rec.nbytes or crc32c(data) != rec.crc32c:
-                raise ChunkCorruptError(
-                    f"{where}: {len(data)} bytes with crc32c {crc32c(data):08x}, the manifest says "
-                    f"{rec.nbytes} bytes, {rec.crc32c:08x} (truncated, corrupt or swapped)"
-                )
+            _check_whole(data, rec, where)
             if layout.sharded:
                 assert layout.index_nbytes is not None
                 entries = _parse_index(data[-layout.index_nbytes :], layout, where)
@@ -508,16 +595,24 @@ class StrictStore(WrapperStore[Store]):
             and layout.sharded
             and byte_range.suffix == layout.index_nbytes
         ):
-            if crc32c(data) != rec.index_crc32c:
-                raise ChunkCorruptError(
-                    f"{where}: shard index differs from the manifest (swapped or replaced)"
-                )
+            _check_index_record(data, rec, where)
+            self._indexes[key] = _parse_index(data, layout, where)
         elif isinstance(byte_range, RangeByteRequest) and layout.sharded:
             if len(data) != byte_range.end - byte_range.start:
                 raise ChunkCorruptError(
                     f"{where}: short read ({len(data)} of {byte_range.end - byte_range.start} bytes)"
                 )
-            _check_header(data[:16], len(data), layout, where)
+            _check_chunk(data, layout, where)
+            if rec.has_digests:
+                entries = await self._index(key, layout, rec, where)
+                hits = np.flatnonzero(
+                    (entries[:, 0] == byte_range.start) & (entries[:, 1] == len(data))
+                )
+                if not len(hits):
+                    raise ChunkCorruptError(
+                        f"{where}: a read of bytes the shard index does not list"
+                    )
+                _check_inner_digest(data, rec, entries, int(hits[0]), where)
         else:  # other ranges are not issued by zarr for these layouts
             raise ChunkCorruptError(f"{where}: unexpected partial read {byte_range!r}")
 
@@ -530,7 +625,7 @@ class StrictStore(WrapperStore[Store]):
         if info[2] is None:
             return None  # not stored: all fill, as the manifest says; no request
         buf = await self._store.get(key, prototype, byte_range)
-        self._check(key, info, byte_range, buf)
+        await self._check(key, info, byte_range, buf)
         return buf
 
     async def get_partial_values(
@@ -553,5 +648,179 @@ class StrictStore(WrapperStore[Store]):
         async for batch in self._store.get_ranges(key, byte_ranges, prototype=prototype, **kwargs):
             if info is not None:
                 for i, buf in batch:
-                    self._check(key, info, byte_ranges[i], buf)
+                    await self._check(key, info, byte_ranges[i], buf)
             yield batch
+
+
+# -- metadata documents: readable, and as committed ------------------------------------------------
+def _short(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:160]}{'...' if len(text) > 160 else ''}"
+
+
+def open_group_checked(
+    store: Store, path: str, where: str, mode: Any = "r", **kwargs: Any
+) -> zarr.Group:
+    """``zarr.open_group`` with an unreadable ``zarr.json`` (bad JSON or encoding, absurd
+    nesting) raised as :class:`StoreCorruptError` naming its key.
+
+    A group that is not there stays ``FileNotFoundError`` / ``GroupNotFoundError``; a document
+    that parses but that zarr refuses (unknown codec, missing keys) raises what zarr raises,
+    for the caller to type (the root: :class:`StoreCorruptError`; a case: refused as unsafe).
+    """
+    key = f"{path}/zarr.json" if path else "zarr.json"
+    try:
+        return zarr.open_group(store, path=path, mode=mode, zarr_format=3, **kwargs)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise StoreCorruptError(
+            f"{where}: {key}: unreadable metadata document ({_short(exc)})", key
+        ) from None
+
+
+def node_document(meta: Any) -> dict[str, Any]:
+    """The part of a node's metadata that digests cover: an array's whole metadata document,
+    a group's attributes."""
+    from zarr.core.group import GroupMetadata
+
+    if isinstance(meta, GroupMetadata):
+        return {"node_type": "group", "attributes": dict(meta.attributes)}
+    out: dict[str, Any] = meta.to_dict()
+    return out
+
+
+def node_digests(
+    owner: str, nodes: Mapping[str, Any], records: Mapping[str, Any]
+) -> dict[str, str]:
+    """Digest of every member node (metadata and raw chunk records), for a commit record."""
+    return {
+        path: node_digest(owner, path, node_document(meta), records.get(path))
+        for path, meta in nodes.items()
+    }
+
+
+class CaseIntegrity:
+    """The metadata of one opened case held to the digests of its commit record.
+
+    The case's own document (affine, scaling, geometry, sources, the digests themselves) is
+    checked at once, bound to the case id it was opened by; each member node (an array's
+    metadata and chunk records, a group's attributes: label image groups, index tables) when it
+    is first used, so a crop checks only what it reads. Format-1 cases carry no digests
+    (``seal`` is None): nothing to check, and ``ctzarr verify`` says so.
+    """
+
+    def __init__(
+        self,
+        case_id: str,
+        attributes: Mapping[str, Any],
+        nodes: Mapping[str, Any],
+        where: str,
+        *,
+        required: bool,
+    ) -> None:
+        block = attributes.get("ctzarr")
+        block = block if isinstance(block, Mapping) else {}
+        self.seal = Integrity.parse(block.get("integrity"), where)
+        self._owner = case_id
+        self._nodes = nodes
+        self._where = where
+        manifest = block.get("manifest")
+        arrays = manifest.get("arrays") if isinstance(manifest, Mapping) else None
+        self._records: Mapping[str, Any] = arrays if isinstance(arrays, Mapping) else {}
+        self._checked: set[str] = set()
+        if self.seal is None:
+            if required:
+                raise MetadataError(
+                    where, "ctzarr.integrity", "missing (a format-2 case records its digests)"
+                )
+            return
+        if document_digest("case", case_id, attributes, self.seal) != self.seal.digest:
+            raise MetadataError(
+                where,
+                "ctzarr.integrity.digest",
+                f"the attributes of the case (affine, scaling, geometry, sources, digests) differ "
+                f"from its commit record as case {case_id!r}: edited, or the document of another "
+                "case",
+            )
+
+    def _problem(self, path: str) -> str | None:
+        if self.seal is None or path in self._checked:
+            return None
+        want = self.seal.nodes.get(path)
+        meta = self._nodes.get(path)
+        if meta is None or want is None:
+            return f"node {path!r}: {'not in the case' if meta is None else 'no digest recorded'}"
+        from zarr.core.group import GroupMetadata
+
+        kind = "group" if isinstance(meta, GroupMetadata) else "array"
+        got = node_digest(self._owner, path, node_document(meta), self._records.get(path))
+        if got != want:
+            what = (
+                "attributes"
+                if kind == "group"
+                else "metadata (shape, data type, chunk grid, codecs, fill value) or chunk records"
+            )
+            return (
+                f"{kind} {path!r}: its {what} differ from the commit record of case "
+                f"{self._owner!r} (edited, or swapped with another case's)"
+            )
+        self._checked.add(path)
+        return None
+
+    def check_node(self, path: str) -> None:
+        """Raise :class:`~ctzarr.errors.MetadataError` unless the node is as committed."""
+        problem = self._problem(path)
+        if problem is not None:
+            raise MetadataError(self._where, f"ctzarr.integrity.nodes.{path}", problem)
+
+    def problems(self) -> list[str]:
+        """Every node that differs from the commit record, and nodes added or removed."""
+        if self.seal is None:
+            return []
+        out = [p for path in sorted(self._nodes) if (p := self._problem(path)) is not None]
+        for path in sorted(set(self.seal.nodes) - set(self._nodes)):
+            out.append(f"node {path!r}: in the commit record but not in the case")
+        return out
+
+
+def array_layouts(nodes: Mapping[str, Any], where: str) -> dict[str, ArrayLayout]:
+    """Validated layouts of arrays given by their metadata (e.g. the collection table's)."""
+    return {path: _layout(path, meta, where) for path, meta in nodes.items()}
+
+
+def seal_case(
+    store: Store, prefix: str, case_id: str, attributes: Mapping[str, Any], nodes: Mapping[str, Any]
+) -> Integrity:
+    """The digests of a case's commit record: its attributes (bound to the case id), every
+    member node as consolidated, every member ``zarr.json`` as stored under ``prefix``."""
+    block = attributes.get("ctzarr", {})
+    manifest = block.get("manifest", {}) if isinstance(block, Mapping) else {}
+    records = json.loads(json.dumps(manifest.get("arrays", {})))  # as a reader parses them
+    documents = {}
+    for path in nodes:
+        raw = read_key(store, f"{prefix}/{path}/zarr.json")
+        if raw is not None:
+            documents[f"{path}/zarr.json"] = raw_digest(raw)
+    return seal(
+        "case",
+        case_id,
+        attributes,
+        nodes=node_digests(case_id, nodes, records),
+        documents=documents,
+    )
+
+
+def document_problems(
+    store: Store, prefix: str, integrity: Integrity | None, where: str
+) -> list[str]:
+    """Member ``zarr.json`` files that differ from the commit record (readers use the
+    consolidated copy; other tools read these)."""
+    if integrity is None:
+        return []
+    out = []
+    for key, want in sorted(integrity.documents.items()):
+        raw = read_key(store, f"{prefix}/{key}")
+        if raw is None:
+            out.append(f"{key}: missing")
+        elif raw_digest(raw) != want:
+            out.append(f"{key}: differs from the commit record (edited or replaced)")
+    return out

@@ -23,7 +23,7 @@ from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
 from ctzarr.errors import MetadataError
-from ctzarr.io.locks import unwrap_store
+from ctzarr.io.locks import COLLECTION_LOCK, lock_is_stale, read_lock, unwrap_store
 from ctzarr.io.stores import read_key, write_key
 from ctzarr.model.case import CaseAttributes, is_committed, without_commit_marker
 
@@ -44,6 +44,9 @@ def case_state(root: zarr.Group, case_id: str) -> tuple[str, CaseAttributes | No
         ):
             return "partial", None
         return "absent", None
+    except (ValueError, TypeError, RecursionError) as exc:  # unreadable: never a leftover
+        logger.warning("case %s: its zarr.json is unreadable: %s", case_id, type(exc).__name__)
+        return "complete", None
     attributes = grp.attrs.asdict()
     if not is_committed(attributes):
         return "partial", None
@@ -182,6 +185,35 @@ def _exchange(a: Path, b: Path) -> bool:
     if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
         return False
     raise OSError(err, os.strerror(err), str(b))
+
+
+def temporary_leftovers(store: Any) -> list[str]:
+    """Temporary files of interrupted writes: zarr's LocalStore writes ``<key>.<hex>.partial``
+    and renames it, so a kill in between leaves one. Empty while any case is being converted
+    (a live case lock): its temporary files are not leftovers."""
+    if not store.supports_listing:
+        return []
+
+    async def keys() -> list[str]:
+        return [k async for k in store.list_prefix("")]
+
+    found = sync(keys())
+    for key in found:
+        if key.startswith("locks/") and key.endswith(".json"):
+            cid = key[len("locks/") : -len(".json")]
+            rec = read_lock(store, cid)
+            if cid != COLLECTION_LOCK and rec is not None and not lock_is_stale(rec):
+                return []
+    return sorted(k for k in found if k.endswith(".partial"))
+
+
+def remove_temporary_files(store: Any) -> list[str]:
+    """Delete the temporary files of interrupted writes (see :func:`temporary_leftovers`)."""
+    leftovers = temporary_leftovers(store)
+    for key in leftovers:
+        with contextlib.suppress(FileNotFoundError):
+            sync(store.delete(key))
+    return leftovers
 
 
 def remove_case(root: zarr.Group, case_id: str) -> None:

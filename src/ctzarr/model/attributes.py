@@ -14,10 +14,14 @@ from typing import Any
 
 import numpy as np
 
-from ctzarr.errors import MetadataError
+from ctzarr._version import __version__
+from ctzarr.errors import MetadataError, UnsupportedFormatError
 
-#: version of the store format, in the collection and case attributes
-FORMAT_VERSION = 1
+#: version of the store format, in the collection and case attributes. Format 2 added the
+#: NIfTI-Zarr ``nifti`` header array of every label image group, the RFC-4 anatomical
+#: orientation of the OME axes with a translation at every level (:mod:`ctzarr.model.ome`), and
+#: ``dimension_names`` on every array. This release reads formats 1 and 2.
+FORMAT_VERSION = 2
 
 #: the key under which ctzarr keeps its attributes in a group's ``zarr.json``
 CTZARR_KEY = "ctzarr"
@@ -144,14 +148,43 @@ def parse_dtype(value: Any, key: str, where: str) -> np.dtype[Any]:
     return dtype
 
 
-def parse_format_version(value: Any, key: str, where: str) -> int:
-    """A format version this release reads."""
+def parse_format_version(value: Any, key: str, where: str, *, writer: str | None = None) -> int:
+    """A format version this release reads; a newer one is :class:`UnsupportedFormatError`.
+
+    ``writer`` (the collection's ``ctzarr.writer``, e.g. ``"ctzarr 0.3.0"``) is named in the
+    error: that release reads the store.
+    """
     version = parse_int(value, key, where, minimum=1)
     if version > FORMAT_VERSION:
-        raise _fail(
-            where,
-            key,
-            f"written by a newer ctzarr (this release reads format <= {FORMAT_VERSION})",
-            value,
+        by = f"it was written by {writer}" if writer else "it was written by a newer ctzarr"
+        raise UnsupportedFormatError(
+            f"{where + ': ' if where else ''}attribute {key}: store format {version} is newer "
+            f"than ctzarr {__version__} reads (formats 1 to {FORMAT_VERSION}); {by}: upgrade "
+            "ctzarr (pip install --upgrade ctzarr) to read it",
+            where=where,
+            key=key,
+            version=version,
+            readable=FORMAT_VERSION,
         )
     return version
+
+
+def check_format_version(attributes: Any, where: str) -> None:
+    """Refuse a group of a newer store format before anything else of it is parsed.
+
+    A newer format may lay out everything else differently: its version is the one thing
+    checked first (:class:`UnsupportedFormatError`, never a confusing error about some other
+    key). A missing or malformed version is left to the full parse.
+    """
+    block = attributes.get(CTZARR_KEY) if isinstance(attributes, Mapping) else None
+    if not isinstance(block, Mapping):
+        return
+    value = block.get("format_version")
+    if isinstance(value, int) and not isinstance(value, bool) and value > FORMAT_VERSION:
+        writer = block.get("writer")
+        parse_format_version(
+            value,
+            f"{CTZARR_KEY}.format_version",
+            where,
+            writer=writer if isinstance(writer, str) else None,
+        )

@@ -4,6 +4,15 @@ A case group's ``zarr.json`` holds an OME ``multiscales`` block and a ``ctzarr``
 (:class:`CaseAttributes`); each segmentation's label image group holds an OME ``image-label``
 block and a small ``ctzarr`` block (:class:`SegmentationAttributes`). A case is committed
 (visible) once its ``ctzarr.complete`` is true: that marker is written last.
+
+Format 2 places every array for outside readers: the case group and every label image group
+hold a NIfTI-Zarr ``nifti`` header array (the image's header; each segmentation's own header
+with the stored label dtype and no scaling), and their OME axes carry the RFC-4 anatomical
+orientation with a translation at every level, derived from the affine
+(:mod:`ctzarr.model.ome`). OME 0.5 has no rotation: for an oblique affine the orientation is
+each axis's dominant direction and the translation the origin's coordinate along it (an
+approximation); the exact affine is ``ctzarr.affine`` and the ``nifti`` arrays. Format-1 cases
+have neither (readers must not require them).
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ from ctzarr.model.attributes import (
     CTZARR_KEY,
     FORMAT_VERSION,
     Affine,
+    check_format_version,
     parse_affine,
     parse_block,
     parse_bool,
@@ -36,7 +46,7 @@ from ctzarr.model.attributes import (
     require,
 )
 from ctzarr.model.layout import level_shapes
-from ctzarr.model.manifest import Manifest
+from ctzarr.model.manifest import Integrity, Manifest
 from ctzarr.model.ome import image_attributes, parse_level_paths
 from ctzarr.model.table import CaseGeometry
 
@@ -174,6 +184,8 @@ class CaseAttributes:
     complete: bool = False
     committed_at: str | None = None
     format_version: int = FORMAT_VERSION
+    #: digests of the commit record (format 2; see ctzarr.model.manifest), written last
+    integrity: Integrity | None = None
 
     @property
     def affine_matrix(self) -> np.ndarray:
@@ -219,17 +231,34 @@ class CaseAttributes:
             block["complete"] = self.complete
         if self.committed_at is not None:
             block["committed_at"] = self.committed_at
-        return {
-            "ome": image_attributes(self.case_id, self.spacing_zyx, self.level_shapes),
-            _K: block,
-        }
+        if self.integrity is not None:
+            block["integrity"] = self.integrity.to_dict()
+        return {"ome": self.ome_attributes(), _K: block}
+
+    @property
+    def placed(self) -> bool:
+        """True when the OME metadata places the arrays (format 2: anatomical orientation and
+        translations) and every label image group has its ``nifti`` header array."""
+        return self.format_version >= 2
+
+    def ome_attributes(self) -> dict[str, Any]:
+        """The case group's ``ome`` block (format 1: without orientation, as it was written)."""
+        return image_attributes(
+            self.case_id,
+            self.spacing_zyx,
+            self.level_shapes,
+            self.affine_matrix if self.placed else None,
+        )
 
     @classmethod
     def from_attributes(cls, attributes: Mapping[str, Any], where: str = "") -> CaseAttributes:
         """Parse a case group's attributes; raises :class:`~ctzarr.errors.MetadataError`.
 
-        A committed case must carry its manifest (a malformed one raises too).
+        A committed case must carry its manifest (a malformed one raises too). A case of a
+        newer store format raises :class:`~ctzarr.errors.UnsupportedFormatError` before anything
+        else is parsed.
         """
+        check_format_version(attributes, where)
         d = parse_block(attributes, _K, where)
 
         def get(key: str) -> Any:
@@ -272,6 +301,7 @@ class CaseAttributes:
             format_version=parse_format_version(
                 get("format_version"), f"{_K}.format_version", where
             ),
+            integrity=Integrity.parse(d.get("integrity"), where, f"{_K}.integrity"),
         )
         if "ome" in attributes:
             paths = parse_level_paths(attributes["ome"], where)

@@ -10,6 +10,7 @@ from ctzarr.errors import LabelMapError, MetadataError
 from ctzarr.model.attributes import (
     CTZARR_KEY,
     FORMAT_VERSION,
+    check_format_version,
     parse_block,
     parse_bool,
     parse_format_version,
@@ -19,11 +20,19 @@ from ctzarr.model.attributes import (
     require,
 )
 from ctzarr.model.labels import LabelMap
+from ctzarr.model.manifest import Integrity
+from ctzarr.model.ome import OME_VERSION
 
 _K = CTZARR_KEY
 
 #: ``ctzarr.kind`` of a collection's root group
 COLLECTION_KIND = "collection"
+
+#: the group beside ``cases/`` that lists the case images for OME-Zarr readers: OME-Zarr 0.5's
+#: way to describe a collection of images is the bioformats2raw layout (root
+#: ``ome["bioformats2raw.layout"] = 3``, and an ``OME`` group whose ``series`` lists the image
+#: paths), so a tool given the store root finds every case at ``cases/<case_id>``
+OME_SERIES_GROUP = "OME"
 
 
 def is_collection(attributes: Any) -> bool:
@@ -45,6 +54,8 @@ class CollectionAttributes:
     cases: tuple[str, ...] = ()
     writer: str | None = None
     format_version: int = FORMAT_VERSION
+    #: digests of the collection's commit record and of the table it lists (format 2)
+    integrity: Integrity | None = None
 
     def with_cases(self, cases: list[str] | tuple[str, ...]) -> CollectionAttributes:
         """These attributes listing ``cases`` as the committed cases."""
@@ -53,6 +64,8 @@ class CollectionAttributes:
     def to_attributes(self) -> dict[str, Any]:
         """The root group's attributes, as stored."""
         return {
+            # format 2: the root is an OME-Zarr bioformats2raw group (see OME_SERIES_GROUP)
+            **({"ome": _bioformats2raw_root()} if self.format_version >= 2 else {}),
             _K: {
                 "kind": COLLECTION_KIND,
                 "format_version": self.format_version,
@@ -63,7 +76,16 @@ class CollectionAttributes:
                 "cases": list(self.cases),
                 "writer": self.writer,
             }
+            | ({} if self.integrity is None else {"integrity": self.integrity.to_dict()}),
         }
+
+    def series_attributes(self) -> dict[str, Any]:
+        """Attributes of the :data:`OME_SERIES_GROUP` group: the path of every committed case.
+
+        An empty collection lists none (``series``, when present, names at least one image).
+        """
+        series = [f"cases/{case_id}" for case_id in self.cases]
+        return {"ome": {"version": OME_VERSION, **({"series": series} if series else {})}}
 
     @classmethod
     def from_attributes(
@@ -73,6 +95,7 @@ class CollectionAttributes:
 
         Check :func:`is_collection` first to tell a foreign store from a damaged collection.
         """
+        check_format_version(attributes, where)
         d = parse_block(attributes, _K, where)
         kind = d.get("kind")
         if kind != COLLECTION_KIND:
@@ -99,6 +122,15 @@ class CollectionAttributes:
             cases=parse_str_list(d.get("cases", []), f"{_K}.cases", where),
             writer=parse_optional_str(d.get("writer"), f"{_K}.writer", where),
             format_version=parse_format_version(
-                require(d, "format_version", _K, where), f"{_K}.format_version", where
+                require(d, "format_version", _K, where),
+                f"{_K}.format_version",
+                where,
+                writer=d.get("writer") if isinstance(d.get("writer"), str) else None,
             ),
+            integrity=Integrity.parse(d.get("integrity"), where, f"{_K}.integrity"),
         )
+
+
+def _bioformats2raw_root() -> dict[str, Any]:
+    """The OME block of a collection's root: a bioformats2raw collection of images."""
+    return {"version": OME_VERSION, "bioformats2raw.layout": 3}

@@ -37,6 +37,7 @@ import itertools
 import json
 import os
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -58,7 +59,40 @@ _NO_COLOUR = (0, 0, 0, 0)
 _PUNCTUATION = re.compile(r"[\W_]+")
 
 
-_INTEGER = re.compile(r"\s*[+-]?\d+\s*")
+#: a label id written as text: ASCII digits only (int() would also take other scripts' digits)
+_INTEGER = re.compile(r"\s*[+-]?[0-9]+\s*", re.ASCII)
+
+
+#: Unicode categories a name may not contain: control (C0, DEL, C1: newline, tab, NUL, U+0085),
+#: format (invisible: zero-width characters, bidirectional overrides that make text display in
+#: another order than it is stored), surrogates, private use, unassigned, and the line and
+#: paragraph separators U+2028/U+2029. Structure names are human text from a dataset's label
+#: file and may be in any script, so letters, marks, digits, punctuation, symbols and spaces of
+#: every script stay allowed; what is refused is what cannot be seen, or breaks one-line
+#: output, CSV rows and file names, or lets two different names look the same.
+_NOT_IN_NAMES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+
+
+def unprintable_character(text: str) -> str | None:
+    """The first character of text that may not appear in a name (see above), or None."""
+    for ch in text:
+        if unicodedata.category(ch) in _NOT_IN_NAMES:
+            return ch
+    return None
+
+
+def check_name_text(text: str, what: str) -> None:
+    """Raise :class:`LabelMapError` when text holds a control or other invisible character.
+
+    The message shows the text with ``repr`` and names the character by its code point.
+    """
+    ch = unprintable_character(text)
+    if ch is not None:
+        kind = unicodedata.category(ch)
+        raise LabelMapError(
+            f"{what} {text!r} contains U+{ord(ch):04X} (Unicode category {kind}): names must "
+            "be printable text without control characters or line separators"
+        )
 
 
 _ID_KEYS = ("label-value", "value", "id")
@@ -203,6 +237,15 @@ class Label:
             raise LabelMapError(f"{where}: normalized_name must be a string")
         if not (self.totalsegmentator_name is None or isinstance(self.totalsegmentator_name, str)):
             raise LabelMapError(f"{where}: totalsegmentator_name must be a string or null")
+        for field, text in (
+            ("name", self.name),
+            ("normalized_name", self.normalized_name),
+            ("totalsegmentator_name", self.totalsegmentator_name or ""),
+        ):
+            try:
+                check_name_text(text, field)
+            except LabelMapError as exc:
+                raise LabelMapError(f"label {self.value!r}: {exc}") from None
         if not isinstance(self.placeholder, bool):
             raise LabelMapError(f"{where}: placeholder must be true or false")
         rgba = self.rgba
@@ -306,6 +349,7 @@ class LabelMap:
         where = f"label map {self.name!r}"
         if not isinstance(self.name, str) or not self.name:
             raise LabelMapError(f"label map name must be a non-empty string, got {self.name!r}")
+        check_name_text(self.name, "label map name")
         if not all(isinstance(lab, Label) for lab in self.labels):
             raise LabelMapError(f"{where}: labels must be Label instances")
         labels = tuple(sorted(self.labels, key=lambda lab: lab.value))
@@ -759,7 +803,8 @@ def _labels_from_mapping(table: Mapping[Any, Any]) -> list[Label]:
         if isinstance(entry, Mapping):
             label = _label_from_entry({**entry, "label-value": value}, f"id {key!r}")
         elif isinstance(entry, str) and entry.strip():
-            label = Label(value, entry.strip(), normalize_name(entry))
+            # only spaces are trimmed: a newline or tab left in a name is refused by Label
+            label = Label(value, entry.strip(" "), normalize_name(entry))
         else:
             raise LabelMapError(f"id {key!r}: name must be a non-empty string, got {entry!r}")
         _add_unique(labels, label)
@@ -785,7 +830,9 @@ def _label_from_entry(entry: Mapping[str, Any], where: str) -> Label:
     """Label.from_dict with a stripped name and the entry named in errors."""
     name = entry.get("name")
     try:
-        return Label.from_dict({**entry, "name": name.strip() if isinstance(name, str) else name})
+        return Label.from_dict(
+            {**entry, "name": name.strip(" ") if isinstance(name, str) else name}
+        )
     except LabelMapError as exc:
         raise LabelMapError(f"{where}: {exc}") from None
 

@@ -29,6 +29,7 @@ from ctzarr.model.attributes import (
 )
 from ctzarr.model.index import LabelIndex
 from ctzarr.model.labels import LabelMap
+from ctzarr.model.manifest import Integrity
 
 #: integer-valued statistics columns (the others are floats, touches_border is bool)
 INTEGER_COLUMNS = frozenset(
@@ -207,6 +208,8 @@ class TableAttributes:
     float_columns: tuple[str, ...]
     case_meta: Mapping[str, TableCaseMeta] = field(default_factory=dict)
     format: str = TABLE_FORMAT
+    #: digests of the table's commit record and its chunk manifest (format 2)
+    integrity: Integrity | None = None
 
     def to_attributes(self) -> dict[str, Any]:
         return {
@@ -219,6 +222,7 @@ class TableAttributes:
                 "float_columns": list(self.float_columns),
                 "case_meta": {k: m.to_attributes() for k, m in self.case_meta.items()},
             }
+            | ({} if self.integrity is None else {"integrity": self.integrity.to_dict()})
         }
 
     @classmethod
@@ -246,6 +250,7 @@ class TableAttributes:
                 str(cid): TableCaseMeta.from_attributes(m, where, f"{k}.case_meta.{cid}")
                 for cid, m in meta.items()
             },
+            integrity=Integrity.parse(d.get("integrity"), where, f"{k}.integrity"),
         )
 
 

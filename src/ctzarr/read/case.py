@@ -23,7 +23,14 @@ from zarr.storage import LocalStore, StorePath
 
 from ctzarr.errors import ChunkCorruptError, SegmentationNotFoundError, StructureNotFoundError
 from ctzarr.io.stores import codec_pipeline
-from ctzarr.io.strict import CheckedArray, StrictStore, check_local_links, validate_case_metadata
+from ctzarr.io.strict import (
+    CaseIntegrity,
+    CheckedArray,
+    StrictStore,
+    check_local_links,
+    validate_case_metadata,
+)
+from ctzarr.model.attributes import check_format_version
 from ctzarr.model.case import CaseAttributes
 from ctzarr.model.index import IndexTable, LabelIndex
 from ctzarr.model.labels import Label
@@ -49,6 +56,8 @@ class Case:
         # (see ctzarr.io.strict): metadata against the allowlist and caps, the attributes and
         # manifest parsed, local links contained; remote reads re-rooted on a StrictStore.
         where = f"case {case_id!r} in {collection.url}"
+        # a case of a newer store format is refused first: its layout may be anything
+        check_format_version(group.attrs.asdict(), where)
         self._layouts = validate_case_metadata(group, where)
         #: the case's attributes (typed: geometry, NIfTI header summary, sources, manifest)
         self.meta: CaseAttributes = CaseAttributes.from_attributes(group.attrs.asdict(), where)
@@ -56,6 +65,19 @@ class Case:
             raise ChunkCorruptError(f"{where}: malformed chunk manifest: none")
         self._manifest: Manifest = self.meta.manifest
         _check_shapes(self._layouts, self.meta, where)
+        # the case's document against its digests (bound to the case id); member nodes are
+        # checked when first used (ctzarr.io.strict.CaseIntegrity)
+        consolidated = group.metadata.consolidated_metadata
+        self.integrity = CaseIntegrity(
+            case_id,
+            group.attrs.asdict(),
+            {} if consolidated is None else consolidated.flattened_metadata,
+            where,
+            required=self.meta.format_version >= 2,
+        )
+        if self.meta.segmentations:  # the label image groups (names, colours, label maps)
+            for path in ("labels", *(f"labels/{s}" for s in self.meta.segmentations)):
+                self.integrity.check_node(path)
         store = group.store
         if isinstance(store, LocalStore):
             check_local_links(Path(store.root), Path(store.root) / group.path, where)
@@ -112,6 +134,7 @@ class Case:
             layout = self._layouts.get(path)
             if not isinstance(node, zarr.Array) or layout is None:
                 raise KeyError(f"case {self.case_id!r}: {path} is not an array")
+            self.integrity.check_node(path)
             arr = self._arrays[path] = CheckedArray(
                 node, layout, self._manifest.records(path), f"case {self.case_id!r}"
             )
@@ -223,6 +246,7 @@ class Case:
         """The attributes of a segmentation's index group (consolidated: no request)."""
         grp = self.group[f"labels/{segmentation}/index"]
         assert isinstance(grp, zarr.Group)
+        self.integrity.check_node(f"labels/{segmentation}/index")
         where = f"case {self.case_id!r} in {self.collection.url}: index of {segmentation!r}"
         return grp.attrs.asdict(), where
 
@@ -361,8 +385,19 @@ class Case:
 
     @property
     def nifti_header_bytes(self) -> bytes:
-        """The stored 348-byte NIfTI header (the ``nifti`` array)."""
+        """The stored NIfTI header of the image (the case's ``nifti`` array: 348 bytes, or 540
+        for NIfTI-2)."""
         return bytes(self.array("nifti")[:].tobytes())
+
+    def segmentation_header_bytes(self, segmentation: str | None = None) -> bytes | None:
+        """The stored NIfTI header of a segmentation (its label group's ``nifti`` array: the
+        source file's header with the stored label dtype), or None in a format-1 case, which
+        has none."""
+        name = self._segmentation_name(segmentation)
+        path = f"labels/{name}/nifti"
+        if path not in self._layouts:
+            return None
+        return bytes(self.array(path)[:].tobytes())
 
     def to_nifti(self, out_dir: str | os.PathLike[str]) -> dict[str, Path]:
         """Write the image and each segmentation back to ``.nii.gz`` files

@@ -19,17 +19,24 @@ from dask.base import compute
 from zarr.abc.store import Store
 
 from ctzarr.catalog import load_catalog, resolve_entry
-from ctzarr.errors import CaseNotFoundError, IncompleteCaseError, StoreError, UnsafeStoreError
+from ctzarr.errors import (
+    CaseNotFoundError,
+    IncompleteCaseError,
+    StoreCorruptError,
+    StoreError,
+    UnsafeStoreError,
+)
 from ctzarr.io.stores import codec_pipeline, make_store
+from ctzarr.io.strict import open_group_checked
 from ctzarr.io.urls import url_protocol
 from ctzarr.model.case import is_committed
 from ctzarr.model.collection import CollectionAttributes, is_collection
 from ctzarr.model.labels import LabelMap
-from ctzarr.model.table import STATS_COLUMNS
+from ctzarr.model.table import STATS_COLUMNS, structure_name
 from ctzarr.read.case import Case
 from ctzarr.read.stats import collection_stats, scan_index_graph
 from ctzarr.sources.layouts import validate_case_id
-from ctzarr.write.table import read_table_columns
+from ctzarr.write.table import collection_problems, read_table_columns
 
 
 def open_collection(
@@ -54,6 +61,14 @@ def open_collection(
     if isinstance(url_or_catalog_name, Store):
         store = make_store(url_or_catalog_name, storage_options=storage_options)
         return _open_root(repr(url_or_catalog_name), store, None)
+    target, so = _resolve(url_or_catalog_name, storage_options)
+    return _open_root(target, make_store(target, storage_options=so, read_only=True), so)
+
+
+def _resolve(
+    url_or_catalog_name: str | os.PathLike[str], storage_options: Mapping[str, Any] | None
+) -> tuple[str, dict[str, Any] | None]:
+    """The store URL and storage options of a path, URL or catalog entry name."""
     target = os.fspath(url_or_catalog_name)
     so = dict(storage_options) if storage_options else None
     if not url_protocol(target) and not Path(target).exists() and "/" not in target:
@@ -63,35 +78,67 @@ def open_collection(
             )
         target, entry_so = resolve_entry(target)
         so = {**(entry_so or {}), **(so or {})} or None
-    return _open_root(target, make_store(target, storage_options=so, read_only=True), so)
+    return target, so
 
 
-def _open_root(target: str, store: Store, storage_options: dict[str, Any] | None) -> Collection:
+def open_collection_unverified(
+    url: str | os.PathLike[str], *, storage_options: Mapping[str, Any] | None = None
+) -> Collection:
+    """Open a collection whose own commit record may not match its attributes (for
+    ``ctzarr verify``, which reports that and goes on checking everything else); cases and the
+    table are still held to theirs. Everything else opens with :func:`open_collection`."""
+    target, so = _resolve(url, storage_options)
+    return _open_root(target, make_store(target, storage_options=so, read_only=True), so, False)
+
+
+def _open_root(
+    target: str, store: Store, storage_options: dict[str, Any] | None, check: bool = True
+) -> Collection:
     """Open the root group of a collection store and check it is one."""
     try:
         with codec_pipeline(store):
-            root = zarr.open_group(store, mode="r", zarr_format=3)
+            root = open_group_checked(store, "", target)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
         raise StoreError(f"{target}: no collection store here") from exc
+    except StoreCorruptError:
+        raise
+    except (ValueError, TypeError, KeyError, zarr.errors.BaseZarrError) as exc:
+        raise StoreCorruptError(
+            f"{target}: zarr.json: unreadable metadata document ({type(exc).__name__}: "
+            f"{' '.join(str(exc).split())[:160]})",
+            "zarr.json",
+        ) from None
     if not is_collection(root.attrs.asdict()):
         raise StoreError(f"{target}: not a ctzarr collection (no ctzarr collection attributes)")
-    return Collection(target, root, storage_options)
+    return Collection(target, root, storage_options, check=check)
 
 
 class Collection:
     """A converted dataset: cases, label maps and the collection-wide index table."""
 
     def __init__(
-        self, url: str, root: zarr.Group, storage_options: dict[str, Any] | None = None
+        self,
+        url: str,
+        root: zarr.Group,
+        storage_options: dict[str, Any] | None = None,
+        *,
+        check: bool = True,
     ) -> None:
         self.url = url
         self.root = root
         # kept to reopen the store on cluster workers; never shown (may hold credentials)
         self._storage_options = storage_options
+        attributes = root.attrs.asdict()
         #: the collection's attributes (typed: dataset, label maps, committed cases)
-        self.meta: CollectionAttributes = CollectionAttributes.from_attributes(
-            root.attrs.asdict(), url
-        )
+        self.meta: CollectionAttributes = CollectionAttributes.from_attributes(attributes, url)
+        #: what is wrong with the collection's own commit record (label maps, case list)
+        self.integrity_problems: list[str] = collection_problems(self.meta, attributes)
+        if self.meta.cases and not self.meta.segmentations:
+            self.integrity_problems.append(
+                "attribute ctzarr.segmentations: no label maps, yet cases are listed"
+            )
+        if check and self.integrity_problems:
+            raise StoreCorruptError(f"{url}: zarr.json: {self.integrity_problems[0]}", "zarr.json")
 
     @property
     def storage_options(self) -> dict[str, Any] | None:
@@ -141,13 +188,14 @@ class Collection:
             raise CaseNotFoundError(f"no case {case_id!r} in {self.url}: {exc}") from exc
         try:
             with codec_pipeline(self.root.store):
-                grp = zarr.open_group(
-                    self.root.store, path=f"cases/{case_id}", mode="r", zarr_format=3
+                grp = open_group_checked(
+                    self.root.store, f"cases/{case_id}", f"case {case_id!r} in {self.url}"
                 )
         except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError) as exc:
             if case_id in self.case_ids:
                 raise StoreError(
-                    f"case {case_id!r} in {self.url} is listed but its group cannot be opened: "
+                    f"case {case_id!r} in {self.url} is listed but its group (cases/{case_id}/"
+                    "zarr.json) cannot be opened: "
                     f"{type(exc).__name__}: {exc}"
                 ) from exc
             raise CaseNotFoundError(
@@ -155,13 +203,22 @@ class Collection:
             ) from exc
         except (ValueError, TypeError, zarr.errors.BaseZarrError) as exc:  # unknown codec, bad JSON
             raise UnsafeStoreError(
-                f"case {case_id!r} in {self.url}: metadata refused: {type(exc).__name__}: {exc}"
+                f"case {case_id!r} in {self.url}: cases/{case_id}/zarr.json: metadata refused: "
+                f"{type(exc).__name__}: {exc}"
             ) from exc
         if not is_committed(grp.attrs.asdict()):
             raise IncompleteCaseError(
                 f"case {case_id!r} in {self.url} is incomplete (an interrupted conversion)"
             )
-        return Case(self, case_id, grp)
+        case = Case(self, case_id, grp)
+        for seg in case.segmentation_names:
+            if seg not in self.segmentations:
+                raise StoreCorruptError(
+                    f"{self.url}: zarr.json: attribute ctzarr.segmentations has no label map "
+                    f"{seg!r}, which case {case_id!r} uses",
+                    "zarr.json",
+                )
+        return case
 
     def stats(
         self,
@@ -211,6 +268,13 @@ class Collection:
         cols, attrs = found
         lms = self.segmentations
         seg_names = attrs.segmentations
+        for seg in seg_names:
+            if seg not in lms:
+                raise StoreCorruptError(
+                    f"{self.url}: zarr.json: attribute ctzarr.segmentations has no label map "
+                    f"{seg!r}, which the collection table uses",
+                    "zarr.json",
+                )
         data: dict[str, Any] = {
             "case_id": np.asarray(attrs.cases, dtype=object)[cols["case"]]
             if len(cols["case"])
@@ -220,7 +284,7 @@ class Collection:
             else [],
             "label": cols["label"],
             "structure": [
-                lms[seg_names[s]][int(v)].name
+                structure_name(lms[seg_names[s]], int(v))
                 for s, v in zip(cols["segmentation"].tolist(), cols["label"].tolist(), strict=True)
             ],
         }

@@ -1,8 +1,9 @@
 """Export to NIfTI: a whole case (image with its original header, each segmentation), or a crop.
 
 The image gets the original header (geometry, datatype, byte order and scaling), so nibabel reads
-the same values and affine as from the source; segmentations and crops get the image's geometry
-(a crop: shifted to its box) with their stored integer dtype.
+the same values and affine as from the source; each segmentation gets its own stored header
+(format 2: its source file's geometry with the stored integer dtype; a format-1 case has none
+and gets the image's), crops the image's geometry shifted to their box.
 """
 
 from __future__ import annotations
@@ -113,11 +114,15 @@ def case_to_nifti(case: Case, out_dir: str | os.PathLike[str]) -> dict[str, Path
     written["image"] = path
     for name in case.segmentation_names:
         lab = case.array(f"labels/{name}/0")
-        seg_hdr = hdr.copy()
-        seg_hdr.set_data_dtype(lab.dtype)
-        seg_hdr.set_slope_inter(1.0, 0.0)
+        stored = case.segmentation_header_bytes(name)
+        if stored is not None:
+            seg_hdr = header_from_bytes(stored)
+        else:  # format 1: the image's header, with the label dtype and no scaling
+            seg_hdr = hdr.copy()
+            seg_hdr.set_data_dtype(lab.dtype)
+            seg_hdr.set_slope_inter(1.0, 0.0)
         klass: type[nib.Nifti1Image] = (
-            nib.Nifti2Image if isinstance(hdr, nib.Nifti2Header) else nib.Nifti1Image
+            nib.Nifti2Image if isinstance(seg_hdr, nib.Nifti2Header) else nib.Nifti1Image
         )
         img = klass(np.asarray(lab[:]).transpose(2, 1, 0), None, header=seg_hdr)
         p = out / f"{case.case_id}_{name}.nii.gz"

@@ -1,38 +1,88 @@
-"""``ctzarr verify``: every stored object of every case against its manifest, locks and staging
-leftovers, the collection table against the cases; ``--repair`` removes what interrupted runs
-left behind and rebuilds the table.
+"""``ctzarr verify``: a file-system check of a collection store.
+
+It walks every object and reports every problem with its key, going on after each (a damaged
+case, table or document never stops the walk, and never ends in a traceback): the collection's
+commit record (label maps, case list) against its digest; every case's document, member nodes
+and member ``zarr.json`` files against the digests bound to its id; every stored object
+against its case's manifest (whole-object digests: bit rot, truncation, same-size forgery,
+swaps); every chunk decoded; stored label ids against the label map and voxel counts against
+the index; the collection table against its digests, the case list and every case's own index;
+symlinks leaving the store; locks, staging and temporary files left by interrupted runs.
+``--repair`` removes what interrupted runs left behind and rebuilds the collection table.
+
+Format-1 stores carry no digests: what they cannot prove is listed in ``notes``.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import zarr
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
+from zarr.storage import LocalStore
 
-from ctzarr.errors import TableMismatchError
+from ctzarr.errors import (
+    CatalogError,
+    ConfigError,
+    CtzarrError,
+    MissingDependencyError,
+    TableMismatchError,
+    UnsupportedFormatError,
+)
 from ctzarr.io.locks import CaseLock, collection_lock, lock_is_stale, read_lock
 from ctzarr.io.stores import make_store
-from ctzarr.io.strict import CheckedArray, StrictStore
-from ctzarr.io.transactions import STAGING, case_state, remove_case, remove_staging
-from ctzarr.model.manifest import Manifest, crc32c
+from ctzarr.io.strict import CheckedArray, StrictStore, document_problems
+from ctzarr.io.transactions import (
+    STAGING,
+    case_state,
+    remove_case,
+    remove_staging,
+    temporary_leftovers,
+)
+from ctzarr.model.manifest import Manifest, ShardRecord, crc32c, digest
+from ctzarr.model.table import STATS_COLUMNS, is_table
 from ctzarr.read.case import Case
-from ctzarr.read.collection import open_collection
+from ctzarr.read.collection import Collection, open_collection_unverified
 from ctzarr.write.convert import finalize_collection
-from ctzarr.write.table import read_table_columns
+
+#: what a format-1 store cannot prove (said once per store by verify)
+FORMAT1_NOTE = (
+    "format 1: objects carry no content digests (their crc32c checks sizes only) and metadata "
+    "documents none: a chunk replaced by another of the same size, a swap between cases or an "
+    "edited attribute cannot be detected; convert into a new store for format 2"
+)
 
 
 # -- verification --------------------------------------------------------------------------------
+def _object_problem(data: bytes, rec: ShardRecord) -> str | None:
+    if rec.has_digests:
+        if len(data) != rec.nbytes or digest(data) != rec.digest:
+            return (
+                f"{len(data)} bytes whose digest differs from the manifest's ({rec.nbytes} "
+                "bytes): bit rot, truncated, forged or swapped"
+            )
+        return None
+    if len(data) != rec.nbytes or crc32c(data) != rec.crc32c:
+        return (
+            f"{len(data)} bytes, crc32c {crc32c(data):08x}; the manifest says {rec.nbytes} "
+            f"bytes, {rec.crc32c or 0:08x}"
+        )
+    return None
+
+
 def check_objects(case: Case) -> list[str]:
     """Problems found comparing every stored object of a case with its manifest (full reads).
 
-    Catches what a strict read cannot see without reading whole objects: an inner chunk
-    replaced in place by another valid chunk of the same size (the shard index still matches).
+    Catches what a strict read cannot see without reading whole objects: an object no read
+    touches, bytes of a shard outside the inner chunks a read checks.
     """
     store = case.group.store
     if isinstance(store, StrictStore):
@@ -49,6 +99,8 @@ def check_objects(case: Case) -> list[str]:
 
         stored = {k[len(prefix) - 2 :] for k in sync(keys())}
         for key in sorted(stored - set(records)):
+            if key.endswith(".partial"):
+                continue  # reported as a temporary file of an interrupted write
             problems.append(f"array {array_path!r} chunk {key}: stored but not in the manifest")
         for key, rec in sorted(records.items()):
             buf = sync(
@@ -59,30 +111,32 @@ def check_objects(case: Case) -> list[str]:
                     f"array {array_path!r} chunk {key}: missing (the manifest lists it)"
                 )
                 continue
-            data = buf.to_bytes()
-            if len(data) != rec.nbytes or crc32c(data) != rec.crc32c:
-                problems.append(
-                    f"array {array_path!r} chunk {key}: {len(data)} bytes, crc32c {crc32c(data):08x}; "
-                    f"the manifest says {rec.nbytes} bytes, {rec.crc32c:08x}"
-                )
+            problem = _object_problem(buf.to_bytes(), rec)
+            if problem is not None:
+                problems.append(f"array {array_path!r} chunk {key}: {problem}")
     return problems
 
 
 @dataclass
 class VerifyReport:
-    """Outcome of :func:`verify`."""
+    """Outcome of :func:`verify`: problems (each naming its object), repairs, and notes on what
+    the store's format cannot prove."""
 
     url: str
     checked: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     repaired: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    #: the collection's store format version (None when its root could not be read)
+    format_version: int | None = None
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
     def __str__(self) -> str:
-        head = f"{self.url}: {len(self.checked)} cases checked, {len(self.problems)} problems"
+        fmt = "" if self.format_version is None else f"format {self.format_version}, "
+        head = f"{self.url}: {fmt}{len(self.checked)} cases checked, {len(self.problems)} problems"
         lines = (
             [head]
             + [f"  {p}" for p in self.problems]
@@ -91,19 +145,36 @@ class VerifyReport:
         return "\n".join(lines)
 
 
+def _message(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if isinstance(exc, CtzarrError) else f"{type(exc).__name__}: {text}"
+
+
+def _attempt(report: VerifyReport, label: str, step: Callable[[], Any]) -> Any:
+    """Run one step of the walk; any failure becomes a problem line and the walk goes on."""
+    try:
+        return step()
+    except Exception as exc:  # a traceback never ends a verify
+        report.problems.append(f"{label}{_message(exc)}")
+        return None
+
+
 def verify(
     url: str | os.PathLike[str],
     *,
     storage_options: Mapping[str, Any] | None = None,
     repair: bool = False,
 ) -> VerifyReport:
-    """Check a collection store.
+    """Check a collection store, like fsck: every object, every problem, never a traceback.
 
     Every listed case must be complete; every stored object must be the one its case manifest
-    lists (present, same size and crc32c, no object the manifest does not know); every chunk of
-    every array must decode (the crc32c codec rejects a flipped or truncated chunk); stored
-    label ids must be in the label map and their voxel counts at level 0 must equal the index. Cases left half-written by an interrupted run are reported (and removed with
-    ``repair=True``).
+    lists (present, same size and digest, no object the manifest does not know); every
+    metadata document must match the digests of its commit record (bound to its case id: a
+    swap between cases is found); every chunk of every array must decode; stored label ids
+    must be in the label map and their voxel counts at level 0 must equal the index; the
+    collection table must match its digests, the case list and each case's index. Cases left
+    half-written by an interrupted run, stale locks, staging leftovers and temporary files are
+    reported (and removed with ``repair=True``, which also rebuilds a damaged table).
 
     Parameters
     ----------
@@ -114,23 +185,39 @@ def verify(
     repair : bool
         Remove leftovers of interrupted conversions and rebuild the collection table.
     """
-    col = open_collection(url, storage_options=storage_options)
     report = VerifyReport(str(url))
+    try:
+        col = open_collection_unverified(url, storage_options=storage_options)
+    except (CatalogError, ConfigError, MissingDependencyError, UnsupportedFormatError):
+        raise  # not damage to report: a refused target, a setting, or a store from a newer ctzarr
+    except Exception as exc:
+        report.problems.append(_message(exc))
+        _check_without_collection(url, storage_options, report, repair)
+        return report
+    report.format_version = col.meta.format_version
+    report.problems += [f"zarr.json: {p}" for p in col.integrity_problems]
+    if col.meta.integrity is None:
+        report.notes.append(FORMAT1_NOTE)
     root = col.root
-    cases_grp = root["cases"]
-    assert isinstance(cases_grp, zarr.Group)
-    on_disk = sorted(cases_grp.group_keys())
+    table_damaged = False
+    on_disk: list[str] = []
+    try:  # names only: a case whose document is unreadable is reported below, by name
+
+        async def children() -> list[str]:
+            return [k async for k in root.store.list_dir("cases")]
+
+        on_disk = sorted(k for k in sync(children()) if k != "zarr.json" and "." not in k)
+    except Exception as exc:
+        report.problems.append(f"cases/: {_message(exc)}")
     for cid in on_disk:
-        state, _ = case_state(root, cid)
-        if state != "complete":
-            report.problems.append(f"case {cid!r}: incomplete (left by an interrupted conversion)")
-            if repair:
-                writable = zarr.open_group(
-                    _writable_store(col, storage_options), mode="r+", zarr_format=3
-                )
-                remove_case(writable, cid)
-                report.repaired.append(cid)
-    _check_locks_and_staging(col, report, storage_options, repair)
+        _attempt(
+            report,
+            f"case {cid!r}: ",
+            partial(_check_state, col, cid, report, repair, storage_options),
+        )
+    _attempt(report, "", lambda: _check_locks_and_staging(col, report, storage_options, repair))
+    _attempt(report, "", lambda: _check_links(col, report))
+    stats: dict[str, pd.DataFrame] = {}
     for cid in col.case_ids:
         if cid not in on_disk:
             report.problems.append(
@@ -139,20 +226,83 @@ def verify(
             continue
         report.checked.append(cid)
         try:
-            _check_case(col, cid, report)
-        except Exception as exc:  # a decode failure names the array and chunk
-            report.problems.append(f"case {cid!r}: {type(exc).__name__}: {exc}")
+            found = _check_case(col, cid, report)
+        except Exception as exc:  # opening the case failed: it names the document or chunk
+            text = _message(exc)
+            named = text.startswith(f"case {cid!r}")
+            report.problems.append(text if named else f"case {cid!r}: {text}")
+            continue
+        if found is not None:
+            stats[cid] = found
     try:
-        read_table_columns(root)
+        if not col.case_ids and "index" in root and not _table_written(root):
+            # the first run was stopped between creating index/ and writing the table in it
+            report.problems.append(
+                "collection table (index/): empty, left from an interrupted update (the next "
+                "convert or verify --repair writes it)"
+            )
+            table, table_damaged = None, True
+        else:
+            table = col.table() if col.case_ids or "index" in root else None
     except TableMismatchError as exc:
         report.problems.append(str(exc))
-        if repair:
-            report.repaired.append("collection table")
+        table_damaged = True
+    except Exception as exc:
+        report.problems.append(f"collection table: {_message(exc)}")
+        table_damaged = True
+    else:
+        if table is not None:
+            table_damaged = _check_table_rows(table, stats, col.case_ids, report)
+    if table_damaged and repair:
+        report.repaired.append("collection table")
     if repair and report.repaired:
-        writable = _writable_store(col, storage_options)
-        with collection_lock(writable):
-            finalize_collection(zarr.open_group(writable, mode="r+", zarr_format=3))
+        _attempt(report, "repair: ", lambda: _rebuild(col, storage_options))
     return report
+
+
+def _rebuild(col: Collection, storage_options: Mapping[str, Any] | None) -> None:
+    writable = _writable_store(col, storage_options)
+    with collection_lock(writable):
+        finalize_collection(zarr.open_group(writable, mode="r+", zarr_format=3))
+
+
+def _check_state(
+    col: Collection,
+    cid: str,
+    report: VerifyReport,
+    repair: bool,
+    storage_options: Mapping[str, Any] | None,
+) -> None:
+    state, _ = case_state(col.root, cid)
+    if state != "complete":
+        report.problems.append(f"case {cid!r}: incomplete (left by an interrupted conversion)")
+        if repair:
+            writable = zarr.open_group(
+                _writable_store(col, storage_options), mode="r+", zarr_format=3
+            )
+            remove_case(writable, cid)
+            report.repaired.append(cid)
+
+
+def _check_without_collection(
+    url: str | os.PathLike[str],
+    storage_options: Mapping[str, Any] | None,
+    report: VerifyReport,
+    repair: bool,
+) -> None:
+    """When the root document cannot be read: still report temporary files of interrupted
+    writes (a kill during its write leaves one) and remove them with ``repair``."""
+    try:
+        store = make_store(
+            os.fspath(url), storage_options=dict(storage_options) if storage_options else None
+        )
+        for key in temporary_leftovers(store):
+            report.problems.append(f"leftover temporary file of an interrupted write: {key}")
+            if repair:
+                sync(store.delete(key))
+                report.repaired.append(key)
+    except Exception as exc:
+        report.problems.append(_message(exc))
 
 
 def _check_locks_and_staging(
@@ -207,42 +357,76 @@ def _check_locks_and_staging(
             report.repaired.append(key)
 
 
+def _check_links(col: Collection, report: VerifyReport) -> None:
+    """Symlinks anywhere in a local store that resolve outside it (cases are also refused when
+    opened; the root, the table and leftovers are checked here)."""
+    store = col.root.store
+    if not isinstance(store, LocalStore):
+        return
+    top = Path(store.root).resolve()
+    stack = [os.fspath(store.root)]
+    while stack:
+        with os.scandir(stack.pop()) as entries:
+            for entry in entries:
+                if entry.is_symlink():
+                    real = Path(entry.path).resolve()
+                    if real != top and top not in real.parents:
+                        key = Path(entry.path).relative_to(store.root).as_posix()
+                        report.problems.append(f"{key}: a symlink leaving the store (to {real})")
+                elif entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+
+
+def _table_written(root: zarr.Group) -> bool:
+    """True when the root's ``index/`` group holds a collection table (its attributes)."""
+    try:
+        return is_table(root["index"].attrs.asdict())
+    except Exception:  # unreadable: col.table() reports how
+        return True
+
+
 def _writable_store(col: Any, storage_options: Mapping[str, Any] | None) -> Any:
+    """The collection's store opened for writing (repairs), with the options it was opened with
+    (a catalog entry's own included)."""
+    options = col.storage_options or (dict(storage_options) if storage_options else None)
+    return make_store(col.url, storage_options=options)
 
-    return make_store(col.url, storage_options=dict(storage_options) if storage_options else None)
 
-
-def _check_case(col: Any, cid: str, report: VerifyReport) -> None:
-    """Every stored object of a case against its manifest, every chunk decoded, index counts."""
+def _check_case(col: Collection, cid: str, report: VerifyReport) -> pd.DataFrame | None:
+    """Every document, node and stored object of a case; every chunk decoded; index counts.
+    Returns the case's statistics from its own index (to check the table against)."""
     case = col[cid]
     problems = report.problems
+    label = f"case {cid!r}: "
+    if case.integrity.seal is None and FORMAT1_NOTE not in report.notes:
+        report.notes.append(FORMAT1_NOTE)
+    for problem in case.integrity.problems():
+        problems.append(f"{label}{problem}")
+    store = case.group.store
+    store = store.inner if isinstance(store, StrictStore) else store
+    for problem in document_problems(store, case.group.path, case.integrity.seal, label):
+        problems.append(f"{label}cases/{cid}/{problem}")
     for problem in check_objects(case):
-        problems.append(f"case {cid!r}: {problem}")
+        problems.append(f"{label}{problem}")
+    for path in case.array_paths:
+        if path == "nifti" or path.endswith("/nifti") or path.endswith("/histogram"):
+            _attempt(report, label, partial(_read_all, case.array, path))
     for level in range(case.levels):
-        _try(problems, cid, lambda level=level: _read_all(case.array(str(level))))
-    _try(problems, cid, lambda: case.nifti_header_bytes)  # decoding checks its crc32c
+        _attempt(report, label, partial(_read_all, case.array, str(level)))
     for seg in case.segmentation_names:
         lm = col.segmentations.get(seg)
         if lm is None:
-            problems.append(
-                f"case {cid!r}: segmentation {seg!r} has no label map in the collection"
-            )
+            problems.append(f"{label}segmentation {seg!r} has no label map in the collection")
             continue
-        try:
-            idx = case.index(seg)
-        except Exception as exc:
-            problems.append(
-                f"case {cid!r}: segmentation {seg!r} index: {type(exc).__name__}: {exc}"
-            )
+        idx = _attempt(report, f"{label}segmentation {seg!r} index: ", partial(case.index, seg))
+        if idx is None:
             continue
         counts: np.ndarray | None = None
         for level in range(case.levels):
-            c = _try(
-                problems,
-                cid,
-                lambda level=level, seg=seg: _read_all(
-                    case.array(f"labels/{seg}/{level}"), count_labels=level == 0
-                ),
+            c = _attempt(
+                report,
+                label,
+                partial(_read_all, case.array, f"labels/{seg}/{level}", level == 0),
             )
             if level == 0:
                 counts = c
@@ -252,28 +436,61 @@ def _check_case(col: Any, cid: str, report: VerifyReport) -> None:
         stray = sorted(set(np.flatnonzero(counts).tolist()) - known)
         if stray:
             problems.append(
-                f"case {cid!r}: segmentation {seg!r}: label ids {stray[:20]} are stored but not in "
+                f"{label}segmentation {seg!r}: label ids {stray[:20]} are stored but not in "
                 f"label map {lm.name!r}"
             )
-        for label, n in zip(idx.labels.tolist(), idx.voxel_count.tolist(), strict=True):
-            got = int(counts[label]) if label < len(counts) else 0
+        for lab, n in zip(idx.labels.tolist(), idx.voxel_count.tolist(), strict=True):
+            got = int(counts[lab]) if lab < len(counts) else 0
             if got != n:
                 problems.append(
-                    f"case {cid!r}: segmentation {seg!r} label {label}: {got} voxels stored, index says {n}"
+                    f"{label}segmentation {seg!r} label {lab}: {got} voxels stored, index says {n}"
                 )
+    result: pd.DataFrame | None = _attempt(report, f"{label}statistics: ", case.stats)
+    return result
 
 
-def _try(problems: list[str], cid: str, read: Any) -> Any:
-    """Run one read; a failure (it names the array and chunk) becomes a problem line."""
-    try:
-        return read()
-    except Exception as exc:
-        problems.append(f"case {cid!r}: {type(exc).__name__}: {exc}")
-        return None
+def _check_table_rows(
+    table: pd.DataFrame,
+    stats: Mapping[str, pd.DataFrame],
+    case_ids: list[str],
+    report: VerifyReport,
+) -> bool:
+    """The table's rows of each case must equal the statistics of the case's own index."""
+    damaged = False
+    for cid in case_ids:
+        want = stats.get(cid)
+        if want is None:
+            continue
+        keys = ["segmentation", "label"]
+        got = table[table.case_id == cid].sort_values(keys).reset_index(drop=True)
+        want = want.sort_values(keys).reset_index(drop=True)
+        columns = [c for c in STATS_COLUMNS if c in want.columns and c in got.columns]
+        differ = len(got) != len(want) or [
+            c for c in columns if not _same(got[c].to_numpy(), want[c].to_numpy())
+        ]
+        if differ:
+            what = "rows" if differ is True else f"columns {differ[:6]}"
+            report.problems.append(
+                f"collection table (index/): case {cid!r}: {what} differ from the case's own index"
+            )
+            damaged = True
+    return damaged
 
 
-def _read_all(arr: CheckedArray, count_labels: bool = False) -> np.ndarray | None:
+def _same(a: np.ndarray, b: np.ndarray) -> bool:
+    if a.dtype.kind in "fc" or b.dtype.kind in "fc":
+        try:
+            return bool(np.array_equal(a.astype(np.float64), b.astype(np.float64), equal_nan=True))
+        except (TypeError, ValueError):
+            return False
+    return [str(v) for v in a.tolist()] == [str(v) for v in b.tolist()]
+
+
+def _read_all(
+    open_array: Callable[[str], CheckedArray], path: str, count_labels: bool = False
+) -> np.ndarray | None:
     """Decode every shard of an array; optionally count label values."""
+    arr = open_array(path)
     step = arr.shards[0] if arr.shards else arr.chunks[0]
     counts = None
     for z0 in range(0, arr.shape[0], step):

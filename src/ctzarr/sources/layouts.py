@@ -32,17 +32,29 @@ from ctzarr.model.labels import (
 LAYOUTS = ("dap_atlas", "saros", "pairs")
 
 
-_CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+#: a case id: plain ASCII letters, digits, '.', '_' and '-' (no look-alikes from other scripts,
+#: no control characters), matched as a whole with fullmatch and anchored with \A...\Z: with
+#: re.match and "^...$", "AutoPET_x\n" passed, because "$" also matches before a final newline
+_CASE_ID = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
+
+
+#: a segmentation name (a pairs manifest column): it names a node of every case, so it is a
+#: plain ASCII name too (no '.', which would read as a file suffix), matched as a whole
+_SEGMENTATION_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_-]{0,127}\Z")
 
 
 _NII = (".nii.gz", ".nii")
 
 
 def validate_case_id(case_id: str, *, where: str = "") -> str:
-    """Return the case id, or raise if it could escape the store or is not a plain name."""
+    """Return the case id, or raise if it could escape the store or is not a plain name.
+
+    The message names ``where`` (the file or manifest line) and shows the id with ``repr``, so
+    that a newline, a NUL or a look-alike letter is visible.
+    """
     if (
         not isinstance(case_id, str)
-        or not _CASE_ID.match(case_id)
+        or not _CASE_ID.fullmatch(case_id)
         or ".." in case_id
         or case_id.lower() == "zarr.json"
     ):  # would collide with the cases group's metadata
@@ -184,20 +196,11 @@ def _dap_atlas(
     source: str, so: dict[str, Any], label_files: Mapping[str | None, str]
 ) -> DatasetSource:
     fs, root = _fs(source, so)
-    images = {}
-    for p in fs.ls(f"{root}/images", detail=False):
-        stem = _strip_nii(posixpath.basename(p))
-        if stem:
-            images[stem] = p
-    masks = {}
-    for p in fs.ls(f"{root}/masks", detail=False):
-        stem = _strip_nii(posixpath.basename(p))
-        if stem:
-            masks[stem] = p
+    images = _nifti_files(source, fs, f"{root}/images")
+    masks = _nifti_files(source, fs, f"{root}/masks")
     missing = sorted(set(images) ^ set(masks))
     cases = []
     for name in sorted(set(images) & set(masks)):
-        validate_case_id(name, where=f"{source}/images")
         cases.append(
             CaseSpec(
                 name, _url(source, fs, images[name]), {"anatomy": _url(source, fs, masks[name])}
@@ -214,6 +217,18 @@ def _dap_atlas(
     return DatasetSource(
         "dap_atlas", source, tuple(cases), {"anatomy": lm}, {"anatomy": False}, "dap_atlas", so
     )
+
+
+def _nifti_files(source: str, fs: fsspec.AbstractFileSystem, folder: str) -> dict[str, str]:
+    """Case id -> path of the NIfTI files in a folder; every id checked (the file named)."""
+    found = {}
+    for p in fs.ls(folder, detail=False):
+        name = posixpath.basename(p)
+        stem = _strip_nii(name)
+        if stem is not None:  # the file name as repr: a newline in it stays visible, on one line
+            where = f"{_url(source, fs, folder)}: file {name!r}"
+            found[validate_case_id(stem, where=where)] = p
+    return found
 
 
 def _url(source: str, fs: fsspec.AbstractFileSystem, path: str) -> str:
@@ -234,7 +249,7 @@ def _saros(source: str, so: dict[str, Any], label_files: Mapping[str | None, str
         name = posixpath.basename(p.rstrip("/"))
         if not name.startswith("case_") or not fs.isdir(p):
             continue
-        validate_case_id(name, where=source)
+        validate_case_id(name, where=f"{source}: folder {name!r}")
         segs = {seg: f"{p}/{fn}" for seg, fn in _SAROS_FILES.items() if fs.isfile(f"{p}/{fn}")}
         image = f"{p}/image.nii.gz"
         if not fs.isfile(image):
@@ -280,8 +295,17 @@ def _pairs(source: str, so: dict[str, Any], label_files: Mapping[str | None, str
     except FileNotFoundError as exc:
         raise LayoutError(f"{source}: manifest not found") from exc
     delim = "\t" if manifest.endswith(".tsv") else ","
-    reader = csv.DictReader(io.StringIO(text), delimiter=delim)
-    cols = reader.fieldnames or []
+    try:
+        reader = csv.DictReader(io.StringIO(text), delimiter=delim)
+        cols = reader.fieldnames or []
+        # (line where the record starts, record): a quoted field may span lines
+        rows: list[tuple[int, dict[Any, Any]]] = []
+        start = reader.line_num + 1
+        for row in reader:
+            rows.append((start, row))
+            start = reader.line_num + 1
+    except csv.Error as exc:  # e.g. a field beyond the csv module's size limit
+        raise LayoutError(f"{manifest}: unreadable CSV: {exc}") from exc
     if "case_id" not in cols or "image" not in cols:
         raise LayoutError(f"{manifest}: manifest needs columns case_id and image (has {cols})")
     seg_cols = [c for c in cols if c not in ("case_id", "image")]
@@ -290,12 +314,16 @@ def _pairs(source: str, so: dict[str, Any], label_files: Mapping[str | None, str
             f"{manifest}: no segmentation columns (one column per segmentation, named after it)"
         )
     for c in seg_cols:
-        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_-]*$", c):
-            raise LayoutError(f"{manifest}: segmentation column {c!r} is not a plain name")
+        if not isinstance(c, str) or not _SEGMENTATION_NAME.fullmatch(c):
+            raise LayoutError(
+                f"{manifest}: segmentation column {c!r} is not a plain name (ASCII letters, "
+                "digits, '_' and '-', at most 128 characters)"
+            )
     cases = []
     seen = set()
-    for line, row in enumerate(reader, start=2):
-        cid = validate_case_id((row.get("case_id") or "").strip(), where=f"{manifest}:{line}")
+    for line, row in rows:
+        # only spaces are trimmed: a newline, tab or other control character is refused
+        cid = validate_case_id((row.get("case_id") or "").strip(" "), where=f"{manifest}:{line}")
         if cid in seen:
             raise LayoutError(f"{manifest}:{line}: duplicate case id {cid!r}")
         seen.add(cid)
@@ -306,8 +334,11 @@ def _pairs(source: str, so: dict[str, Any], label_files: Mapping[str | None, str
                 return p
             return _url(source, fs, f"{base}/{p}")
 
+        image = (row.get("image") or "").strip()
+        if not image:
+            raise LayoutError(f"{manifest}:{line}: case {cid!r} has no image")
         segs = {c: resolve(row[c]) for c in seg_cols if (row.get(c) or "").strip()}
-        cases.append(CaseSpec(cid, resolve(row["image"]), segs))
+        cases.append(CaseSpec(cid, resolve(image), segs))
     if not cases:
         raise LayoutError(f"{manifest}: no cases")
     maps = {c: _label_map_for(c, label_files, None, so) for c in seg_cols}

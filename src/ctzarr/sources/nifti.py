@@ -55,6 +55,21 @@ MAX_VOXEL_BYTES = 64 * 2**30
 QFORM_SFORM_TOLERANCE_MM = 1e-4
 
 
+#: pixdim may differ from the voxel spacing of the affine by this much (relative) without a
+#: warning. Both live in float32 header fields: storage alone makes them differ by up to about
+#: 1.2e-7 (2**-24 for pixdim, as much again for the column norm of rounded srow entries), and
+#: writers that build the sform from direction cosines of limited precision (DICOM decimal
+#: strings carry about six digits) by up to about 1e-6. 1e-4 is far beyond both, and far below
+#: any disagreement that matters: 1e-4 of a 500 mm field of view is 0.05 mm, while a flipped
+#: exponent bit changes a value by a factor of two or more.
+SPACING_RTOL = 1e-4
+
+
+#: voxel spacing (mm) outside these bounds is no plausible image grid: refused
+MIN_SPACING_MM = 1e-6
+MAX_SPACING_MM = 1e4
+
+
 #: free-text fields, blanked in the stored header: they may carry identifying text
 _HEADER_TEXT_FIELDS = ("descrip", "aux_file", "db_name", "intent_name", "data_type", "unused_str")
 
@@ -79,6 +94,9 @@ class NiftiSource:
         Scaling as nibabel applies it (1.0 and 0.0 when the header has none).
     affine : numpy.ndarray
         The 4x4 affine nibabel reports (sform when its code is set, else qform).
+    spacing_zyx : tuple of float
+        Voxel spacing in mm along (k, j, i): the column norms of ``affine`` (nibabel's
+        ``voxel_sizes``), the geometry positions use; never ``pixdim`` (see :func:`open_nifti`).
     header_bytes : bytes
         The header as stored in the zarr ``nifti`` array: 3D dims, no extensions, free-text
         fields blanked (they may carry identifying text).
@@ -385,7 +403,17 @@ def open_nifti(
     Raises
     ------
     InvalidNiftiError
-        For anything that is not a readable 3D (or single-volume 4D) NIfTI image.
+        For anything that is not a readable 3D (or single-volume 4D) NIfTI image, and for a
+        voxel spacing that is not finite or lies outside 1e-6..1e4 mm.
+
+    Warns
+    -----
+    CtzarrWarning
+        When qform and sform disagree, when both codes are 0, and when ``pixdim`` disagrees
+        with the voxel spacing of the affine. Spacing (and so every volume) comes from the
+        affine, the geometry every position uses: one source of truth, so that a corrupt
+        ``pixdim`` can neither scale volumes nor go unnoticed. Each warning is also kept in
+        :attr:`NiftiSource.notes` (stored in the case's provenance).
     """
     storage_options = dict(storage_options or {})
     path = str(path)
@@ -450,7 +478,7 @@ def _validated(
 
     nbytes = nx * ny * nz * raw_dtype.itemsize
     file_size = _file_size(path, storage_options)
-    vox_offset = _data_offset(hdr, version, fail, notes)
+    vox_offset = _data_offset(hdr, version, fail)
     if nbytes > MAX_VOXEL_BYTES:
         raise fail(f"header declares {nbytes} bytes of voxels, over the {MAX_VOXEL_BYTES} byte cap")
     if compressed:
@@ -481,6 +509,8 @@ def _validated(
 
     slope, inter = _scaling(hdr, raw_dtype, fail, notes)
     hdr, affine, qcode, scode = _geometry(hdr, (nx, ny, nz), path, fail, notes)
+    spacing = _spacing(affine)
+    _check_spacing(spacing, zooms, path, fail, notes)
 
     value_dtype = apply_scaling(np.zeros(1, raw_dtype), slope, inter).dtype
     return NiftiSource(
@@ -492,7 +522,7 @@ def _validated(
         slope=slope,
         inter=inter,
         affine=affine,
-        spacing_zyx=(zooms[2], zooms[1], zooms[0]),
+        spacing_zyx=(spacing[2], spacing[1], spacing[0]),
         vox_offset=vox_offset,
         compressed=compressed,
         file_size=file_size,
@@ -513,8 +543,15 @@ _SPACE_UNITS = {0: "unknown", 1: "meter", 2: "mm", 3: "micron"}
 _XFORM_CODES = range(6)
 
 
-def _data_offset(hdr: nib.Nifti1Header, version: int, fail: Any, notes: list[str]) -> int:
-    """Byte offset of the voxels in a single-file NIfTI; never inside the header."""
+def _data_offset(hdr: nib.Nifti1Header, version: int, fail: Any) -> int:
+    """Byte offset of the voxels in a single-file NIfTI; never inside the header.
+
+    The header and its 4-byte extension flag come first: 348 + 4 = 352 bytes in NIfTI-1,
+    540 + 4 = 544 in NIfTI-2 (nibabel writes and expects the same minimum). An offset below
+    that, 0 included, is an error: 0 is the .hdr/.img convention, and nibabel reads such a
+    single file from byte 0 (the header itself as voxels) while other readers skip the header,
+    so no reading of it is the right one.
+    """
     minimum = (540 if version == 2 else 348) + 4  # the header and the 4-byte extension flag
     value = hdr["vox_offset"].item()
     if isinstance(value, float):  # NIfTI-1 stores it as float32
@@ -522,16 +559,15 @@ def _data_offset(hdr: nib.Nifti1Header, version: int, fail: Any, notes: list[str
             raise fail(f"vox_offset {value!r} is not a whole number of bytes")
         value = int(value)
     offset = int(value)
-    if offset == 0:
-        # 0 is the .hdr/.img convention ("data at the start of the .img"); in a single file the
-        # data can only follow the header. The exact-size checks (short and trailing data) make
-        # sure it really is there; nibabel would read the header itself as voxels.
-        notes.append(f"vox_offset 0: voxel data read from byte {minimum}, right after the header")
-        return minimum
     if offset < minimum:
+        hint = (
+            " (0 is the .hdr/.img convention: nibabel would read the header itself as voxels)"
+            if offset == 0
+            else ""
+        )
         raise fail(
             f"vox_offset {offset} points inside the header (a single-file NIfTI-{version} "
-            f"has its data at byte {minimum} or later)"
+            f"has its data at byte {minimum} or later){hint}"
         )
     return offset
 
@@ -654,6 +690,52 @@ def _geometry(
             notes.append(msg.split(": ", 1)[1])
             warnings.warn(msg, CtzarrWarning, stacklevel=4)
     return hdr, affine, qcode, scode
+
+
+def _spacing(affine: np.ndarray) -> tuple[float, float, float]:
+    """Voxel spacing (x, y, z) in mm: the column norms of the affine (nibabel's voxel_sizes).
+
+    For the axis-aligned affines of most CT this is exactly the absolute diagonal (the square
+    root of a square gives the value back in IEEE arithmetic), so the spacing equals pixdim
+    bit for bit whenever the two agree.
+    """
+    with np.errstate(all="ignore"):
+        sizes = np.sqrt(np.sum(affine[:3, :3] ** 2, axis=0))
+    return (float(sizes[0]), float(sizes[1]), float(sizes[2]))
+
+
+def _format_xyz(values: Any) -> str:
+    return "(" + ", ".join(f"{float(v):.7g}" for v in values) + ")"
+
+
+def _check_spacing(
+    spacing: tuple[float, float, float],
+    zooms: list[float],
+    path: str,
+    fail: Any,
+    notes: list[str],
+) -> None:
+    """Refuse an implausible spacing; warn (and note) when pixdim disagrees with it."""
+    for axis, value in zip("xyz", spacing, strict=True):
+        if not math.isfinite(value):
+            raise fail(f"voxel spacing along {axis} is {value!r} mm (from the affine): not finite")
+        if not MIN_SPACING_MM <= value <= MAX_SPACING_MM:
+            raise fail(
+                f"voxel spacing along {axis} is {value:.7g} mm (from the affine), outside "
+                f"{MIN_SPACING_MM:g}..{MAX_SPACING_MM:g} mm: not a plausible image grid"
+            )
+    if all(
+        math.isclose(z, s, rel_tol=SPACING_RTOL, abs_tol=0.0)
+        for z, s in zip(zooms, spacing, strict=True)
+    ):
+        return
+    note = (
+        f"pixdim (x, y, z) {_format_xyz(zooms)} disagrees with the voxel spacing of the affine "
+        f"{_format_xyz(spacing)} mm (relative tolerance {SPACING_RTOL:g}); the affine's "
+        "spacing is used"
+    )
+    notes.append(note)
+    warnings.warn(f"{path}: {note}", CtzarrWarning, stacklevel=4)
 
 
 def _corner_gap_mm(q: np.ndarray, s: np.ndarray, shape_xyz: tuple[int, int, int]) -> float:

@@ -33,7 +33,7 @@ import threading
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import zip_longest
 from typing import Any
 
@@ -44,13 +44,14 @@ from zarr.codecs import Crc32cCodec
 
 from ctzarr.errors import UnknownLabelError
 from ctzarr.io.stores import codec_pipeline, compact_json, read_key
+from ctzarr.io.strict import seal_case
 from ctzarr.model.case import CaseAttributes, SegmentationAttributes
 from ctzarr.model.index import LabelIndex
 from ctzarr.model.labels import LabelMap
 from ctzarr.model.layout import CHUNK, chunk_layout, compressors, level_shapes
 from ctzarr.model.manifest import ManifestBuilder
 from ctzarr.model.ome import label_image_attributes, labels_attributes
-from ctzarr.sources.nifti import NiftiSource
+from ctzarr.sources.nifti import NiftiSource, header_from_bytes
 from ctzarr.write.index_builder import LabelIndexBuilder
 
 logger = logging.getLogger(__name__)
@@ -106,6 +107,24 @@ def label_dtype(label_map: LabelMap, source: NiftiSource) -> np.dtype[Any]:
         if top <= np.iinfo(dt).max:
             return np.dtype(dt)
     raise ValueError(f"{source.path}: label values up to {top} do not fit uint32")
+
+
+def label_header_bytes(source: NiftiSource, dtype: np.dtype[Any]) -> bytes:
+    """The NIfTI header of a stored segmentation: its source file's header (geometry, qform and
+    sform as the file had them, version, byte order), with the stored label dtype and no scaling.
+
+    ``niizarr.zarr2nii`` on the label image group then writes the source file's values and
+    affine. Like the image's, the header is 3D, free text blanked (``sources.nifti``).
+    """
+    hdr = header_from_bytes(source.header_bytes)
+    hdr.set_data_dtype(dtype)  # in the header's own byte order
+    if source.scaled:  # the stored labels are the scaled values
+        hdr.set_slope_inter(1.0, 0.0)
+    return bytes(hdr.binaryblock)
+
+
+#: the dimension name of a NIfTI-Zarr ``nifti`` header array (1-D, one uint8 per header byte)
+NIFTI_HEADER_DIMENSION = "nifti_byte"
 
 
 #: glibc's mallopt parameter number of the arena limit
@@ -443,22 +462,32 @@ class CaseWriter:
                 grp.attrs.put(idx.to_attributes())
 
     def write_nifti_header(self) -> None:
-        """The NIfTI-Zarr ``nifti`` array: the header bytes as one uint8 chunk."""
-        header = np.frombuffer(self.image.header_bytes, dtype=np.uint8)
+        """The NIfTI-Zarr ``nifti`` arrays: the image's header bytes in the case group and each
+        segmentation's (:func:`label_header_bytes`) in its label image group, one uint8 chunk."""
         with codec_pipeline(self.root.store):
             case = self.root[self.path]
             assert isinstance(case, zarr.Group)
-            arr = case.create_array(
-                "nifti",
-                shape=header.shape,
-                dtype=np.uint8,
-                chunks=header.shape,
-                compressors=[Crc32cCodec()],
-                overwrite=True,
-                fill_value=0,
-            )
-            arr[:] = header
-            self._record(arr, 0, len(header))
+            self._write_header(case, self.image.header_bytes)
+            for seg in self.segmentations:
+                grp = case[f"labels/{seg.name}"]
+                assert isinstance(grp, zarr.Group)
+                dtype = label_dtype(seg.label_map, seg.source)
+                self._write_header(grp, label_header_bytes(seg.source, dtype))
+
+    def _write_header(self, group: zarr.Group, header_bytes: bytes) -> None:
+        header = np.frombuffer(header_bytes, dtype=np.uint8)
+        arr = group.create_array(
+            "nifti",
+            shape=header.shape,
+            dtype=np.uint8,
+            chunks=header.shape,
+            compressors=[Crc32cCodec()],
+            overwrite=True,
+            fill_value=0,
+            dimension_names=(NIFTI_HEADER_DIMENSION,),
+        )
+        arr[:] = header
+        self._record(arr, 0, len(header))
 
     def commit(self, case_attributes: CaseAttributes) -> None:
         """Make the case visible: label groups first, the case group's metadata last."""
@@ -474,7 +503,13 @@ class CaseWriter:
             grp.attrs.put(
                 {
                     "ome": label_image_attributes(
-                        seg.name, self.image.spacing_zyx, levels, seg.label_map
+                        seg.name,
+                        self.image.spacing_zyx,
+                        levels,
+                        seg.label_map,
+                        # placed like the image (the segmentation's affine equals it within
+                        # tolerance; its own is in its ``nifti`` header array)
+                        case_attributes.affine_matrix if case_attributes.placed else None,
                     ),
                     **SegmentationAttributes(
                         label_map=seg.label_map.name,
@@ -484,9 +519,9 @@ class CaseWriter:
                     ).to_attributes(),
                 }
             )
-        attrs = case_attributes.committed(
+        committed = case_attributes.committed(
             self.manifest.build(), _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
-        ).to_attributes()
+        )
         # Consolidate the metadata of every array and group of the case into its zarr.json
         # (one read opens a whole case: a cold crop over HTTP costs 6 requests, not 13), then
         # write the commit marker into that same document, last.
@@ -497,4 +532,14 @@ class CaseWriter:
             warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
             zarr.consolidate_metadata(self.root.store, path=self.path, zarr_format=3)
             case = zarr.open_group(self.root.store, path=self.path, mode="r+", zarr_format=3)
-            case.attrs.put(attrs)
+            # the digests of the commit record, bound to the case id (ctzarr.model.manifest)
+            nodes = case.metadata.consolidated_metadata
+            assert nodes is not None
+            integrity = seal_case(
+                self.root.store,
+                self.path,
+                self.case_id,
+                committed.to_attributes(),
+                nodes.flattened_metadata,
+            )
+            case.attrs.put(replace(committed, integrity=integrity).to_attributes())

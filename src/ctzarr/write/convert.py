@@ -41,6 +41,7 @@ from ctzarr.io.transactions import (
     discard_staged,
     remove_case,
     remove_staging,
+    remove_temporary_files,
     swap_in,
 )
 from ctzarr.io.urls import check_no_secrets, is_remote
@@ -51,7 +52,7 @@ from ctzarr.run import cluster
 from ctzarr.sources.layouts import CaseSpec, DatasetSource, load_source
 from ctzarr.sources.nifti import NiftiSource, open_nifti
 from ctzarr.write.case_writer import CaseWriter, SegmentationSource
-from ctzarr.write.table import update_collection_table
+from ctzarr.write.table import seal_collection, update_collection_table, write_series
 
 logger = logging.getLogger(__name__)
 
@@ -201,6 +202,9 @@ def convert(
         # committed them after that run had updated the list
         root = zarr.open_group(root.store, mode="r+", zarr_format=3)  # the list as it is now
         listed = set(CollectionAttributes.from_attributes(root.attrs.asdict(), str(dest)).cases)
+        # temporary files a killed write left behind (never while another converter runs)
+        for key in remove_temporary_files(root.store):
+            logger.info("removed %s, left by an interrupted write", key)
         finalize_collection(
             root,
             changed=[
@@ -230,15 +234,18 @@ def open_or_create_collection(
     except (FileNotFoundError, zarr.errors.GroupNotFoundError):
         root = None
     if root is None:
-        attributes = CollectionAttributes(
-            dataset_id=ds.dataset_id,
-            layout=ds.layout,
-            segmentations=dict(ds.label_maps),
-            sparse=dict(ds.sparse),
-            cases=(),
-            writer=f"ctzarr {__version__}",
-            format_version=FORMAT_VERSION,
-        ).to_attributes()
+        created = seal_collection(
+            CollectionAttributes(
+                dataset_id=ds.dataset_id,
+                layout=ds.layout,
+                segmentations=dict(ds.label_maps),
+                sparse=dict(ds.sparse),
+                cases=(),
+                writer=f"ctzarr {__version__}",
+                format_version=FORMAT_VERSION,
+            )
+        )
+        attributes = created.to_attributes()
         try:
             # one write: the root zarr.json is born with its attributes (a fault between a
             # bare group and its attributes would leave a store no later run accepts)
@@ -248,6 +255,7 @@ def open_or_create_collection(
             root = zarr.open_group(store, mode="r+", zarr_format=3)
         else:
             root.require_group("cases")
+            write_series(root, created)  # OME-Zarr readers find the cases from the root
             return root
     attributes_found = root.attrs.asdict()
     if not is_collection(attributes_found):
@@ -440,12 +448,16 @@ def case_attributes(
     run: str | None = None,
 ) -> CaseAttributes:
     """The attributes of a case before its commit (the writer adds manifest and marker)."""
+    segs = list(segs)
+    # provenance: what was assumed or warned while reading each file (e.g. a pixdim that
+    # contradicts the affine); a segmentation's notes carry its name
+    notes = (*image.notes, *(f"segmentation {s.name!r}: {n}" for s in segs for n in s.source.notes))
     return CaseAttributes(
         case_id=spec.case_id,
         shape_zyx=image.shape_zyx,
         spacing_zyx=image.spacing_zyx,
         affine=tuple(tuple(row) for row in image.affine.tolist()),
-        nifti=nifti_block(image),
+        nifti=replace(nifti_block(image), notes=notes),
         segmentations=tuple(s.name for s in segs),
         attributes=dict(spec.attributes),
         source_files=dict(files),

@@ -6,6 +6,13 @@ Rows are computed from each case's index with the same function as ``Case.stats`
 the per-case index and a voxel scan agree exactly. Each run updates the table incrementally:
 rows of the cases it converted are replaced, the others are kept as they were. Readers read the
 table with :func:`read_table_columns`.
+
+Integrity (format 2): the table carries a chunk manifest and digests like a case (its arrays'
+metadata and chunk records, its attributes), and the collection's own commit record names the
+table's digest and update token, so a table from another update, another store or with rows
+reordered is refused; its chunks are read through :class:`~ctzarr.io.strict.StrictStore` (a
+missing chunk is an error, never zeros). Format-1 tables are checked for what they can be: a
+missing chunk, a chunk that does not decode, a case list that is not the collection's.
 """
 
 from __future__ import annotations
@@ -13,19 +20,33 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import zarr
+from zarr.core.sync import sync
 
-from ctzarr.errors import TableMismatchError
-from ctzarr.io.stores import compact_json
+from ctzarr.errors import (
+    ChunkCorruptError,
+    ChunkMissingError,
+    StoreCorruptError,
+    TableMismatchError,
+)
+from ctzarr.io.stores import compact_json, read_key
+from ctzarr.io.strict import (
+    StrictStore,
+    array_layouts,
+    node_digests,
+    open_group_checked,
+)
 from ctzarr.io.transactions import case_state
 from ctzarr.model.case import CaseAttributes
-from ctzarr.model.collection import CollectionAttributes
+from ctzarr.model.collection import OME_SERIES_GROUP, CollectionAttributes
 from ctzarr.model.index import LabelIndex
 from ctzarr.model.labels import LabelMap
 from ctzarr.model.layout import compressors
+from ctzarr.model.manifest import ManifestBuilder, document_digest, seal
 from ctzarr.model.table import (
     TABLE_NUMERIC_COLUMNS,
     TableAttributes,
@@ -88,8 +109,8 @@ def _update_table(root: zarr.Group, changed: Iterable[str] | None = None) -> lis
     seg_names = list(label_maps)
     try:
         previous = None if changed is None else read_table_columns(root)
-    except TableMismatchError:
-        logger.warning("collection table from an interrupted update: rebuilt from the cases")
+    except (TableMismatchError, StoreCorruptError) as exc:
+        logger.warning("collection table rebuilt from the cases: %s", exc)
         previous = None
     if previous is None:
         cases_grp = root.require_group("cases")
@@ -160,6 +181,7 @@ def _update_table(root: zarr.Group, changed: Iterable[str] | None = None) -> lis
         floats[:, i] = np.asarray(columns[name], dtype=np.float64)[order] if n else []
     table = root.require_group("index")
     update = uuid.uuid4().hex
+    records = ManifestBuilder()
     for name, data in (("int_columns", ints), ("float_columns", floats)):
         arr = table.create_array(
             name,
@@ -173,18 +195,75 @@ def _update_table(root: zarr.Group, changed: Iterable[str] | None = None) -> lis
         )
         if n:
             arr[:] = data
-    table.attrs.put(
-        TableAttributes(
-            update=update,
-            cases=tuple(committed),
-            segmentations=tuple(seg_names),
-            int_columns=tuple(int_names),
-            float_columns=tuple(float_names),
-            case_meta=geometry,
-        ).to_attributes()
+        records.add(name, "c/0/0", read_key(root.store, f"index/{name}/c/0/0"), None)
+    manifest = records.build()
+    # the arrays' metadata as readers will parse it (read back, not as created)
+    written = zarr.open_group(root.store, path="index", mode="r", zarr_format=3)
+    nodes = {name: written[name].metadata for name in ("int_columns", "float_columns")}
+    table_attrs = TableAttributes(
+        update=update,
+        cases=tuple(committed),
+        segmentations=tuple(seg_names),
+        int_columns=tuple(int_names),
+        float_columns=tuple(float_names),
+        case_meta=geometry,
     )
-    root.attrs.put(meta.with_cases(committed).to_attributes())
+    table_seal = seal(
+        "table",
+        TABLE_OWNER,
+        table_attrs.to_attributes(),
+        nodes=node_digests(TABLE_OWNER, nodes, manifest.to_dict()["arrays"]),
+        manifest=manifest,
+    )
+    table.attrs.put(replace(table_attrs, integrity=table_seal).to_attributes())
+    listed = meta.with_cases(committed)
+    write_series(root, listed)
+    root_seal = seal(
+        "collection",
+        COLLECTION_OWNER,
+        replace(listed, integrity=None).to_attributes(),
+        table=table_seal.digest,
+        update=update,
+    )
+    root.attrs.put(replace(listed, integrity=root_seal).to_attributes())
     return committed
+
+
+#: the owner the table's digests are bound to, and the collection's
+TABLE_OWNER = "index"
+COLLECTION_OWNER = "collection"
+
+
+def write_series(root: zarr.Group, meta: CollectionAttributes) -> None:
+    """List the committed cases in the OME group, for OME-Zarr readers (format 2; see
+    :data:`~ctzarr.model.collection.OME_SERIES_GROUP`), just before the root's own case list;
+    an interrupted update leaves both to the next one."""
+    if meta.format_version >= 2:
+        root.require_group(OME_SERIES_GROUP).attrs.put(meta.series_attributes())
+
+
+def seal_collection(meta: CollectionAttributes) -> CollectionAttributes:
+    """The collection's attributes with their digest (for a new collection: no table yet)."""
+    bare = replace(meta, integrity=None)
+    return replace(bare, integrity=seal("collection", COLLECTION_OWNER, bare.to_attributes()))
+
+
+def collection_problems(meta: CollectionAttributes, attributes: dict[str, Any]) -> list[str]:
+    """What is wrong with the collection's own commit record (its label maps, case list,
+    dataset): an empty list when it is as written, or when it is of format 1 (no digests)."""
+    if meta.integrity is None:
+        if meta.format_version >= 2:
+            return ["attribute ctzarr.integrity: missing (a format-2 collection records digests)"]
+        return []
+    if (
+        document_digest("collection", COLLECTION_OWNER, attributes, meta.integrity)
+        != meta.integrity.digest
+    ):
+        return [
+            "attributes (label maps, case list, dataset) differ from the collection's commit "
+            "record: edited after conversion"
+        ]
+    return []
 
 
 def read_table_columns(
@@ -195,26 +274,137 @@ def read_table_columns(
     Raises :class:`TableMismatchError` when an update was interrupted between its writes: each
     update stamps both arrays and, last, the group attributes with one token.
     """
-    if "index" not in root:
+    where = f"the collection table of {root.store}"
+    try:
+        grp = open_group_checked(root.store, "index", where)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
         return None
-    grp = root["index"]
-    assert isinstance(grp, zarr.Group)
     found = grp.attrs.asdict()
     if not is_table(found):
         return None
-    attrs = TableAttributes.from_attributes(found, f"the collection table of {root.store}")
-    arrays = [grp.get(name) for name in ("int_columns", "float_columns")]
+    attrs = TableAttributes.from_attributes(found, where)
+    names = ("int_columns", "float_columns")
+    arrays = {}
+    for name in names:
+        try:
+            arrays[name] = grp.get(name)
+        except (ValueError, TypeError, KeyError, RecursionError, zarr.errors.BaseZarrError) as exc:
+            raise StoreCorruptError(
+                f"{where}: index/{name}/zarr.json: unreadable metadata document "
+                f"({type(exc).__name__}: {exc})",
+                f"index/{name}/zarr.json",
+            ) from None
     tokens = {attrs.update} | {
-        table_array_update(a.attrs.asdict()) if isinstance(a, zarr.Array) else None for a in arrays
+        table_array_update(a.attrs.asdict()) if isinstance(a, zarr.Array) else None
+        for a in arrays.values()
     }
+    interrupted = TableMismatchError(
+        f"the collection table of {root.store} is from an interrupted update (its parts "
+        "were written by different runs); a plain re-run of convert or ctzarr verify "
+        "--repair rebuilds it"
+    )
     if len(tokens) != 1:
-        raise TableMismatchError(
-            f"the collection table of {root.store} is from an interrupted update (its parts "
-            "were written by different runs); a plain re-run of convert or ctzarr verify "
-            "--repair rebuilds it"
+        raise interrupted
+    listed = CollectionAttributes.from_attributes(root.attrs.asdict(), f"{root.store}")
+    if listed.integrity is not None and listed.integrity.update != attrs.update:
+        raise interrupted  # the table was written, the case list not yet (or the reverse)
+    if set(attrs.cases) != set(listed.cases):
+        raise interrupted
+    if attrs.cases != listed.cases:
+        raise StoreCorruptError(
+            f"{where}: index/zarr.json: its case order differs from the collection's case list "
+            "(rows would be given to the wrong cases)",
+            "index/zarr.json",
         )
-    ints, floats = np.asarray(grp["int_columns"][:]), np.asarray(grp["float_columns"][:])  # type: ignore[index]
+    columns = {name: arr for name, arr in arrays.items() if isinstance(arr, zarr.Array)}
+    if len(columns) != len(names):
+        raise ChunkMissingError(f"{where}: index/int_columns or index/float_columns is missing")
+    if attrs.integrity is None:
+        if listed.format_version >= 2:
+            raise StoreCorruptError(
+                f"{where}: index/zarr.json: attribute ctzarr.integrity missing (a format-2 "
+                "table records digests)",
+                "index/zarr.json",
+            )
+        ints, floats = (_read_format1(root, grp, name, where) for name in names)
+    else:
+        ints, floats = _read_checked(root, grp, attrs, found, columns, listed, where)
     cols = {name: ints[:, i] for i, name in enumerate(attrs.int_columns)}
     cols |= {name: floats[:, i] for i, name in enumerate(attrs.float_columns)}
+    if "touches_border" not in cols or "case" not in cols or "segmentation" not in cols:
+        raise StoreCorruptError(
+            f"{where}: index/zarr.json: the column lists lack case, segmentation or touches_border",
+            "index/zarr.json",
+        )
     cols["touches_border"] = cols["touches_border"].astype(bool)
+    n_rows = len(cols["case"])
+    codes = [("case", len(attrs.cases)), ("segmentation", len(attrs.segmentations))]
+    for name, n in codes:
+        if n_rows and (int(cols[name].min()) < 0 or int(cols[name].max()) >= n):
+            raise StoreCorruptError(
+                f"{where}: index/int_columns: {name} codes out of range", "index/int_columns"
+            )
     return cols, attrs
+
+
+def _read_format1(root: zarr.Group, grp: zarr.Group, name: str, where: str) -> np.ndarray:
+    """A column array of a format-1 table: its one chunk must be stored and decode."""
+    arr = grp[name]
+    assert isinstance(arr, zarr.Array)
+    key = f"index/{name}/c/0/0"
+    if arr.shape[0] and not sync(root.store.exists(key)):
+        raise ChunkMissingError(f"{where}: {key} is missing (its rows would read as zeros)")
+    try:
+        return np.asarray(arr[:])
+    except Exception as exc:
+        raise ChunkCorruptError(
+            f"{where}: {key} does not decode ({type(exc).__name__}: {exc})"
+        ) from exc
+
+
+def _read_checked(
+    root: zarr.Group,
+    grp: zarr.Group,
+    attrs: TableAttributes,
+    found: dict[str, Any],
+    columns: dict[str, Any],
+    listed: CollectionAttributes,
+    where: str,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The column arrays of a format-2 table, held to its digests and the collection's."""
+    seal_ = attrs.integrity
+    assert seal_ is not None
+    if document_digest("table", TABLE_OWNER, found, seal_) != seal_.digest:
+        raise StoreCorruptError(
+            f"{where}: index/zarr.json: the table's attributes (case order, columns, case "
+            "geometry) differ from its commit record",
+            "index/zarr.json",
+        )
+    if listed.integrity is not None and listed.integrity.table != seal_.digest:
+        raise StoreCorruptError(
+            f"{where}: index/zarr.json: not the table the collection's commit record lists "
+            "(swapped or replaced)",
+            "index/zarr.json",
+        )
+    manifest = seal_.manifest
+    records = {} if manifest is None else manifest.to_dict()["arrays"]
+    metas = {name: arr.metadata for name, arr in columns.items()}
+    if node_digests(TABLE_OWNER, metas, records) != {k: seal_.nodes.get(k) for k in metas}:
+        raise StoreCorruptError(
+            f"{where}: index/int_columns or index/float_columns: metadata or chunk records "
+            "differ from the table's commit record",
+            "index/zarr.json",
+        )
+    strict = StrictStore(root.store, "index", array_layouts(metas, where), manifest, where)
+    checked = zarr.open_group(strict, path="index", mode="r", zarr_format=3)
+    out = []
+    for name in ("int_columns", "float_columns"):
+        try:
+            out.append(np.asarray(checked[name][:]))  # type: ignore[index]
+        except (ChunkCorruptError, ChunkMissingError):
+            raise
+        except Exception as exc:
+            raise ChunkCorruptError(
+                f"{where}: index/{name}: does not decode ({type(exc).__name__}: {exc})"
+            ) from exc
+    return out[0], out[1]
