@@ -452,6 +452,30 @@ def child_loop(store: str, case_id: str, reps: str) -> None:
     )
 
 
+def _reseal(root: Path, case_id: str) -> None:
+    """Seal a replicated case under its new id, as the case writer seals a committed case."""
+    from dataclasses import replace
+
+    import zarr
+
+    from ctzarr.io.strict import seal_case
+    from ctzarr.model.case import CaseAttributes
+
+    group = zarr.open_group(str(root), path=f"cases/{case_id}", mode="r+", zarr_format=3)
+    attrs = CaseAttributes.from_attributes(group.attrs.asdict(), case_id)
+    nodes = group.metadata.consolidated_metadata
+    assert nodes is not None
+    unsealed = replace(attrs, integrity=None)
+    integrity = seal_case(
+        group.store,
+        f"cases/{case_id}",
+        case_id,
+        unsealed.to_attributes(),
+        nodes.flattened_metadata,
+    )
+    group.attrs.put(replace(unsealed, integrity=integrity).to_attributes())
+
+
 def child_cohort_build(store: str, case_id: str, cohort: str, n_cases: str) -> None:
     """Replicate the converted case under new ids (hard links; case zarr.json rewritten)."""
     import zarr
@@ -478,6 +502,8 @@ def child_cohort_build(store: str, case_id: str, cohort: str, n_cases: str) -> N
             ms["name"] = cid
         (target / "zarr.json").unlink()  # break the hard link before writing
         (target / "zarr.json").write_text(json.dumps(m, indent=2))
+        if m["attributes"]["ctzarr"].get("integrity") is not None:
+            _reseal(dst, cid)  # format 2 binds a case's digests to its id
     t_copy = time.perf_counter() - t0
     t1 = time.perf_counter()
     finalize_collection(zarr.open_group(str(dst), mode="r+", zarr_format=3))
