@@ -14,13 +14,15 @@ Why digests, and why these:
   records therefore checked sizes only: a chunk re-encoded to the same size, or a same-size
   object swapped in from another case, passed. A crc is also linear: anyone can forge a chunk
   with a chosen crc in microseconds. It detects accidental flips inside one chunk, nothing more.
-- Format 2 records a cryptographic digest (SHA-256 from :mod:`hashlib`, first 16 bytes) of every
-  object, of every shard index and of every inner chunk. SHA-256 rather than BLAKE2: OpenSSL's
-  SHA-256 runs on the CPU's SHA extensions (x86 SHA-NI, ARMv8 SHA2), measured 1.15 GB/s on
-  the 2-core development machine against 0.80 GB/s for hashlib's BLAKE2b (crc32c: 9.4 GB/s),
-  and a crop hashes every inner chunk it reads. 128 bits keep a second preimage (what a forger
-  of one chunk needs) at 2^128 work, and the manifest small (an inner chunk costs 22
-  characters of base64).
+- Format 2 records a cryptographic digest (BLAKE3 from the PyPI ``blake3`` package, the BLAKE3
+  team's own binding, 16 bytes of output) of every object, of every shard index and of every
+  inner chunk. BLAKE3 rather than hashlib's SHA-256 or BLAKE2b: a conversion hashes every
+  stored byte twice (inner chunks and whole objects) and a crop every inner chunk it reads,
+  and on the 2-core development machine BLAKE3 ran 6.7 GB/s on 150 KB chunks against 1.7 GB/s
+  for SHA-256 (SHA-NI) and 0.9 GB/s for BLAKE2b: with SHA-256 the digests cost a warm crop
+  ~1.4 ms (12 %) and a conversion ~8 %. 128 bits keep a second preimage (what a forger of one
+  chunk needs) at 2^128 work, and the manifest small (an inner chunk costs 22 characters of
+  base64).
 - Inner-chunk digests let a crop check exactly the bytes it reads (a few inner chunks of a
   shard, never the whole shard): the shard index is checked against its digest, then each inner
   chunk read against its own.
@@ -35,7 +37,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import json
 import re
 import threading
@@ -45,14 +46,15 @@ from typing import Any
 
 import crc32c as _crc32c
 import numpy as np
+from blake3 import blake3
 
 from ctzarr.errors import MetadataError
 
 #: version of the manifest block (1: sizes and crc32c; 2: sizes and digests)
 MANIFEST_VERSION = 2
 
-#: the digest of format 2: the first 16 bytes of SHA-256 (see the module docstring)
-DIGEST_ALGORITHM = "sha256-128"
+#: the digest of format 2: 16 bytes of BLAKE3 output (see the module docstring)
+DIGEST_ALGORITHM = "blake3-128"
 
 DIGEST_BYTES = 16
 
@@ -71,7 +73,7 @@ def crc32c(data: bytes | memoryview | np.ndarray) -> int:
 
 def digest(data: bytes | memoryview) -> bytes:
     """The format-2 digest of a buffer (16 bytes)."""
-    return hashlib.sha256(data).digest()[:DIGEST_BYTES]
+    return blake3(data).digest(DIGEST_BYTES)
 
 
 def canonical_json(value: Any) -> bytes:
