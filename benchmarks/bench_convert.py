@@ -359,10 +359,11 @@ def child_main(argv: list[str]) -> None:
     elif step in ("convert", "convert_twice"):
         import ctzarr
 
+        convert = ctzarr.convert  # the writing side loads on first use: an import, not work
         t_import = time.perf_counter() - t0
         src, dest = argv[1], argv[2]
         t1 = time.perf_counter()
-        report = ctzarr.convert(src, dest, layout="dap_atlas", progress=False)
+        report = convert(src, dest, layout="dap_atlas", progress=False)
         seconds = time.perf_counter() - t1
         if not report.ok or len(report.converted) != 1:
             raise SystemExit(f"conversion failed: {report}")

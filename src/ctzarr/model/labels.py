@@ -73,8 +73,14 @@ _INTEGER = re.compile(r"\s*[+-]?[0-9]+\s*", re.ASCII)
 _NOT_IN_NAMES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
 
 
+#: printable ASCII: the common case, checked by one regex instead of per character
+_PRINTABLE_ASCII = re.compile(r"[\x20-\x7e]*")
+
+
 def unprintable_character(text: str) -> str | None:
     """The first character of text that may not appear in a name (see above), or None."""
+    if _PRINTABLE_ASCII.fullmatch(text):  # every collection open parses its label maps
+        return None
     for ch in text:
         if unicodedata.category(ch) in _NOT_IN_NAMES:
             return ch

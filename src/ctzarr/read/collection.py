@@ -283,10 +283,9 @@ class Collection:
             if len(cols["case"])
             else [],
             "label": cols["label"],
-            "structure": [
-                structure_name(lms[seg_names[s]], int(v))
-                for s, v in zip(cols["segmentation"].tolist(), cols["label"].tolist(), strict=True)
-            ],
+            "structure": _structure_names(
+                [lms[seg] for seg in seg_names], cols["segmentation"], cols["label"]
+            ),
         }
 
         for c in STATS_COLUMNS[4:]:
@@ -295,6 +294,21 @@ class Collection:
         if len(df) and (cols["annotated_slices"] >= 0).any():
             df["annotated_slices"] = cols["annotated_slices"]
         return df
+
+
+def _structure_names(
+    label_maps: list[LabelMap], segmentation: np.ndarray, label: np.ndarray
+) -> list[str]:
+    """The structure column of table rows: one dictionary per (segmentation, label) present,
+    not one label-map lookup per row (a 500-case table has 70,000 rows)."""
+    names: dict[tuple[int, int], str] = {}
+    out = []
+    for key in zip(segmentation.tolist(), label.tolist(), strict=True):
+        name = names.get(key)
+        if name is None:
+            name = names[key] = structure_name(label_maps[key[0]], int(key[1]))
+        out.append(name)
+    return out
 
 
 def scan_task(url: str, options: dict[str, Any], case_id: str, segmentation: str) -> Any:
