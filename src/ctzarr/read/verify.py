@@ -155,7 +155,8 @@ def _attempt(report: VerifyReport, label: str, step: Callable[[], Any]) -> Any:
     try:
         return step()
     except Exception as exc:  # a traceback never ends a verify
-        report.problems.append(f"{label}{_message(exc)}")
+        text = _message(exc)
+        report.problems.append(text if label and text.startswith(label) else f"{label}{text}")
         return None
 
 
