@@ -19,6 +19,7 @@ from ctzarr.catalog import catalog_path, load_catalog
 from ctzarr.errors import CtzarrError
 from ctzarr.extras import require
 from ctzarr.io.urls import allow_local_targets
+from ctzarr.model.table import SUMMARY_COLUMNS
 from ctzarr.run import cluster
 from ctzarr.write.convert import convert
 
@@ -160,22 +161,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     else:
         import pandas as pd  # heavy, and loaded by col.stats already
 
-        cols = [
-            "case_id",
-            "segmentation",
-            "label",
-            "structure",
-            "voxel_count",
-            "volume_ml",
-            "hu_mean",
-            "hu_std",
-            "hu_median",
-            "centroid_x",
-            "centroid_y",
-            "centroid_z",
-            "touches_border",
-        ]
-        cols += ["annotated_slices"] if "annotated_slices" in df else []
+        cols = SUMMARY_COLUMNS + (["annotated_slices"] if "annotated_slices" in df else [])
         with pd.option_context(
             "display.max_rows", None, "display.width", 200, "display.precision", 2
         ):

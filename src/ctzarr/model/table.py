@@ -76,6 +76,24 @@ STATS_COLUMNS = [
 ]
 
 
+#: the columns ``ctzarr stats`` prints on a terminal (all of them go to -o OUT.csv / .parquet)
+SUMMARY_COLUMNS = [
+    "case_id",
+    "segmentation",
+    "label",
+    "structure",
+    "voxel_count",
+    "volume_ml",
+    "hu_mean",
+    "hu_std",
+    "hu_median",
+    "centroid_x",
+    "centroid_y",
+    "centroid_z",
+    "touches_border",
+]
+
+
 #: numeric columns stored as arrays (case_id, segmentation and structure are stored as codes)
 TABLE_NUMERIC_COLUMNS = (
     *(c for c in STATS_COLUMNS if c not in ("case_id", "segmentation", "structure")),
