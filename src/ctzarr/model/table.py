@@ -76,21 +76,13 @@ STATS_COLUMNS = [
 ]
 
 
-#: the columns ``ctzarr stats`` prints on a terminal (all of them go to -o OUT.csv / .parquet)
+#: the columns ``ctzarr stats`` prints on a terminal (all of them go to -o OUT.csv / .parquet):
+#: every statistics column but the spread of HU values and the bounding box
 SUMMARY_COLUMNS = [
-    "case_id",
-    "segmentation",
-    "label",
-    "structure",
-    "voxel_count",
-    "volume_ml",
-    "hu_mean",
-    "hu_std",
-    "hu_median",
-    "centroid_x",
-    "centroid_y",
-    "centroid_z",
-    "touches_border",
+    c
+    for c in STATS_COLUMNS
+    if c not in ("hu_min", "hu_max", "hu_p05", "hu_p25", "hu_p75", "hu_p95")
+    and not c.endswith(("_start", "_stop"))
 ]
 
 

@@ -16,6 +16,7 @@ Format-1 stores carry no digests: what they cannot prove is listed in ``notes``.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
@@ -226,6 +227,7 @@ def verify(
             )
             continue
         report.checked.append(cid)
+        first = len(report.problems)
         try:
             found = _check_case(col, cid, report)
         except Exception as exc:  # opening the case failed: it names the document or chunk
@@ -233,6 +235,8 @@ def verify(
             named = text.startswith(f"case {cid!r}")
             report.problems.append(text if named else f"case {cid!r}: {text}")
             continue
+        finally:
+            _one_line_per_object(report.problems, first)
         if found is not None:
             stats[cid] = found
     try:
@@ -376,6 +380,25 @@ def _check_links(col: Collection, report: VerifyReport) -> None:
                         report.problems.append(f"{key}: a symlink leaving the store (to {real})")
                 elif entry.is_dir(follow_symlinks=False):
                     stack.append(entry.path)
+
+
+#: where a problem line points: a case, an array and one of its stored objects
+_OBJECT = re.compile(r"(case '[^']*': array '[^']*' chunk \S+?):")
+
+
+def _one_line_per_object(problems: list[str], first: int) -> None:
+    """Keep the first problem line of each stored object from ``first`` on: a damaged object is
+    found both against the manifest and when every chunk is decoded, and is one problem."""
+    seen: set[str] = set()
+    kept = []
+    for line in problems[first:]:
+        found = _OBJECT.match(line)
+        if found is not None:
+            if found.group(1) in seen:
+                continue
+            seen.add(found.group(1))
+        kept.append(line)
+    problems[first:] = kept
 
 
 def _table_written(root: zarr.Group) -> bool:

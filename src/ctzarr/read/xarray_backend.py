@@ -28,6 +28,7 @@ import xarray as xr
 from xarray.backends import BackendEntrypoint
 
 from ctzarr.errors import CaseNotFoundError
+from ctzarr.io.urls import url_protocol
 from ctzarr.model.collection import is_collection
 
 if TYPE_CHECKING:
@@ -65,7 +66,7 @@ class CtzarrBackendEntrypoint(BackendEntrypoint):
         if not isinstance(filename_or_obj, (str, os.PathLike)):
             return False
         path = os.fspath(filename_or_obj)
-        if isinstance(path, bytes) or "://" in path:
+        if isinstance(path, bytes) or url_protocol(path):
             return False  # a remote store would need a request just to guess
         try:
             with open(Path(path) / "zarr.json", encoding="utf-8") as f:

@@ -52,7 +52,7 @@ from ctzarr.run import cluster
 from ctzarr.sources.layouts import CaseSpec, DatasetSource, load_source
 from ctzarr.sources.nifti import NiftiSource, open_nifti
 from ctzarr.write.case_writer import CaseWriter, SegmentationSource
-from ctzarr.write.table import seal_collection, update_collection_table, write_series
+from ctzarr.write.table import seal_collection, update_collection_table
 
 logger = logging.getLogger(__name__)
 
@@ -254,8 +254,10 @@ def open_or_create_collection(
             # another converter created it meanwhile: use theirs (checked below)
             root = zarr.open_group(store, mode="r+", zarr_format=3)
         else:
+            # the OME series (the case list for OME-Zarr readers) is written with the case list,
+            # under the collection lock, by the end of this run (finalize_collection): written
+            # here it could overwrite a concurrent converter's newer list with this empty one
             root.require_group("cases")
-            write_series(root, created)  # OME-Zarr readers find the cases from the root
             return root
     attributes_found = root.attrs.asdict()
     if not is_collection(attributes_found):

@@ -239,7 +239,11 @@ def write_series(root: zarr.Group, meta: CollectionAttributes) -> None:
     :data:`~ctzarr.model.collection.OME_SERIES_GROUP`), just before the root's own case list;
     an interrupted update leaves both to the next one."""
     if meta.format_version >= 2:
-        root.require_group(OME_SERIES_GROUP).attrs.put(meta.series_attributes())
+        try:
+            group = root.require_group(OME_SERIES_GROUP)
+        except zarr.errors.ContainsGroupError:  # created meanwhile (require is check-then-create)
+            group = zarr.open_group(root.store, path=OME_SERIES_GROUP, mode="r+", zarr_format=3)
+        group.attrs.put(meta.series_attributes())
 
 
 def seal_collection(meta: CollectionAttributes) -> CollectionAttributes:
