@@ -363,7 +363,7 @@ def _crop_fns(
     """(cold, reused-client) read functions of one tool, each returning (image, labels)."""
     sl = tuple(slice(a, b) for a, b in box)
     url = f"s3://{BUCKET}/{key}"
-    if tool in ("ctzarr", "ctzarr-fsspec"):
+    if tool in ("ctzarr", "ctzarr-fsspec", "ctzarr-eager"):
         import ctzarr
 
         # "ctzarr-fsspec": the same calls with reads forced through s3fs (CTZARR_IO=fsspec), the
@@ -373,8 +373,11 @@ def _crop_fns(
 
         def read(cold_client: bool) -> tuple[np.ndarray, np.ndarray]:
             so = s3_options(endpoint, cold=cold_client)
-            ds = ctzarr.open_collection(url, storage_options=so)[case_id].crop(structure, margin)
-            ds = ds.compute()
+            case = ctzarr.open_collection(url, storage_options=so)[case_id]
+            if tool == "ctzarr-eager":  # crop(..., lazy=False): numpy, no dask graph
+                ds = case.crop(structure, margin, lazy=False)
+            else:
+                ds = case.crop(structure, margin).compute()
             return ds["image"].values, ds["labels"].values
 
         return (lambda: read(True)), (lambda: read(False))
@@ -663,6 +666,19 @@ def build_rows(r: dict[str, Any]) -> list[tuple[str, ...]]:
                 f"<= {TARGET_CROP_VS_TS:.0f}x its time",
                 o / b <= TARGET_CROP_VS_TS,
             )
+        eager = t.get("ctzarr-eager")
+        if eager and "error" not in eager:
+            for mode, label in (("cold", "cold"), ("reused", "reused client")):
+                o, b = med(eager[mode]), med(tsr[mode])
+                row(
+                    f"1a-eager Crop over S3, `crop(..., lazy=False)`, {label}: ctzarr vs "
+                    "TensorStore",
+                    _fmt_s(o),
+                    _fmt_s(b),
+                    o / b,
+                    f"<= {TARGET_CROP_VS_TS:.0f}x its time",
+                    o / b <= TARGET_CROP_VS_TS,
+                )
         o, b = ours["first_s"], tsr["first_s"]
         row(
             "1a' (info) first cold crop in a fresh process (after imports; imports "
@@ -761,6 +777,8 @@ def build_rows(r: dict[str, Any]) -> list[tuple[str, ...]]:
         )
     )
 
+    if "cluster" not in r:  # --skip-cluster
+        return rows
     cl = r["cluster"]
     one, two = cl["workers_1"], cl["workers_2"]
     t1, t2 = med(one["scan"]), med(two["scan"])
@@ -882,6 +900,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument(
         "--skip-diagnostic", action="store_true", help="skip the cluster runs with 1 inner thread"
     )
+    ap.add_argument(
+        "--skip-cluster",
+        action="store_true",
+        help="run the S3 crop only (writes bench_cloud_crop.json)",
+    )
     args = ap.parse_args(argv)
     data: Path = args.data.resolve()
     cdir = data / "cloud"
@@ -931,13 +954,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     cohort_src = cdir / f"cohort-src-{n_cases}x{'x'.join(map(str, cohort_shape))}"
     cohort_store = cdir / f"cohort-{n_cases}x{'x'.join(map(str, cohort_shape))}.zarr"
-    if not (cohort_src / "done").exists():
+    if args.skip_cluster:
+        pass
+    elif not (cohort_src / "done").exists():
         log(f"writing {n_cases} phantoms {cohort_shape} -> {cohort_src} ...")
         shutil.rmtree(cohort_src, ignore_errors=True)
         run_child("cohort_source", str(cohort_src), str(n_cases), *map(str, cohort_shape))
         (cohort_src / "done").write_text("ok\n")
-    log(f"convert {cohort_src} -> {cohort_store} ...")
-    r["cohort_convert"] = run_child("convert", str(cohort_src), str(cohort_store), "dap_atlas")
+    if not args.skip_cluster:
+        log(f"convert {cohort_src} -> {cohort_store} ...")
+        r["cohort_convert"] = run_child("convert", str(cohort_src), str(cohort_store), "dap_atlas")
 
     # ---- 1. crop over S3
     log("1. crop over S3 (moto) ...")
@@ -961,7 +987,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             json.dumps(ref["box"]),
             ref["segmentation"],
         ]
-        for tool in ("ctzarr", "tensorstore", "zarr", "ctzarr-fsspec"):
+        tools = ["ctzarr", "tensorstore", "zarr", "ctzarr-fsspec"]
+        if _has_eager_crop():
+            tools.insert(1, "ctzarr-eager")
+        for tool in tools:
             log(f"   {tool}: count ...")
             plog.take()
             try:
@@ -982,6 +1011,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     r["crop"] = crop
 
     # ---- 2. cluster scan
+    if args.skip_cluster:
+        return _finish(r, data, args, t_all)
     log("2. cohort scan on LocalCluster ...")
     cl: dict[str, Any] = {}
     cpu = cpu_scaling()
@@ -1000,14 +1031,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cl["local"] = run_child("local_scan", str(cohort_store), str(scan_reps))
     cl["cpu_scaling"] = cpu + cpu_scaling()
     r["cluster"] = cl
+    return _finish(r, data, args, t_all)
 
+
+def _finish(r: dict[str, Any], data: Path, args: Any, t_all: float) -> dict[str, Any]:
     r["total_seconds"] = time.perf_counter() - t_all
     r["table"] = render(r)
-    out = data / ("bench_cloud_quick.json" if args.quick else "bench_cloud.json")
+    name = "bench_cloud_quick" if args.quick else "bench_cloud"
+    out = data / (name + ("_crop" if args.skip_cluster else "") + ".json")
     out.write_text(json.dumps(r, indent=1, default=_json_default) + "\n")
     print(r["table"])
     print(f"\n(total {r['total_seconds']:.0f} s; JSON: {out})")
     return r
+
+
+def _has_eager_crop() -> bool:
+    """Whether the ctzarr under test has ``Case.crop(..., lazy=False)``."""
+    import inspect
+
+    from ctzarr.read.case import Case
+
+    return "lazy" in inspect.signature(Case.crop).parameters
 
 
 def _versions() -> dict[str, str]:

@@ -54,6 +54,11 @@ DATA_VERSION = 1
 
 TARGET_TIME_RATIO = 1.5  # conversion wall time / nibabel load of both files
 TARGET_PEAK_MB = 500.0
+# issue 13: `ctzarr convert` as a command, whole process, against nibabel loading both files
+TARGET_CLI_RATIO = 1.2
+TARGET_CLI_PEAK_MB = 400.0
+#: top-level packages whose import time the importtime row names
+IMPORT_GROUPS = ("zarr", "numba", "numpy", "nibabel", "fsspec", "dask", "scipy", "llvmlite")
 TARGET_GROWTH = 1.10  # peak RSS at 4x the slices / peak RSS at 1x ("not growing")
 TARGET_CT_RATIO = 0.8  # level-0 CT bytes / CT .nii.gz bytes
 TARGET_MASK_RATIO = 0.5  # level-0 mask bytes / mask .nii.gz bytes
@@ -342,20 +347,21 @@ def child_main(argv: list[str]) -> None:
         return
     t_begin = time.time()
     t0 = time.perf_counter()
-    if step == "nib_load":
+    if step in ("nib_load", "nib_load_twice"):
         import nibabel as nib
 
         t_import = time.perf_counter() - t0
         t1 = time.perf_counter()
         arrays = [np.asanyarray(nib.load(p).dataobj) for p in argv[1:]]
         seconds = time.perf_counter() - t1
-        del arrays
-        t2 = time.perf_counter()  # a second load in the same process: the steady state per case
-        arrays = [np.asanyarray(nib.load(p).dataobj) for p in argv[1:]]
-        extra: dict[str, Any] = {
-            "shapes": [list(a.shape) for a in arrays],
-            "second_seconds": time.perf_counter() - t2,
-        }
+        extra: dict[str, Any] = {"shapes": [list(a.shape) for a in arrays]}
+        if step == "nib_load_twice":
+            # a second load in the same process: the steady state per case (its own child, so
+            # that the whole-process baseline is one load, as a `ctzarr convert` is one case)
+            del arrays
+            t2 = time.perf_counter()
+            arrays = [np.asanyarray(nib.load(p).dataobj) for p in argv[1:]]
+            extra["second_seconds"] = time.perf_counter() - t2
     elif step in ("convert", "convert_twice"):
         import ctzarr
 
@@ -432,8 +438,50 @@ def repeat(make_cmd: Any, n: int, before: Any = None, env: dict[str, str] | None
     )
 
 
-def bench_nib_load(ds: Dataset, n: int) -> Stat:
-    return repeat(lambda: _self_cmd("nib_load", str(ds.ct), str(ds.mask)), n)
+def bench_nib_load(ds: Dataset, n: int, step: str = "nib_load") -> Stat:
+    return repeat(lambda: _self_cmd(step, str(ds.ct), str(ds.mask)), n)
+
+
+def _cli_cmd(*args: str) -> list[str]:
+    """``ctzarr ...`` as a user runs it: the console script's module in a fresh interpreter."""
+    return [sys.executable, "-m", "ctzarr.cli", *args]
+
+
+def bench_cli_convert(ds: Dataset, dest: Path, n: int) -> Stat:
+    """``ctzarr convert SRC DEST --layout dap_atlas -q`` in a fresh process, n times."""
+    return repeat(
+        lambda: _cli_cmd("convert", str(ds.root), str(dest), "--layout", "dap_atlas", "-q"),
+        n,
+        before=lambda: shutil.rmtree(dest, ignore_errors=True),
+    )
+
+
+def cli_import_times(ds: Dataset, dest: Path) -> dict[str, float]:
+    """Seconds of imports in one ``ctzarr convert`` process (``python -X importtime``), in
+    total and per top-level package (what the process imported, when it imported it: the
+    numba kernels' own imports happen during the conversion)."""
+    shutil.rmtree(dest, ignore_errors=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-X",
+            "importtime",
+            *_cli_cmd("convert", str(ds.root), str(dest), "--layout", "dap_atlas", "-q")[1:],
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    per_package: dict[str, float] = {}
+    for line in proc.stderr.splitlines():
+        if not line.startswith("import time:") or "[us]" in line:
+            continue
+        _, self_us, _cum, name = (
+            p.strip() for p in line.replace("import time:", "|", 1).split("|")
+        )
+        top = name.split(".")[0]
+        per_package[top] = per_package.get(top, 0.0) + int(self_us) / 1e6
+    return {"total": sum(per_package.values()), **per_package}
 
 
 def bench_convert(ds: Dataset, dest: Path, n: int) -> Stat:
@@ -569,6 +617,39 @@ def build_table(r: dict[str, Any]) -> str:
             (what, value, base, "—" if ratio is None else f"{ratio:.2f}x", target, _verdict(ok))
         )
 
+    cli = r.get("cli_convert")
+    if cli is not None:
+        c_ratio = cli["wall_s"] / nib["wall_s"]
+        row(
+            f"`ctzarr convert` command, whole process, {n0} slices",
+            f"{cli['wall_s']:.2f} s",
+            f"nibabel load (whole process) {nib['wall_s']:.2f} s",
+            c_ratio,
+            f"<= {TARGET_CLI_RATIO}x",
+            c_ratio <= TARGET_CLI_RATIO,
+        )
+        row(
+            f"`ctzarr convert` command, peak RSS, {n0} slices",
+            f"{cli['peak_mb']:.0f} MB",
+            f"nibabel load {nib['peak_mb']:.0f} MB",
+            cli["peak_mb"] / nib["peak_mb"],
+            f"<= {TARGET_CLI_PEAK_MB:.0f} MB",
+            cli["peak_mb"] <= TARGET_CLI_PEAK_MB,
+        )
+        imports = r.get("cli_imports", {})
+        named = ", ".join(
+            f"{k} {imports[k]:.2f}" for k in IMPORT_GROUPS if imports.get(k, 0.0) >= 0.005
+        )
+        rows.append(
+            (
+                "Imports of one `ctzarr convert` (`-X importtime`, one run)",
+                f"{imports.get('total', float('nan')):.2f} s ({named})",
+                f"nibabel child: import {statistics.median(x['import_seconds'] for x in nib['runs']):.2f} s",
+                "—",
+                "—",
+                "—",
+            )
+        )
     t_ratio = conv["wall_s"] / nib["wall_s"]
     row(
         f"Conversion wall time, {n0} slices (child process)",
@@ -591,12 +672,12 @@ def build_table(r: dict[str, Any]) -> str:
     def second(stat: dict[str, Any]) -> float:
         return statistics.median(run["second_seconds"] for run in stat["runs"])
 
-    twice = r["convert_twice"]
-    s_ratio = second(twice) / second(nib)
+    twice, nib_twice = r["convert_twice"], r["nib_load_twice"]
+    s_ratio = second(twice) / second(nib_twice)
     row(
         f"Conversion per case in a running process (second case), {n0} slices",
         f"{second(twice):.2f} s",
-        f"nibabel second load {second(nib):.2f} s",
+        f"nibabel second load {second(nib_twice):.2f} s",
         s_ratio,
         f"<= {TARGET_TIME_RATIO}x",
         s_ratio <= TARGET_TIME_RATIO,
@@ -752,6 +833,16 @@ def describe(r: dict[str, Any]) -> str:
 # ------------------------------------------------------------------------------------------
 
 
+def _ctzarr_location() -> str:
+    """Where the children import ctzarr from (PYTHONPATH may point at another checkout)."""
+    return subprocess.run(
+        [sys.executable, "-c", "import ctzarr, os; print(os.path.dirname(ctzarr.__file__))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
@@ -801,6 +892,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "warmup": asdict(warm_run),
         "nib_load": {},
         "convert": {},
+        "ctzarr": _ctzarr_location(),
     }
     for ds, slices_n in ((base, slices[0]), (tiled, slices[1])):
         log(f"nibabel load, {slices_n} slices x{n} ...")
@@ -809,6 +901,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         dest = out / f"ctzarr-{tag}-{slices_n}.zarr"
         r["convert"][str(slices_n)] = asdict(bench_convert(ds, dest, n))
         if ds is base:
+            log(f"`ctzarr convert` command, {slices_n} slices x{n} ...")
+            r["cli_convert"] = asdict(bench_cli_convert(ds, dest, n))
+            r["cli_imports"] = cli_import_times(ds, dest)
+        if ds is base:
+            log(f"nibabel load twice in one process, {slices_n} slices x{n} ...")
+            r["nib_load_twice"] = asdict(bench_nib_load(ds, n, "nib_load_twice"))
             log(f"ctzarr.convert twice in one process, {slices_n} slices x{n} ...")
             r["convert_twice"] = asdict(
                 repeat(

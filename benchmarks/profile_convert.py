@@ -15,7 +15,9 @@ package itself is not modified):
 - ``index kernel``: ``LabelIndexBuilder.update`` (runs in a worker thread, overlapped with the
   writes), ``wait index``: the main thread blocked on it; ``index finish``: assembly at the end;
 - ``downsample``: the 2x2x2 mean (CT) and nearest (mask) of the pyramid;
-- ``zarr write level i``: ``arr[z0:z1] = slab`` (encode, compress, crc32c, store) per level;
+- ``write CT/mask level i``: ``CaseWriter._write_slab`` per level (ctzarr's shard encoder:
+  blosc, crc32c, store, manifest digests; wall time of the writer threads, overlapped), and
+  inside it ``encode shards`` (blosc + crc32c only); ``zarr write ...``: arrays zarr writes;
 - ``write_index`` / ``header`` / ``commit`` / ``finalize``: metadata writes after the stream.
 
 Wall-clock totals of the main thread add up to the ``convert()`` time up to "other"; the worker
@@ -131,6 +133,15 @@ def instrument(t: Timers) -> None:
     import zarr
 
     zarr.Array.__setitem__ = t.wrap(level_of, zarr.Array.__setitem__)
+
+    def slab_level(self: Any, arr: Any, z0: int, slab: Any) -> str:
+        name = arr.path.rsplit("/", 1)[-1]
+        return f"write {'CT' if arr.dtype.itemsize > 1 else 'mask'} level {name} (writer threads)"
+
+    writer.CaseWriter._write_slab = t.wrap(slab_level, writer.CaseWriter._write_slab)
+    writer.ShardEncoder.encode = t.wrap(
+        "encode shards, blosc + crc32c (writer threads)", writer.ShardEncoder.encode
+    )
     writer.CaseWriter.write = t.wrap("CaseWriter.write (stream total)", writer.CaseWriter.write)
     writer.CaseWriter.write_index = t.wrap("write_index", writer.CaseWriter.write_index)
     writer.CaseWriter.write_nifti_header = t.wrap(

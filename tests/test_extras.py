@@ -58,6 +58,30 @@ def test_stats_parquet_without_pyarrow(saros_store: Path, tmp_path: Path) -> Non
     assert not out.exists()
 
 
+def test_profile_plot_without_matplotlib(saros_store: Path, tmp_path: Path) -> None:
+    out = tmp_path / "profile.png"
+    argv = ["profile", str(saros_store), "case_000", "muscle", "--plot", str(out)]
+    proc = _cli_without(("matplotlib",), argv)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr == (
+        'ctzarr: error: ctzarr profile --plot needs matplotlib: pip install "ctzarr[show]"\n'
+    )
+    assert proc.stdout == ""  # refused before any work
+    assert not out.exists()
+
+
+def test_profile_parquet_without_pyarrow(saros_store: Path, tmp_path: Path) -> None:
+    out = tmp_path / "profile.parquet"
+    argv = ["profile", str(saros_store), "case_000", "muscle", "-o", str(out)]
+    proc = _cli_without(("pyarrow",), argv)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr == (
+        "ctzarr: error: ctzarr profile -o OUT.parquet needs pyarrow: "
+        'pip install "ctzarr[parquet]"\n'
+    )
+    assert not out.exists()
+
+
 def test_stats_csv_needs_no_extras(saros_store: Path, tmp_path: Path) -> None:
     out = tmp_path / "stats.csv"
     proc = _cli_without(("matplotlib", "pyarrow"), ["stats", str(saros_store), "-o", str(out)])

@@ -36,6 +36,9 @@ from ctzarr.model.ome import axis_codes_zyx, origin_zyx
 
 niizarr = pytest.importorskip("niizarr")
 
+#: a store format this release cannot read
+NEWER = FORMAT_VERSION + 1
+
 GOLDEN = Path(__file__).parent / "golden" / "format-1"
 
 #: RFC-4 value (as ngff-zarr writes it) of an axis whose index increases toward each code
@@ -194,11 +197,11 @@ def test_every_group_reads_back_as_its_source(
 ) -> None:
     source, store = _stores(request, LAYOUTS[layout])
     col = ctzarr.open_collection(store)
-    assert col.meta.format_version == FORMAT_VERSION == 2
+    assert col.meta.format_version == FORMAT_VERSION >= 2
     seen = set()
     for cid in col.case_ids:
         case = col[cid]
-        assert case.meta.format_version == 2
+        assert case.meta.format_version == FORMAT_VERSION
         files = case.meta.source_files
         image_src = source / files["image"].path
         ref_affine = nib.load(str(image_src)).affine
@@ -287,20 +290,22 @@ def test_newer_store_format_is_a_typed_error(
 ) -> None:
     copy = tmp_path / "s.zarr"
     shutil.copytree(dap_store, copy)
-    _set_format(copy / "zarr.json", 3)
-    with pytest.raises(ctzarr.UnsupportedFormatError, match=r"format 3\b.*upgrade ctzarr") as info:
+    _set_format(copy / "zarr.json", NEWER)
+    with pytest.raises(
+        ctzarr.UnsupportedFormatError, match=rf"format {NEWER}\b.*upgrade ctzarr"
+    ) as info:
         ctzarr.open_collection(copy)
     assert isinstance(info.value, ctzarr.StoreError)
     assert not isinstance(info.value, ctzarr.ChunkCorruptError)  # not damage: never repaired
-    assert info.value.version == 3
+    assert info.value.version == NEWER
     assert f"ctzarr {ctzarr.__version__}" in str(info.value)  # the writer's release reads it
     # the command line: one line, no traceback, non-zero status
     assert main(["info", str(copy)]) != 0
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
-    assert "format 3" in err
+    assert f"format {NEWER}" in err
     assert "Traceback" not in err
-    # converting into it is refused too (never a format-2 case in a format-3 store)
+    # converting into it is refused too (never an older case in a newer store)
     with pytest.raises(ctzarr.UnsupportedFormatError):
         ctzarr.convert(dap_source, copy, progress=False)
 
@@ -313,13 +318,13 @@ def test_newer_case_format_is_a_typed_error_before_its_layout_is_read(
     cid = ctzarr.open_collection(copy).case_ids[0]
     case_json = copy / "cases" / cid / "zarr.json"
     doc = json.loads(case_json.read_text())
-    doc["attributes"]["ctzarr"]["format_version"] = 3
+    doc["attributes"]["ctzarr"]["format_version"] = NEWER
     del doc["attributes"]["ctzarr"]["nifti"]  # a newer format may look different
     # an array ctzarr 2 would refuse as unsafe: the version is reported, not the array
     doc["consolidated_metadata"]["metadata"]["0"]["data_type"] = "float16"
     case_json.write_text(json.dumps(doc))
     col = ctzarr.open_collection(copy)
-    with pytest.raises(ctzarr.UnsupportedFormatError, match=rf"case '{cid}'.*format 3\b"):
+    with pytest.raises(ctzarr.UnsupportedFormatError, match=rf"case '{cid}'.*format {NEWER}\b"):
         col[cid]
 
 
@@ -353,7 +358,7 @@ def test_export_uses_the_label_header(pairs_store: tuple[Path, Path], tmp_path: 
 
 
 @pytest.mark.parametrize("kind", ["case", "collection"])
-@pytest.mark.parametrize("version", [3, 99])
+@pytest.mark.parametrize("version", [NEWER, 99])
 def test_newer_format_in_attributes_names_version_and_key(
     dap_store: Path, kind: str, version: int
 ) -> None:

@@ -56,6 +56,8 @@ def test_golden_stores_present() -> None:
         ("format-1", "saros"),
         ("format-2", "dap_atlas"),
         ("format-2", "saros"),
+        ("format-3", "dap_atlas"),
+        ("format-3", "saros"),
     } <= names
 
 
@@ -106,3 +108,27 @@ def test_golden_check_is_exact(tmp_path: Path) -> None:
         AssertionError, match=r"case 'case_001': labels 'body_parts': 1 values differ"
     ):
         check_golden_store(copy, expected)
+
+
+def test_golden_check_covers_format3_parts(tmp_path: Path) -> None:
+    """A per-slice sum, a per-chunk count or a joint count off by one fails the check."""
+    fmt = GOLDEN / "format-3"
+    copy = _copy(fmt, "saros.zarr", tmp_path)
+    expected = tmp_path / "expected"
+    facts = json.loads((fmt / "expected" / "saros" / "index.json").read_text())
+    edits = [
+        (("index", "body_parts", "slices"), r"index 'body_parts' label \d+: per-slice counts"),
+        (("index", "body_regions", "chunk_counts"), r"label \d+: per-chunk counts"),
+        (("joint", "body_parts/body_regions", "slices"), r"joint index body_parts/body_regions"),
+    ]
+    for path, match in edits:
+        shutil.rmtree(expected, ignore_errors=True)
+        shutil.copytree(fmt / "expected" / "saros", expected)
+        edited = json.loads(json.dumps(facts))
+        node = edited["cases"]["case_001"]
+        for key in path:
+            node = node[key]
+        node[0][-1][-1] += 1  # the last number of the first label's last row
+        (expected / "index.json").write_text(json.dumps(edited))
+        with pytest.raises(AssertionError, match=match):
+            check_golden_store(copy, expected)

@@ -48,6 +48,9 @@ def stored(dap_store: Path) -> dict[str, Any]:
         "histogram": np.asarray(
             zarr.open_array(case / "labels" / "anatomy" / "index" / "histogram", mode="r")[:]
         ),
+        "slices": np.asarray(
+            zarr.open_array(case / "labels" / "anatomy" / "index" / "slices", mode="r")[:]
+        ),
     }
 
 
@@ -79,16 +82,82 @@ def test_segmentation_attributes_round_trip(stored: dict[str, Any]) -> None:
 
 
 def test_index_round_trips(stored: dict[str, Any]) -> None:
-    idx = LabelIndex.from_attributes(stored["index"], stored["histogram"])
+    idx = LabelIndex.from_attributes(stored["index"], stored["histogram"], slices=stored["slices"])
     assert idx.to_attributes() == stored["index"]
     np.testing.assert_array_equal(idx.histogram_array(), stored["histogram"])
-    again = LabelIndex.from_attributes(idx.to_attributes(), idx.histogram_array())
-    for name in ("labels", "voxel_count", "bbox", "coord_sum", "hist_keys", "hist_counts"):
+    np.testing.assert_array_equal(idx.slices_array(), stored["slices"])
+    assert idx.chunk_counts is not None
+    assert idx.problems() == []
+    again = LabelIndex.from_attributes(
+        idx.to_attributes(), idx.histogram_array(), slices=idx.slices_array()
+    )
+    for name in (
+        "labels",
+        "voxel_count",
+        "bbox",
+        "coord_sum",
+        "hist_keys",
+        "hist_counts",
+        "slice_counts",
+        "slice_sums",
+    ):
         np.testing.assert_array_equal(getattr(again, name), getattr(idx, name))
+    assert again.chunk_counts is not None
+    for got, want in zip(again.chunk_counts, idx.chunk_counts, strict=True):
+        np.testing.assert_array_equal(got, want)
     table = IndexTable.from_attributes(stored["index"])
     label = int(idx.labels[0])
     assert table.bounding_box(label) == tuple(idx.bbox[0].tolist())
     assert table.bounding_box(10**6) is None
+
+
+def test_index_repr_and_dataframe(stored: dict[str, Any]) -> None:
+    idx = LabelIndex.from_attributes(stored["index"], stored["histogram"], slices=stored["slices"])
+    text = repr(idx)
+    assert len(text) < 200, text
+    assert f"{len(idx.labels)} labels" in text
+    assert f"{int(idx.voxel_count.sum()):,} voxels" in text
+    assert str(idx.chunk_grid) in text
+    frame = idx.to_dataframe()
+    assert list(frame.columns) == [
+        "label",
+        "voxel_count",
+        "z_start",
+        "z_stop",
+        "y_start",
+        "y_stop",
+        "x_start",
+        "x_stop",
+        "centroid_z_index",
+        "centroid_y_index",
+        "centroid_x_index",
+        "chunk_count",
+    ]
+    assert frame["label"].tolist() == idx.labels.tolist()
+    np.testing.assert_array_equal(frame[["z_start", "z_stop"]].to_numpy(), idx.bbox[:, :2])
+    np.testing.assert_array_equal(
+        frame["centroid_y_index"].to_numpy(), idx.coord_sum[:, 1] / idx.voxel_count
+    )
+    assert frame["chunk_count"].tolist() == [len(c) for c in idx.chunk_ids]
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda d, s: d["ctzarr"]["chunk_counts"][0].append(1), "one count per listed chunk"),
+        (lambda d, s: d["ctzarr"].update(chunk_counts=[[1]]), "one count per listed chunk"),
+        (lambda d, s: s.__setitem__(0, s[1:]), "rows, the bounding boxes' z extents need"),
+    ],
+    ids=["extra-chunk-count", "too-few-lists", "slices-short"],
+)
+def test_malformed_format3_index_is_refused(
+    stored: dict[str, Any], edit: Callable[[dict[str, Any], list[Any]], None], match: str
+) -> None:
+    attributes = copy.deepcopy(stored["index"])
+    slices = [stored["slices"]]
+    edit(attributes, slices)
+    with pytest.raises(MetadataError, match=match):
+        LabelIndex.from_attributes(attributes, stored["histogram"], "here", slices[0])
 
 
 def test_case_attributes_typed(stored: dict[str, Any]) -> None:

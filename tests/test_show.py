@@ -10,12 +10,20 @@ import pytest
 from matplotlib.image import imread
 
 import ctzarr
+from ctzarr.errors import OutputPathError
 from ctzarr.read.show import (
     BONE_WINDOW,
     FIGSIZE_INCHES,
     LUNG_WINDOW,
+    PROFILE_FIGSIZE_INCHES,
+    SINGLE_FIGSIZE_INCHES,
     SOFT_TISSUE_WINDOW,
+    WINDOW_PRESETS,
+    Window,
     choose_window,
+    parse_window,
+    profile_landmarks,
+    render_profile,
     render_structure,
     scale_bar_mm,
     structure_panels,
@@ -164,7 +172,7 @@ def test_left_kidney_outline_is_on_the_image_right_in_the_png(
 
 def test_window_choice() -> None:
     assert choose_window(-850) == LUNG_WINDOW == (1500, -600)
-    assert choose_window(996) == BONE_WINDOW == (1800, 400)
+    assert choose_window(996) == BONE_WINDOW == (2500, 480)  # OHIF's bone preset
     assert choose_window(60) == SOFT_TISSUE_WINDOW == (400, 40)
     assert choose_window(-400) == SOFT_TISSUE_WINDOW  # the thresholds are strict
     assert choose_window(300) == SOFT_TISSUE_WINDOW
@@ -213,3 +221,145 @@ def test_bad_arguments(ras_and_lps: list[ctzarr.Case], tmp_path: Path) -> None:
         with pytest.raises(ValueError, match=message):
             render_structure(case, "liver", tmp_path / "x.png", **kwargs)  # type: ignore[arg-type]
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("soft_tissue", (400, 40)),
+        ("Soft Tissue", (400, 40)),
+        ("soft-tissue", (400, 40)),
+        ("lung", (1500, -600)),
+        ("liver", (150, 90)),
+        ("bone", (2500, 480)),
+        ("brain", (80, 40)),
+        ("350,50", (350, 50)),
+        ("1500,-600", (1500, -600)),
+        ("80/40", (80, 40)),
+    ],
+)
+def test_window_presets_are_ohif_and_numbers_parse(text: str, expected: tuple[int, int]) -> None:
+    assert parse_window(text) == Window(*map(float, expected))
+
+
+@pytest.mark.parametrize("text", ["lungs", "0,40", "-5,40", "400", "400,40,1", "nan,4", "W400"])
+def test_bad_window_lists_the_presets(text: str) -> None:
+    with pytest.raises(ValueError, match=r"soft_tissue .W400 L40.*brain .W80 L40"):
+        parse_window(text)
+
+
+def test_window_names_cover_the_presets() -> None:
+    assert {window_name(w) for w in WINDOW_PRESETS.values()} == {
+        "soft tissue",
+        "lung",
+        "liver",
+        "bone",
+        "brain",
+    }
+
+
+def test_one_plane_through_a_chosen_slice(ras_and_lps: list[ctzarr.Case]) -> None:
+    """The axial panel at slice k shows exactly the stored slice k, within the box."""
+    for case in ras_and_lps:
+        seg, label, box = case.crop_box("liver", 20.0)
+        bbox = case.index(seg).bbox[list(case.index(seg).labels).index(label.value)]
+        k = int(bbox[0])  # the first slice holding the liver: not its centroid
+        _, _, panels = structure_panels(case, "liver", plane="axial", slice_index=k)
+        assert [p.key for p in panels] == ["axial"]
+        (panel,) = panels
+        assert (panel.dim, panel.index) == ("z", k)
+        stored = np.asarray(case.labels(seg).values)[k, box[1], box[2]]
+        # the same voxels whatever the display flips
+        assert sorted(panel.labels.ravel().tolist()) == sorted(stored.ravel().tolist())
+        image = np.asarray(case.image.values)[k, box[1], box[2]].astype(np.float32)
+        assert sorted(panel.image.ravel().tolist()) == sorted(image.ravel().tolist())
+        # a slice outside the structure is drawn as asked, not moved to the structure
+        far = case.shape[0] - 1 if bbox[1] < case.shape[0] else 0
+        _, _, (far_panel,) = structure_panels(case, "liver", plane="axial", slice_index=far)
+        assert far_panel.index == far
+
+
+def test_each_plane_alone(ras_and_lps: list[ctzarr.Case]) -> None:
+    case = ras_and_lps[1]
+    _, _, every = structure_panels(case, "liver")
+    for panel in every:
+        _, _, (alone,) = structure_panels(case, "liver", plane=panel.key)
+        assert alone.key == panel.key
+        np.testing.assert_array_equal(alone.image, panel.image)
+        np.testing.assert_array_equal(alone.labels, panel.labels)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"plane": "oblique"}, "plane"),
+        ({"slice_index": 3}, "one plane"),
+        ({"plane": "axial", "slice_index": 40}, "outside"),
+        ({"plane": "sagittal", "slice_index": -1}, "outside"),
+    ],
+    ids=["unknown-plane", "slice-without-plane", "slice-past-end", "negative-slice"],
+)
+def test_bad_plane_or_slice(
+    ras_and_lps: list[ctzarr.Case], tmp_path: Path, kwargs: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        render_structure(ras_and_lps[0], "liver", tmp_path / "x.png", **kwargs)  # type: ignore[arg-type]
+    assert not any(tmp_path.iterdir())
+
+
+def test_single_plane_picture_size_and_window_by_name(
+    ras_and_lps: list[ctzarr.Case], tmp_path: Path
+) -> None:
+    out = render_structure(
+        ras_and_lps[0], "liver", tmp_path / "ax.png", plane="axial", window="liver", dpi=40
+    )
+    img = imread(out)
+    assert img.shape[:2] == (
+        round(SINGLE_FIGSIZE_INCHES[1] * 40),
+        round(SINGLE_FIGSIZE_INCHES[0] * 40),
+    )
+
+
+def test_extension_decides_the_format(ras_and_lps: list[ctzarr.Case], tmp_path: Path) -> None:
+    case = ras_and_lps[0]
+    for name in ("a.jpg", "b.JPEG"):
+        out = render_structure(case, "liver", tmp_path / name, dpi=30)
+        assert out.read_bytes()[:3] == b"\xff\xd8\xff"  # a JPEG, not a PNG under a .jpg name
+    for name in ("c.gif", "d.png.txt", "png", ".png"):
+        with pytest.raises(OutputPathError, match="unsupported picture extension"):
+            render_structure(case, "liver", tmp_path / name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jpg", "b.JPEG"]
+
+
+def test_profile_landmarks_are_centroid_slices(ras_and_lps: list[ctzarr.Case]) -> None:
+    import math as m
+
+    case = ras_and_lps[0]
+    marks = profile_landmarks(case, "liver")
+    idx = case.index("anatomy")
+    lm = case.collection.segmentations["anatomy"]
+    expected = {}
+    labels_zyx = np.asarray(case.labels("anatomy").values)
+    for lab in lm.structures():
+        if lab.name == "liver" or ("vertebra" in lab.name and lab.value in idx.labels):
+            zs = np.nonzero(labels_zyx == lab.value)[0]
+            if len(zs):
+                expected[lab.name] = m.floor(zs.mean() + 0.5)
+    assert marks[0][0] == "liver"
+    assert {name: z for name, z, _ in marks} == expected
+    assert [z for _, z, _ in marks[1:]] == sorted(z for _, z, _ in marks[1:])
+    z_world = case.affine @ np.array([0, 0, marks[0][1], 1.0])  # axis-aligned phantom
+    assert marks[0][2] == pytest.approx(z_world[2])
+
+
+def test_render_profile_writes_the_picture(ras_and_lps: list[ctzarr.Case], tmp_path: Path) -> None:
+    case = ras_and_lps[0]
+    out = render_profile(case, case.profile("liver"), tmp_path / "p.png", dpi=40)
+    img = imread(out)
+    assert img.shape[:2] == (
+        round(PROFILE_FIGSIZE_INCHES[1] * 40),
+        round(PROFILE_FIGSIZE_INCHES[0] * 40),
+    )
+    assert img[..., :3].std() > 0.05
+    with pytest.raises(OutputPathError):
+        render_profile(case, case.profile("liver"), tmp_path / "p.svg")

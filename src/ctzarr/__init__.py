@@ -25,12 +25,14 @@ from .errors import (
     CtzarrError,
     CtzarrWarning,
     IncompleteCaseError,
+    IndexUnavailableError,
     InvalidCaseIdError,
     InvalidNiftiError,
     LabelMapError,
     LayoutError,
     MetadataError,
     MissingDependencyError,
+    OutputPathError,
     RemotePermissionError,
     RemoteStoreError,
     SegmentationNotFoundError,
@@ -47,6 +49,7 @@ from .model.labels import Label, LabelMap
 if TYPE_CHECKING:
     from .read.case import Case
     from .read.collection import Collection, open_collection
+    from .train.sampler import PatchSampler
     from .write.convert import CaseResult, ConversionReport, convert
 
 # The reading side pulls in dask.array, xarray and pandas (~1.5 s, ~140 MB); a conversion needs
@@ -66,6 +69,10 @@ def __getattr__(name: str) -> Any:
         from .write import convert
 
         return getattr(convert, name)
+    if name == "PatchSampler":  # over the reading side: loads it on first use too
+        from .train import sampler
+
+        return sampler.PatchSampler
     raise AttributeError(f"module 'ctzarr' has no attribute {name!r}")
 
 
@@ -86,6 +93,7 @@ __all__ = [
     "CtzarrError",
     "CtzarrWarning",
     "IncompleteCaseError",
+    "IndexUnavailableError",
     "InvalidCaseIdError",
     "InvalidNiftiError",
     "Label",
@@ -94,6 +102,8 @@ __all__ = [
     "LayoutError",
     "MetadataError",
     "MissingDependencyError",
+    "OutputPathError",
+    "PatchSampler",
     "RemotePermissionError",
     "RemoteStoreError",
     "SegmentationNotFoundError",

@@ -1,4 +1,5 @@
-"""``ctzarr demo``: phantom datasets in the DAP Atlas and SAROS layouts, converted and queried."""
+"""``ctzarr demo``: phantom datasets in the DAP Atlas, SAROS and TotalSegmentator layouts,
+converted and queried."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from ctzarr.read.collection import open_collection
-from ctzarr.testing.phantom import write_dap_atlas, write_saros
+from ctzarr.testing.phantom import write_dap_atlas, write_saros, write_totalsegmentator
 from ctzarr.write.convert import convert
 
 __all__ = ["run_demo"]
@@ -33,12 +34,26 @@ def run_demo(
     sources = out / "sources"
     print(f"ctzarr demo in {out}/")
     dap_src, saros_src = sources / "dap_atlas", sources / "saros"
+    ts_src = sources / "totalsegmentator"
     if not (dap_src / "labels.json").exists():
         write_dap_atlas(dap_src, n_cases=3, shape_zyx=(80, 96, 96), seed=1)
     if not (saros_src / "Segmentation-Info.csv").exists():
         write_saros(saros_src, n_cases=2, shape_zyx=(60, 80, 80), seed=2)
-    stores = {"dap_atlas": out / "dap_atlas.zarr", "saros": out / "saros.zarr"}
-    for name, src in (("dap_atlas", dap_src), ("saros", saros_src)):
+    if not (ts_src / "meta.csv").exists():
+        # one mask file per structure (empty ones too), tasks total and tissue_types
+        write_totalsegmentator(
+            ts_src, n_cases=2, shape_zyx=(60, 72, 72), seed=3, tasks=("total", "tissue_types")
+        )
+    stores = {
+        "dap_atlas": out / "dap_atlas.zarr",
+        "saros": out / "saros.zarr",
+        "totalsegmentator": out / "totalsegmentator.zarr",
+    }
+    for name, src in (
+        ("dap_atlas", dap_src),
+        ("saros", saros_src),
+        ("totalsegmentator", ts_src),
+    ):
         src_bytes = sum(f.stat().st_size for f in src.rglob("*.nii.gz"))
         t0 = time.perf_counter()
         report = convert(src, stores[name], progress=progress)
@@ -57,6 +72,7 @@ def run_demo(
         f"  ctzarr show {stores['dap_atlas']} {open_collection(stores['dap_atlas']).case_ids[0]} 'kidney left' "
         f"-o {out / 'kidney.png'}\n"
         f"  ctzarr stats {stores['saros']} --segmentation body_regions\n"
+        f"  ctzarr stats {stores['totalsegmentator']} --structure liver --structure skeletal_muscle\n"
         f"  ctzarr export {stores['saros']} case_000 {out / 'export'}\n"
         f"  ctzarr verify {stores['dap_atlas']}\n"
         "  python -c \"import ctzarr; col = ctzarr.open_collection('"
@@ -84,4 +100,9 @@ def _summarise(store: Path) -> None:
                 else f" ({len(idx.annotated_slices)} annotated slices)"
             )
             parts.append(f"{seg}: {len(idx.labels)} labels{sparse}; largest {names}")
-        print(f"  {case.case_id} {case.shape}: " + "; ".join(parts))
+        meta = ", ".join(f"{k} {v}" for k, v in case.attributes.items() if k in _META_SHOWN)
+        print(f"  {case.case_id} {case.shape}{f' ({meta})' if meta else ''}: " + "; ".join(parts))
+
+
+#: case attributes the summary shows (TotalSegmentator's meta.csv has these)
+_META_SHOWN = ("age", "gender", "split")

@@ -20,12 +20,14 @@ __all__ = [
     "CtzarrError",
     "CtzarrWarning",
     "IncompleteCaseError",
+    "IndexUnavailableError",
     "InvalidCaseIdError",
     "InvalidNiftiError",
     "LabelMapError",
     "LayoutError",
     "MetadataError",
     "MissingDependencyError",
+    "OutputPathError",
     "RemotePermissionError",
     "RemoteStoreError",
     "SegmentationNotFoundError",
@@ -243,3 +245,17 @@ class MissingDependencyError(CtzarrError, ImportError):
 
     def __reduce__(self) -> tuple[type[MissingDependencyError], tuple[str, str, str]]:
         return type(self), (self.module, self.extra, self.feature)
+
+
+class IndexUnavailableError(StoreError):
+    """A query needs index data that the case's store format does not hold (per-slice counts
+    and sums, per-chunk counts: format 3), or a joint index that was not written.
+
+    Not damage: the store predates the feature. The message names the case, the segmentation
+    and the format version, and says how to get the data (convert again; ``ctzarr reindex``).
+    """
+
+
+class OutputPathError(CtzarrError, ValueError):
+    """An output path a command cannot write: an extension that names no supported format, or
+    a file where a folder is needed. The message names the option, the path and the formats."""

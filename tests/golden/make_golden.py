@@ -21,7 +21,11 @@ What it writes into OUT (refused if OUT exists):
   directory belongs to;
 - ``expected/<collection>/index.json``: the collection's dataset id, case ids and segmentations,
   per case its shape and, per segmentation, the labels present with their voxel counts and
-  half-open (z, y, x) bounding boxes, and the annotated slice indices of sparse maps;
+  half-open (z, y, x) bounding boxes, and the annotated slice indices of sparse maps; from
+  format 3 on also, per label, ``chunk_counts`` (``[chunk id, voxels]`` of every chunk holding
+  it, chunk ids flat in C order of the index's chunk grid) and ``slices`` (``[z, voxels, sum of
+  values]`` of every slice holding it), and per case with two segmentations A < B a ``joint``
+  entry ``"A/B"``: radix, pair codes ``a * radix + b`` present, their voxel counts and slices;
 - ``expected/<collection>/<case_id>.npz``: the level-0 image and label arrays and the affine,
   read by nibabel from the source NIfTI files (``np.asanyarray(img.dataobj)`` transposed to
   (z, y, x)), not from the store (the big-endian case's image stays big-endian, as nibabel
@@ -140,6 +144,67 @@ def _check_rows(stats: pd.DataFrame, expected: dict[tuple[str, str, int], dict[s
                 assert row[col] == value, (key, col, row[col], value)
 
 
+def _chunk_and_slice_facts(
+    codes: np.ndarray, image: np.ndarray, labels: list[int], chunk: tuple[int, int, int]
+) -> dict[str, Any]:
+    """Per label: [chunk id, voxels] of its chunks and [z, voxels, value sum] of its slices."""
+    starts = [np.arange(0, n, c) for n, c in zip(codes.shape, chunk, strict=True)]
+    values = image.astype(np.int64)  # integer phantoms: the histogram key is the value
+    chunk_counts, slices = [], []
+    for label in labels:
+        mask = codes == label
+        per_chunk = mask.astype(np.int64)
+        for axis, s in enumerate(starts):
+            per_chunk = np.add.reduceat(per_chunk, s, axis=axis)
+        flat = per_chunk.ravel()
+        chunk_counts.append([[int(i), int(flat[i])] for i in np.flatnonzero(flat)])
+        counts = mask.sum(axis=(1, 2))
+        sums = np.where(mask, values, 0).sum(axis=(1, 2))
+        slices.append([[int(z), int(counts[z]), int(sums[z])] for z in np.flatnonzero(counts)])
+    return {"chunk_counts": chunk_counts, "slices": slices}
+
+
+def _index_facts(idx: Any) -> dict[str, Any]:
+    """The same facts as the release's index holds them."""
+    chunk_counts, slices = [], []
+    for label in idx.labels.tolist():
+        ids, counts = idx.chunk_voxel_counts(label)
+        chunk_counts.append([[int(i), int(c)] for i, c in zip(ids, counts, strict=True)])
+        z, n, s = idx.slice_profile(label)
+        slices.append([[int(a), int(b), int(c)] for a, b, c in zip(z, n, s, strict=True)])
+    return {"chunk_counts": chunk_counts, "slices": slices}
+
+
+def _joint_facts(
+    case: Any, layout: str, arrays: dict[str, np.ndarray], image: np.ndarray
+) -> dict[str, Any]:
+    """Joint index facts of each pair of segmentations A < B, from the arrays alone."""
+    out: dict[str, Any] = {}
+    names = sorted(k.removeprefix("labels/") for k in arrays if k.startswith("labels/"))
+    skip = {0, IGNORE[layout]}
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            la, lb = arrays[f"labels/{a}"], arrays[f"labels/{b}"]
+            found = case.joint_index(a, b)
+            assert found is not None, (case.case_id, a, b)
+            joint, radix, flipped = found
+            assert not flipped
+            valid = ~np.isin(la, list(skip - {None})) & ~np.isin(lb, list(skip - {None}))
+            codes = np.where(valid, la.astype(np.int64) * radix + lb, -1)
+            present = sorted(set(np.unique(codes).tolist()) - {-1})
+            facts = {
+                "radix": radix,
+                "labels": present,
+                "voxel_count": [int((codes == c).sum()) for c in present],
+                **_chunk_and_slice_facts(codes, image, present, joint.chunk_shape),
+            }
+            assert joint.labels.tolist() == present, (case.case_id, a, b)
+            assert joint.voxel_count.tolist() == facts["voxel_count"], (case.case_id, a, b)
+            assert _index_facts(joint) == {k: facts[k] for k in ("chunk_counts", "slices")}
+            out[f"{a}/{b}"] = facts
+    return out
+
+
 def _collection(layout: str, src: Path, dest: Path, expected: Path) -> dict[str, Any]:
     report = ctzarr.convert(src, dest, layout=layout, progress=False)
     assert report.ok, report
@@ -185,7 +250,13 @@ def _collection(layout: str, src: Path, dest: Path, expected: Path) -> dict[str,
             assert idx.bbox.tolist() == seg_facts["bbox"], (case_id, seg)
             got_slices = None if idx.annotated_slices is None else idx.annotated_slices.tolist()
             assert got_slices == seg_facts["annotated_slices"], (case_id, seg)
+            if getattr(idx, "chunk_counts", None) is not None:  # format 3 on
+                extra = _chunk_and_slice_facts(labels, image, sorted(rows), idx.chunk_shape)
+                assert _index_facts(idx) == extra, (case_id, seg)
+                seg_facts.update(extra)
             case_facts["index"][seg] = seg_facts
+        if len(label_paths) > 1 and hasattr(case, "joint_index"):  # format 3 on
+            case_facts["joint"] = _joint_facts(case, layout, arrays, image)
         # the release reads back exactly what nibabel reads from the source
         assert np.array_equal(case.affine, affine), case_id
         assert np.array_equal(case.image.values, image), case_id

@@ -1,354 +1,468 @@
-"""The ``ctzarr`` command line: each command parses its arguments and calls one library function.
+"""The ``ctzarr`` command line: argument parsing, dispatch and the one-line error report.
 
-Bad input ends with one line on stderr and exit status 1 (2 for usage errors); never a
-traceback. ``CTZARR_DEBUG=1`` shows tracebacks.
+This module imports nothing heavy (no zarr, numpy, dask, xarray, pandas, numba): ``ctzarr
+--help``, ``ctzarr CMD --help`` and usage errors answer at once. Each command lives in
+:mod:`ctzarr.cli.commands` (or :mod:`ctzarr.cli.info` for ``info``), imported only when it
+runs, and calls one library function.
+
+Bad input ends with one line on stderr and exit status 1 (2 for usage errors), never a
+traceback; ``CTZARR_DEBUG=1`` shows tracebacks. A closed stdout (``ctzarr info STORE | head``)
+ends quietly with status 0.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
+import os
 import sys
-from collections.abc import Sequence
+import textwrap
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ctzarr import config
 from ctzarr._version import __version__
-from ctzarr.catalog import catalog_path, load_catalog
-from ctzarr.errors import CtzarrError
-from ctzarr.extras import require
-from ctzarr.io.urls import allow_local_targets
-from ctzarr.model.table import SUMMARY_COLUMNS
-from ctzarr.run import cluster
-from ctzarr.write.convert import convert
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
 
+DESCRIPTION = """\
+Convert whole-body CT segmentation datasets (DAP Atlas, SAROS, TotalSegmentator, or any
+image/mask pairs) into chunked Zarr v3 / OME-Zarr stores, and query them: per-structure volume
+and HU statistics for a whole cohort, crops of one structure with context, body composition
+along the body, quick-look pictures. Stores may live on disk, in S3/GCS buckets or on an
+HTTPS server.
+"""
 
-def _storage_options(text: str | None) -> dict[str, Any] | None:
-    if not text:
-        return None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise CtzarrError(f"--storage-options must be a JSON object: {exc}") from exc
-    if not isinstance(value, dict):
-        raise CtzarrError("--storage-options must be a JSON object")
-    return value
+EPILOG = """\
+examples:
+  ctzarr demo                                   phantom datasets, converted and queried
+  ctzarr convert DAP_Atlas/ dap.zarr            convert a dataset (layout detected)
+  ctzarr info dap.zarr                          what a store holds
+  ctzarr stats dap.zarr --structure liver -o liver.csv
+  ctzarr crop dap.zarr CASE "kidney left" --margin-mm 10 -o kidney.nii.gz
+  ctzarr show dap.zarr CASE liver -o liver.png
 
+Run "ctzarr COMMAND --help" for the options of a command. Remote stores: s3://, gs://,
+https:// URLs (credentials from the usual AWS_* / GOOGLE_* variables or --storage-options).
+CTZARR_DEBUG=1 shows the traceback of an error.
+"""
 
-# The reading side (ctzarr.read, ctzarr.demo) pulls in dask.array, xarray and pandas (~1.5 s):
-# imported by the commands that read, so that `ctzarr convert` and `ctzarr --help` start fast.
+LAYOUTS = ("dap_atlas", "saros", "totalsegmentator", "pairs")
 
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from ctzarr.demo import run_demo  # heavy: the reading side
-
-    run_demo(args.directory, progress=not args.quiet)
-    return 0
-
-
-def _client(args: argparse.Namespace) -> Any:
-    """A dask client from --scheduler ADDRESS or --workers N, else None (local threads)."""
-    if getattr(args, "scheduler", None):
-        client = cluster.connect(args.scheduler)
-    elif getattr(args, "workers", None):
-        client = cluster.start_local_cluster(args.workers)
-    else:
-        return None
-    print(f"dask dashboard: {client.dashboard_link}")
-    return client
+WINDOW_HELP = (
+    "CT window: a preset (soft_tissue W400/L40, lung W1500/L-600, liver W150/L90, "
+    "bone W2500/L480, brain W80/L40) or WIDTH,LEVEL in HU "
+    "(default: chosen from the structure's median HU)"
+)
 
 
-def cmd_convert(args: argparse.Namespace) -> int:
-    client = _client(args)
-    try:
-        report = convert(
-            args.source,
-            args.dest,
-            layout=args.layout,
-            cases=args.case or None,
-            overwrite=args.overwrite,
-            storage_options=_storage_options(args.storage_options),
-            progress=not args.quiet,
-            labels=args.labels or None,
-            client=client,
-        )
-    finally:
-        if client is not None:
-            client.close()
-    print(report)
-    return 0 if report.ok else 1
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown after each help text (not for flags and unset options), descriptions and
+    example epilogs kept as written."""
 
-
-def cmd_info(args: argparse.Namespace) -> int:
-    from ctzarr.read.collection import open_collection  # heavy: the reading side
-
-    col = open_collection(args.store, storage_options=_storage_options(args.storage_options))
-    print(col)
-    for name, lm in col.segmentations.items():
-        extra = f", ignore value {lm.ignore_value}" if lm.ignore_value is not None else ""
-        print(
-            f"  segmentation {name}: label map {lm.name!r}, {len(lm.structures())} structures{extra}"
-        )
-    cases = [args.case] if args.case else col.case_ids
-    for cid in cases:
-        case = col[cid]
-        spacing = " x ".join(f"{s:g}" for s in case.spacing)
-        print(
-            f"  {cid}: (z, y, x) {case.shape}, spacing {spacing} mm, {case.levels} levels, "
-            f"image {case.meta.nifti.value_dtype.str}"
-        )
-        if args.case:
-            for seg in case.segmentation_names:
-                idx = case.index(seg)
-                lm = col.segmentations[seg]
-                print(f"    {seg}: {len(idx.labels)} labels present")
-                for label, n in zip(idx.labels.tolist(), idx.voxel_count.tolist(), strict=True):
-                    print(f"      {label:>4} {lm[label].name:<32} {n:>12} voxels")
-    return 0
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    from ctzarr.read.collection import open_collection  # heavy: the reading side
-
-    col = open_collection(args.store, storage_options=_storage_options(args.storage_options))
-    for role, path in col[args.case].to_nifti(args.outdir).items():
-        print(f"{role}: {path}")
-    return 0
-
-
-def cmd_verify(args: argparse.Namespace) -> int:
-    from ctzarr.read.verify import verify  # heavy: the reading side
-
-    report = verify(
-        args.store, storage_options=_storage_options(args.storage_options), repair=args.repair
-    )
-    print(report)
-    for note in report.notes:  # what the store's format cannot prove
-        print(f"ctzarr: note: {note}", file=sys.stderr)
-    return 0 if report.ok or (args.repair and len(report.problems) == len(report.repaired)) else 1
-
-
-def cmd_stats(args: argparse.Namespace) -> int:
-    from ctzarr.read.collection import open_collection  # heavy: the reading side
-
-    if args.output and str(args.output).endswith(".parquet"):  # before any case is read
-        require("pyarrow", "parquet", "ctzarr stats -o OUT.parquet")
-    col = open_collection(args.store, storage_options=_storage_options(args.storage_options))
-    client = _client(args)
-    try:
-        df = col.stats(
-            structures=args.structure or None,
-            cases=args.case or None,
-            segmentation=args.segmentation,
-            method="scan" if args.scan else "index",
-            client=client,
-        )
-    finally:
-        if client is not None:
-            client.close()
-    if args.output:
-        out = str(args.output)
-        if out.endswith(".parquet"):
-            df.to_parquet(out, index=False)
-        elif out.endswith(".csv"):
-            df.to_csv(out, index=False)
-        else:
-            raise ValueError(f"-o {out}: write .csv or .parquet")
-        print(f"{len(df)} rows -> {out}")
-    else:
-        import pandas as pd  # heavy, and loaded by col.stats already
-
-        cols = SUMMARY_COLUMNS + (["annotated_slices"] if "annotated_slices" in df else [])
-        with pd.option_context(
-            "display.max_rows", None, "display.width", 200, "display.precision", 2
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        help_text = action.help or ""
+        if (
+            action.default is None
+            or action.default is False
+            or action.default == argparse.SUPPRESS
+            or "%(default)" in help_text
+            or "(default" in help_text
         ):
-            print(df[cols].to_string(index=False))
-    return 0
+            return help_text
+        return super()._get_help_string(action)
 
 
-def cmd_crop(args: argparse.Namespace) -> int:
-    from ctzarr.read.collection import open_collection  # heavy: the reading side
+def _examples(*lines: str) -> str:
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
 
-    col = open_collection(args.store, storage_options=_storage_options(args.storage_options))
-    written = col[args.case].crop_to_nifti(
-        _structure(args.structure),
-        args.output,
-        margin_mm=args.margin_mm,
-        segmentation=args.segmentation,
+
+def _add_storage_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--storage-options",
+        metavar="JSON",
+        help="fsspec options for a remote store, e.g. '{\"anon\": true}' or "
+        '\'{"endpoint_url": "https://s3.example.org"}\' (default: credentials and endpoint '
+        "from the environment)",
     )
-    for role, path in written.items():
-        print(f"{role}: {path}")
-    return 0
 
 
-def cmd_show(args: argparse.Namespace) -> int:
-    from ctzarr.read.collection import open_collection  # heavy: the reading side
-    from ctzarr.read.show import render_structure  # heavy: matplotlib
-
-    col = open_collection(args.store, storage_options=_storage_options(args.storage_options))
-    path = render_structure(
-        col[args.case],
-        _structure(args.structure),
-        args.output,
-        segmentation=args.segmentation,
-        margin_mm=args.margin_mm,
+def _add_cluster(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="run on this dask scheduler, e.g. tcp://10.0.0.5:8786 (needs ctzarr[distributed])",
     )
-    print(path)
-    return 0
+    p.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="start a local dask cluster of N worker processes (needs ctzarr[distributed]; "
+        "default: threads of this process)",
+    )
 
 
-def _structure(text: str) -> str | int:
-    return int(text) if text.isdigit() else text
-
-
-def cmd_catalog(args: argparse.Namespace) -> int:
-    sources = load_catalog(args.catalog)
-    print(f"catalog: {args.catalog or catalog_path()}")
-    for name, entry in sources.items():
-        desc = " ".join(str(entry.get("description", "")).split())
-        url = (entry.get("args") or {}).get("urlpath", "")
-        print(f"{name}\n  {desc[:160]}{'...' if len(desc) > 160 else ''}\n  store: {url}")
-    return 0
+def _sub(
+    sub: Any, name: str, help_text: str, description: str, examples: str
+) -> argparse.ArgumentParser:
+    parser: argparse.ArgumentParser = sub.add_parser(
+        name,
+        help=help_text,
+        description=textwrap.fill(description, 88),  # raw descriptions: wrapped here
+        epilog=examples,
+        formatter_class=HelpFormatter,
+    )
+    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of every command."""
+    """The argument parser of every command (imports nothing heavy)."""
     p = argparse.ArgumentParser(
-        prog="ctzarr", description=__doc__.split("\n")[0] if __doc__ else None
+        prog="ctzarr", description=DESCRIPTION, epilog=EPILOG, formatter_class=HelpFormatter
     )
     p.add_argument("--version", action="version", version=f"ctzarr {__version__}")
-    p.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what happens (INFO level)")
     p.add_argument(
         "--allow-local",
         action="store_true",
         help="let catalog entries point at local paths, file://, http:// or private hosts",
     )
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    d = sub.add_parser(
-        "demo", help="generate phantom DAP Atlas and SAROS datasets, convert and query them"
+    d = _sub(
+        sub,
+        "demo",
+        "generate phantom datasets, convert them and query them",
+        "Write small phantom datasets in the DAP Atlas, SAROS (and TotalSegmentator) layouts into "
+        "DIRECTORY, convert them to Zarr stores and print what the queries answer.",
+        _examples("ctzarr demo", "ctzarr demo /tmp/ctzarr-demo -q"),
     )
-    d.add_argument("directory", nargs="?", default="ctzarr-demo")
-    d.add_argument("-q", "--quiet", action="store_true")
-    d.set_defaults(func=cmd_demo)
+    d.add_argument("directory", nargs="?", default="ctzarr-demo", help="where to write")
+    d.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
-    c = sub.add_parser(
-        "convert", help="convert a dataset (dap_atlas, saros or pairs layout) into a store"
+    c = _sub(
+        sub,
+        "convert",
+        "convert a dataset into a collection store",
+        "Convert a dataset (DAP Atlas, SAROS, TotalSegmentator, or a manifest of image/mask "
+        "pairs) into a Zarr v3 collection store. A re-run resumes: complete cases whose "
+        "source did not change are skipped, interrupted ones are redone.",
+        _examples(
+            "ctzarr convert DAP_Atlas/ dap.zarr",
+            "ctzarr convert SAROS/ s3://bucket/saros.zarr --workers 4",
+            "ctzarr convert manifest.csv out.zarr --layout pairs --labels labels.json",
+            "ctzarr convert TotalSegmentator/ ts.zarr --case s0011 --case s0012",
+        ),
     )
-    c.add_argument("source", help="dataset directory or manifest CSV (path or fsspec URL)")
-    c.add_argument("dest", help="collection store (.zarr path or fsspec URL)")
-    c.add_argument("--layout", choices=["dap_atlas", "saros", "pairs"])
+    c.add_argument("source", help="dataset directory or manifest CSV/YAML (path or URL)")
+    c.add_argument("dest", help="collection store to write (.zarr path or s3://, gs:// URL)")
     c.add_argument(
-        "--labels", action="append", metavar="[NAME=]FILE", help="label map (JSON/YAML id -> name)"
+        "--layout",
+        choices=LAYOUTS,
+        help="dataset layout (default: detected from the files)",
     )
     c.add_argument(
-        "--case", action="append", metavar="ID", help="convert only this case (repeatable)"
+        "--labels",
+        action="append",
+        metavar="[NAME=]FILE",
+        help="label map file (JSON/YAML id -> name) of segmentation NAME; repeatable "
+        "(default: the layout's own label maps)",
     )
-    c.add_argument("--overwrite", action="store_true", help="replace cases whose source changed")
-    c.add_argument("--scheduler", metavar="ADDRESS", help="run on this dask scheduler")
     c.add_argument(
-        "--workers", type=int, metavar="N", help="start a local cluster of N worker processes"
+        "--case",
+        action="append",
+        metavar="ID",
+        help="convert only this case; repeatable (default: every case)",
     )
-    c.add_argument("--storage-options", metavar="JSON", help="fsspec options for remote URLs")
+    c.add_argument(
+        "--overwrite", action="store_true", help="replace stored cases whose source changed"
+    )
+    _add_cluster(c)
+    _add_storage_options(c)
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    c.set_defaults(func=cmd_convert)
 
-    i = sub.add_parser("info", help="describe a store (or one case with --case)")
-    i.add_argument("store")
-    i.add_argument("--case")
-    i.add_argument("--storage-options", metavar="JSON")
-    i.set_defaults(func=cmd_info)
+    i = _sub(
+        sub,
+        "info",
+        "describe a store (or one case with --case)",
+        "Describe a collection store: its dataset, segmentations and cases; with --case, the "
+        "structures of that case and their voxel counts. Reads metadata only.",
+        _examples(
+            "ctzarr info dap.zarr",
+            "ctzarr info dap.zarr --case AutoPET_0011f3deaf_10445",
+            "ctzarr info s3://bucket/saros.zarr --storage-options '{\"anon\": true}'",
+        ),
+    )
+    i.add_argument("store", help="collection store (path, URL or catalog name)")
+    i.add_argument("--case", metavar="ID", help="list the structures of this case")
+    _add_storage_options(i)
 
-    e = sub.add_parser("export", help="write a case back to .nii.gz files")
-    e.add_argument("store")
-    e.add_argument("case")
-    e.add_argument("outdir")
-    e.add_argument("--storage-options", metavar="JSON")
-    e.set_defaults(func=cmd_export)
+    e = _sub(
+        sub,
+        "export",
+        "write a case back to NIfTI files",
+        "Write a case's image and segmentations back to .nii.gz files in OUTDIR (created if "
+        "missing), with the values and affine of the source files.",
+        _examples("ctzarr export dap.zarr AutoPET_0011f3deaf_10445 out/"),
+    )
+    e.add_argument("store", help="collection store (path, URL or catalog name)")
+    e.add_argument("case", help="case id")
+    e.add_argument("outdir", help="output directory (created with its parents if missing)")
+    _add_storage_options(e)
 
-    v = sub.add_parser("verify", help="check completeness, checksums and index of a store")
-    v.add_argument("store")
+    v = _sub(
+        sub,
+        "verify",
+        "check completeness, checksums and index of a store",
+        "Check a store like fsck: every case complete, every object the one its manifest "
+        "lists, every chunk decodes, every index agrees with the voxels. Exit status 1 when a "
+        "problem is found.",
+        _examples("ctzarr verify dap.zarr", "ctzarr verify dap.zarr --repair"),
+    )
+    v.add_argument("store", help="collection store (path, URL or catalog name)")
     v.add_argument(
         "--repair", action="store_true", help="remove leftovers of interrupted conversions"
     )
-    v.add_argument("--storage-options", metavar="JSON")
-    v.set_defaults(func=cmd_verify)
+    _add_storage_options(v)
 
-    st = sub.add_parser(
-        "stats", help="per-structure statistics (volume, HU, centroid, bounding box)"
+    st = _sub(
+        sub,
+        "stats",
+        "per-structure statistics (volume, HU, centroid, bounding box)",
+        "Per-structure statistics for every case (or the chosen ones), from the index written "
+        "at conversion (no voxel read) or recomputed with --scan. With --within, only the "
+        "voxels inside a structure of another segmentation count (body composition); with "
+        "--at, the statistics of the one axial slice through a landmark's centroid.",
+        _examples(
+            "ctzarr stats dap.zarr --structure liver --structure spleen",
+            "ctzarr stats dap.zarr -o stats.parquet",
+            "ctzarr stats saros.zarr --segmentation body_regions --within body_parts:torso",
+            'ctzarr stats dap.zarr --at "vertebrae L3" --structure "autochthon left" -o l3.csv',
+        ),
     )
-    st.add_argument("store")
+    st.add_argument("store", help="collection store (path, URL or catalog name)")
     st.add_argument(
-        "--structure", action="append", metavar="NAME", help="structure name or id (repeatable)"
+        "--structure",
+        action="append",
+        metavar="NAME",
+        help="structure name or id; repeatable (default: every structure present)",
     )
-    st.add_argument("--case", action="append", metavar="ID", help="only this case (repeatable)")
-    st.add_argument("--segmentation")
+    st.add_argument(
+        "--case", action="append", metavar="ID", help="only this case; repeatable (default: all)"
+    )
+    st.add_argument(
+        "--segmentation",
+        metavar="NAME",
+        help="segmentation of the structures (default: every segmentation that has them)",
+    )
+    st.add_argument(
+        "--within",
+        metavar="SEG:STRUCTURE",
+        help="count only voxels inside this structure of another segmentation, e.g. "
+        "body_parts:torso",
+    )
+    st.add_argument(
+        "--at",
+        metavar="STRUCTURE",
+        help="statistics on the axial slice through this landmark's centroid, e.g. \"vertebrae "
+        'L3" (SEG:STRUCTURE when several segmentations have the name)',
+    )
     st.add_argument(
         "--scan", action="store_true", help="recompute from the voxels instead of the index"
     )
-    st.add_argument("-o", "--output", metavar="OUT.csv|OUT.parquet")
-    st.add_argument("--scheduler", metavar="ADDRESS", help="run on this dask scheduler")
     st.add_argument(
-        "--workers", type=int, metavar="N", help="start a local cluster of N worker processes"
+        "-o",
+        "--output",
+        metavar="OUT",
+        help="write the table to OUT.csv, OUT.parquet or OUT.json (default: print a summary)",
     )
-    st.add_argument("--storage-options", metavar="JSON")
-    st.set_defaults(func=cmd_stats)
+    _add_cluster(st)
+    _add_storage_options(st)
 
-    cr = sub.add_parser("crop", help="crop a structure with a margin and write it as .nii.gz")
-    cr.add_argument("store")
-    cr.add_argument("case")
-    cr.add_argument("structure")
-    cr.add_argument("--margin-mm", type=float, default=0.0)
-    cr.add_argument("--segmentation")
-    cr.add_argument("-o", "--output", required=True, metavar="OUT.nii.gz")
-    cr.add_argument("--storage-options", metavar="JSON")
-    cr.set_defaults(func=cmd_crop)
+    pr = _sub(
+        sub,
+        "profile",
+        "area and mean HU of a structure along z, slice by slice",
+        "One row per axial slice holding the structure: voxel count, area (mm²), mean HU and "
+        "the slice's world z (z_mm), read from the index. --plot draws area and mean HU "
+        "along z with landmark slices marked (the structure's centroid, and the vertebrae "
+        "present in the case).",
+        _examples(
+            "ctzarr profile saros.zarr case_000 muscle",
+            "ctzarr profile dap.zarr CASE liver -o liver_profile.csv --plot liver_profile.png",
+        ),
+    )
+    pr.add_argument("store", help="collection store (path, URL or catalog name)")
+    pr.add_argument("case", help="case id")
+    pr.add_argument("structure", help="structure name or id")
+    pr.add_argument(
+        "--segmentation",
+        metavar="NAME",
+        help="segmentation of the structure (default: the one that has it)",
+    )
+    pr.add_argument(
+        "--scan", action="store_true", help="recompute from the voxels instead of the index"
+    )
+    pr.add_argument(
+        "-o",
+        "--output",
+        metavar="OUT",
+        help="write the table to OUT.csv, OUT.parquet or OUT.json (default: print it)",
+    )
+    pr.add_argument(
+        "--plot",
+        metavar="OUT.png",
+        help="also draw area and mean HU along z to OUT.png (or .jpg); needs ctzarr[show]",
+    )
+    _add_storage_options(pr)
 
-    sh = sub.add_parser("show", help="three orthogonal slices through a structure, as PNG")
-    sh.add_argument("store")
-    sh.add_argument("case")
-    sh.add_argument("structure")
-    sh.add_argument("--margin-mm", type=float, default=20.0)
-    sh.add_argument("--segmentation")
-    sh.add_argument("-o", "--output", required=True, metavar="OUT.png")
-    sh.add_argument("--storage-options", metavar="JSON")
-    sh.set_defaults(func=cmd_show)
+    cr = _sub(
+        sub,
+        "crop",
+        "crop a structure with a margin and write it as NIfTI",
+        "Crop a structure's bounding box grown by --margin-mm and write the image to OUT "
+        "and the labels beside it (OUT_labels.nii.gz, or OUT_labels.nii for an .nii OUT), with "
+        "the affine that overlays the source. Reads only the chunks the box touches.",
+        _examples(
+            'ctzarr crop dap.zarr AutoPET_0011f3deaf_10445 "kidney left" --margin-mm 10 '
+            "-o kidney.nii.gz",
+            "ctzarr crop saros.zarr case_000 torso --segmentation body_parts -o crops/torso.nii",
+        ),
+    )
+    cr.add_argument("store", help="collection store (path, URL or catalog name)")
+    cr.add_argument("case", help="case id")
+    cr.add_argument("structure", help="structure name or id")
+    cr.add_argument(
+        "--margin-mm", type=float, default=0.0, metavar="MM", help="margin around the box in mm"
+    )
+    cr.add_argument(
+        "--segmentation",
+        metavar="NAME",
+        help="segmentation of the structure (default: the one that has it)",
+    )
+    cr.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="OUT.nii.gz",
+        help="image file, .nii.gz or .nii (parent folders created)",
+    )
+    _add_storage_options(cr)
 
-    k = sub.add_parser("catalog", help="list the datasets of the catalog")
-    k.add_argument("--catalog", help="catalog file (default: $CTZARR_CATALOG or the shipped one)")
-    k.set_defaults(func=cmd_catalog)
+    sh = _sub(
+        sub,
+        "show",
+        "a picture of a structure: CT slices with its outline",
+        "Draw CT slices through a structure (by default axial, coronal and sagittal through "
+        "its centroid) in radiological convention, cropped to its box grown by --margin-mm, "
+        "with the label outlined. The extension of OUT decides the format (.png, .jpg). Needs "
+        "ctzarr[show].",
+        _examples(
+            "ctzarr show dap.zarr AutoPET_0011f3deaf_10445 liver -o liver.png",
+            "ctzarr show dap.zarr CASE liver --plane axial --slice 40 --window liver -o l.png",
+            "ctzarr show saros.zarr case_000 muscle --window 400,50 -o muscle.jpg",
+        ),
+    )
+    sh.add_argument("store", help="collection store (path, URL or catalog name)")
+    sh.add_argument("case", help="case id")
+    sh.add_argument("structure", help="structure name or id")
+    sh.add_argument(
+        "--plane",
+        choices=("axial", "coronal", "sagittal", "all"),
+        default="all",
+        help="which slice to draw; all = the three planes side by side",
+    )
+    sh.add_argument(
+        "--slice",
+        type=int,
+        metavar="N",
+        help="stored index of the slice along the plane's normal (axial: z, coronal: y, "
+        "sagittal: x); needs one --plane (default: through the structure's centroid)",
+    )
+    sh.add_argument("--window", metavar="PRESET|W,L", help=WINDOW_HELP)
+    sh.add_argument(
+        "--margin-mm", type=float, default=20.0, metavar="MM", help="context around the box in mm"
+    )
+    sh.add_argument(
+        "--segmentation",
+        metavar="NAME",
+        help="segmentation of the structure (default: the one that has it)",
+    )
+    sh.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="OUT.png",
+        help="picture file, .png, .jpg or .jpeg (parent folders created)",
+    )
+    _add_storage_options(sh)
+
+    k = _sub(
+        sub,
+        "catalog",
+        "list the datasets of the catalog",
+        "List the datasets of the catalog (catalog.yaml): description and where the converted "
+        "store lives. Their names open with ctzarr info NAME.",
+        _examples("ctzarr catalog", "ctzarr catalog --catalog my_catalog.yaml"),
+    )
+    k.add_argument(
+        "--catalog",
+        metavar="FILE",
+        help="catalog file (default: $CTZARR_CATALOG, else the catalog shipped with ctzarr)",
+    )
     return p
+
+
+def _command(name: str) -> Callable[[argparse.Namespace], int]:
+    """The function of a command, imported only now (the heavy imports are in there)."""
+    if name == "info":
+        from ctzarr.cli import info
+
+        return info.cmd_info
+    from ctzarr.cli import commands
+
+    return getattr(commands, f"cmd_{name}")  # type: ignore[no-any-return]
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's final flush does not raise again
+    (the Python docs' note on SIGPIPE)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout without a file descriptor (captured)
+        pass
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
     debug = False
     try:
-        debug = config.get("debug")  # CTZARR_DEBUG=1
+        debug = bool(config.get("debug"))  # CTZARR_DEBUG=1
+        func = _command(args.command)
+        from ctzarr.io.urls import allow_local_targets
+
         with allow_local_targets(True if args.allow_local else None):
-            return int(args.func(args))
+            status = int(func(args))
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's last flush
+        return status
+    except BrokenPipeError:  # `ctzarr info STORE | head -3`: the reader has what it wanted
+        _quiet_stdout()
+        return 0
     except KeyboardInterrupt:
         print("ctzarr: interrupted", file=sys.stderr)
         return 130
-    except (CtzarrError, OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
-        # store damage is a StoreCorruptError naming the key; whatever else escapes still ends
-        # as one line, never a traceback or an empty message
+    except Exception as exc:  # every failure ends as one line, never a traceback
         if debug:
             raise
-        msg = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
-        msg = " ".join(msg.split())
-        if isinstance(exc, RecursionError) or not msg:
-            msg = f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
-        print(f"ctzarr: error: {msg}", file=sys.stderr)
+        from ctzarr.cli.errors import describe
+
+        print(f"ctzarr: error: {describe(exc, args)}", file=sys.stderr)
         return 1
 
 

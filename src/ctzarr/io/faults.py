@@ -15,6 +15,7 @@ import enum
 import functools
 import math
 import re
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from types import ModuleType
@@ -102,7 +103,18 @@ def _retry_after(headers: Any) -> float | None:
         return None  # an HTTP date: ignored, the backoff applies
 
 
+#: S3 codes that mean the credentials in use are wrong or stale (not that access is refused)
+BAD_CREDENTIAL_S3_CODES = frozenset(
+    {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"}
+)
+
+
 def _status_fault(status: int, text: str, headers: Any = None, code: str = "") -> Fault:
+    if code in BAD_CREDENTIAL_S3_CODES:
+        text += (
+            " (the AWS credentials in use are wrong or expired: check AWS_ACCESS_KEY_ID, "
+            "AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN or AWS_PROFILE)"
+        )
     if status in (401, 403) or code in PERMISSION_S3_CODES:
         return Fault(FaultKind.PERMISSION, text, status, answered=True)
     if status in RETRY_STATUSES or code in RETRY_S3_CODES:
@@ -127,8 +139,50 @@ def _botocore_fault(exc: Any) -> Fault:
     return _status_fault(status, text, meta.get("HTTPHeaders"), code)
 
 
+#: what to do when no AWS credentials are found (botocore's NoCredentialsError, or obstore
+#: falling back to the instance metadata service, which is absent or refuses off EC2)
+NO_AWS_CREDENTIALS = (
+    "no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (with "
+    "AWS_SESSION_TOKEN for temporary keys) or AWS_PROFILE; a public bucket needs storage "
+    'options {"anon": true} (ctzarr CLI: --storage-options \'{"anon": true}\')'
+)
+
+# where AWS SDKs look for credentials last: EC2 instance metadata (its address, or any
+# endpoint set by AWS_EC2_METADATA_SERVICE_ENDPOINT: its paths), ECS/EKS container endpoints
+_CREDENTIAL_ENDPOINTS = (
+    "169.254.169.254",
+    "169.254.170.2",
+    "169.254.170.23",
+    "fd00:ec2::254",
+    "/latest/api/token",
+    "/latest/meta-data/iam",
+)
+
+
+def _credentials_fault(exc: BaseException) -> Fault | None:
+    """A missing or unusable credential (not an answer of the store's server), or None."""
+    name = type(exc).__name__
+    if type(exc).__module__.startswith("botocore"):
+        if name in ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"):
+            return Fault(FaultKind.PERMISSION, f"{NO_AWS_CREDENTIALS} ({_describe(exc)})")
+        if name == "ProfileNotFound":
+            return Fault(
+                FaultKind.PERMISSION,
+                f"AWS profile {getattr(exc, 'kwargs', {}).get('profile', '')!r} not found "
+                "(AWS_PROFILE names a profile of ~/.aws/config or ~/.aws/credentials)",
+            )
+    if type(exc).__module__.startswith("obstore") and any(
+        host in str(exc) for host in _CREDENTIAL_ENDPOINTS
+    ):
+        return Fault(FaultKind.PERMISSION, NO_AWS_CREDENTIALS)
+    return None
+
+
 def _one(exc: BaseException) -> Fault | None:
     """The fault one exception of a chain stands for, or None to look further down the chain."""
+    fault = _credentials_fault(exc)
+    if fault is not None:
+        return fault
     fault = _obstore_fault(exc)
     if fault is not None:
         return fault
@@ -217,7 +271,19 @@ _S3_CODE = re.compile(r"<Code>([A-Za-z]+)</Code>")
 _S3_MESSAGE = re.compile(r"<Message>([^<]*)</Message>")
 _KIND = re.compile(r"HttpError \{\s*kind: (\w+)")
 _OS_MESSAGE = re.compile(r'(?:message|error): "([^"]+)"')
+_ENDPOINT = re.compile(r"Error performing \w+ (\w+://\S+)")
 _PREFIX = re.compile(r"^Generic \w+ error: |Error performing \w+ \S+ in [\d.]+\S* - ")
+
+
+def _origin(url: str) -> str:
+    """``scheme://host:port`` of a URL: no user info, path or query."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        port = f":{parts.port}" if parts.port is not None else ""
+    except ValueError:
+        port = ""
+    host = parts.hostname or ""
+    return f"{parts.scheme}://{f'[{host}]' if ':' in host else host}{port}"
 
 
 def _first_line(exc: BaseException) -> str:
@@ -249,9 +315,9 @@ def _obstore_fault(exc: BaseException) -> Fault | None:
             description += f" {code}"
             if message_match and message_match.group(1).strip():
                 description += f": {message_match.group(1).strip()}"
-        if denied:
-            return Fault(FaultKind.PERMISSION, description, status, answered=True)
         fault = _status_fault(status, description, None, code)
+        if denied:
+            return Fault(FaultKind.PERMISSION, fault.description, status, answered=True)
         if status == 429:
             # obstore keeps the response headers to itself, so a Retry-After cannot be read: a
             # rate-limited request waits the policy's longest backoff instead (max_backoff_s)
@@ -265,7 +331,11 @@ def _obstore_fault(exc: BaseException) -> Fault | None:
     kind_name = kind.group(1) if kind else ""
     detail = _OS_MESSAGE.search(text)
     if kind_name == "Connect":
-        return Fault(FaultKind.CONNECT, f"cannot connect ({detail.group(1) if detail else head})")
+        endpoint = _ENDPOINT.search(text)  # name the server: an S3 endpoint is not in the URL
+        where = f" to {_origin(endpoint.group(1))}" if endpoint else ""
+        return Fault(
+            FaultKind.CONNECT, f"cannot connect{where} ({detail.group(1) if detail else head})"
+        )
     if kind_name == "Timeout":
         return Fault(FaultKind.TRANSIENT, f"no response in time ({head})")
     if kind_name == "Request" and "IncompleteMessage" in text:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
+import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -22,6 +24,43 @@ from ctzarr.io.urls import is_remote, local_path, redact_url, url_protocol
 #: opened, so the setting is applied around our own opens only, never to the user's zarr config.
 _ZARRS_PIPELINE = "zarrs.ZarrsCodecPipeline"
 
+# -- fork safety ----------------------------------------------------------------------------------
+# Two Rust runtimes do not survive fork(): zarrs' rayon thread pool (zarrs-python#195, rayon#708)
+# and the tokio runtime behind obstore's async calls (obstore: "not fork safe"; tokio#4301). Each
+# starts with its first call and keeps no thread in a forked child, where the first call then
+# waits forever: a torch DataLoader worker (fork is its default start method) hung on its first
+# read after the parent had read once (tests/test_fork_safety.py). Neither can be reset from
+# Python, so a child forked from a process that had loaded them never uses them: arrays opened
+# there get zarr's default pipeline and read-only remote stores fsspec (both reset their own
+# state after fork: zarr's event loop, fsspec's loop and instance caches). Python-side pools
+# are reset by their owners (ctzarr.io.chunks' decode pool), except dask's: its threaded
+# scheduler keeps the parent's default ThreadPoolExecutor, whose threads a child lacks, and a
+# child's first compute (``case.image.values``) waited forever on it; the child drops it, and
+# dask makes a new one on the next compute.
+
+#: Rust runtimes loaded in a process this one was forked from (inherited by its own children)
+_INHERITED_RUNTIMES: frozenset[str] = frozenset()
+
+
+def _after_fork_in_child() -> None:
+    global _INHERITED_RUNTIMES
+    loaded = {name for name in ("zarrs", "obstore") if name in sys.modules}
+    _INHERITED_RUNTIMES = _INHERITED_RUNTIMES | loaded
+    threaded: Any = sys.modules.get("dask.threaded")  # only when the parent had loaded it
+    if threaded is not None and hasattr(threaded, "default_pool"):
+        threaded.default_pool = None
+        threaded.pools = type(threaded.pools)(dict)  # keyed by the parent's threads
+        threaded.pools_lock = threading.Lock()  # it may have been held at the fork
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def inherited_runtime(name: str) -> bool:
+    """Whether this process was forked from one that had loaded the Rust library ``name``
+    (``"zarrs"`` or ``"obstore"``), whose runtime the fork left without threads."""
+    return name in _INHERITED_RUNTIMES
+
 
 @contextlib.contextmanager
 def codec_pipeline(store: Store | None = None) -> Iterator[None]:
@@ -29,8 +68,12 @@ def codec_pipeline(store: Store | None = None) -> Iterator[None]:
 
     Only for local stores: with fsspec's HTTP filesystem the Rust pipeline deadlocks on
     zarr-python's event loop (observed with zarrs 0.2.3), and remote reads are bound by
-    requests, not decoding.
+    requests, not decoding. Never in a process forked from one that had loaded zarrs (its
+    thread pool did not survive the fork: see above).
     """
+    if inherited_runtime("zarrs"):
+        yield
+        return
     try:
         import zarrs  # noqa: F401
     except ImportError:  # pragma: no cover - zarrs is a dependency, but stay usable without it
@@ -157,7 +200,9 @@ def make_store(
         or the ``CTZARR_IO`` environment variable) reads through obstore when it is installed
         and can express the options (:mod:`ctzarr.io.obstore`: a new client in milliseconds, no
         HEAD before GETs), else through fsspec; ``obstore`` is the same; ``fsspec`` always uses
-        fsspec. Writable stores always use fsspec.
+        fsspec. Writable stores always use fsspec, and so does every store of a process
+        forked from one that had loaded obstore (its runtime does not survive a fork: see "fork
+        safety" above).
 
     Raises
     ------
@@ -179,7 +224,7 @@ def make_store(
                 url, storage_options=dict(storage_options or {}), read_only=read_only
             )
         policy = retry if retry is not None else RetryPolicy.from_config()
-        if read_only:
+        if read_only and not inherited_runtime("obstore"):  # see "fork safety" above
             fast = object_store(url, storage_options, policy, io)
             if fast is not None:
                 return RetryingStore(fast, policy=policy, url=redact_url(url))

@@ -22,9 +22,10 @@ What no library does for us, and why it is written here:
   the chains ctzarr writes, each ending in crc32c), data types, shape and chunk-count caps, node
   names, and (local stores) no symlink leaving the store.
 
-Local stores are checked just before each read (the Rust pipeline reads files itself: a few
-``pread`` calls per shard, see :class:`CheckedArray`); remote stores through
-:class:`StrictStore`, which sees every request.
+Local stores: a box read (every crop, every dask block) reads each shard index and inner chunk
+it needs once, checks it, and decodes it directly (:mod:`ctzarr.io.chunks`); other selections
+are checked the same way just before zarr reads them (:class:`CheckedArray`). Remote stores:
+through :class:`StrictStore`, which sees every request.
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ import json
 import math
 import os
 import struct
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+import threading
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +47,8 @@ import zarr
 from zarr.abc.store import ByteRequest, RangeByteRequest, Store, SuffixByteRequest
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
 from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
-from zarr.storage import LocalStore, WrapperStore
+from zarr.core.group import AsyncGroup, GroupMetadata
+from zarr.storage import LocalStore, StorePath, WrapperStore
 
 from ctzarr.errors import (
     ChunkCorruptError,
@@ -53,6 +57,8 @@ from ctzarr.errors import (
     StoreCorruptError,
     UnsafeStoreError,
 )
+from ctzarr.io import chunks
+from ctzarr.io.chunks import box_of, squeeze_ints
 from ctzarr.io.stores import read_key
 from ctzarr.model.manifest import (
     Integrity,
@@ -100,6 +106,9 @@ _INDEX_ENTRY = 16  # (offset, nbytes) as two little-endian uint64
 _EMPTY = 2**64 - 1
 
 
+_PENDING_BYTES = 2**26  # stored bytes a direct read holds before decoding them
+
+
 # -- array layouts: what each array of a case must look like -----------------------------------
 @dataclass(frozen=True)
 class ArrayLayout:
@@ -112,6 +121,10 @@ class ArrayLayout:
     itemsize: int
     blosc: bool  # inner chunks are blosc frames
     sharded: bool
+    #: the stored data type with its byte order (``"<i2"``), and the fill value (for the
+    #: direct reads of :meth:`CheckedArray.read_box`)
+    stored_dtype: str = ""
+    fill_value: Any = 0
 
     @property
     def inner_nbytes(self) -> int:
@@ -219,11 +232,19 @@ def _layout(path: str, meta: Any, where: str) -> ArrayLayout:
     if kinds not in ([BytesCodec, BloscCodec, Crc32cCodec], [BytesCodec, Crc32cCodec]):
         names = [c.to_dict()["name"] if hasattr(c, "to_dict") else type(c).__name__ for c in codecs]
         raise bad(f"codec chain {names} is not in the allowlist (bytes, [blosc], crc32c)")
-    itemsize = int(meta.data_type.to_native_dtype().itemsize)
+    native = meta.data_type.to_native_dtype()
+    itemsize = int(native.itemsize)
+    endian = next((getattr(c, "endian", None) for c in codecs if isinstance(c, BytesCodec)), None)
+    big = str(getattr(endian, "value", endian)) == "big"
+    stored = np.dtype(native).newbyteorder(">" if big else "<").str
+    fill = meta.fill_value
+    fill = fill.item() if isinstance(fill, np.generic) else fill
     n_chunks = math.prod(-(-s // c) for s, c in zip(shape, inner, strict=True))
     if n_chunks > MAX_CHUNKS or math.prod(inner) * itemsize > MAX_CHUNK_BYTES:
         raise bad(f"{n_chunks} chunks of {inner} exceed the caps")
-    return ArrayLayout(path, shape, grid, inner, itemsize, BloscCodec in kinds, sharded)
+    return ArrayLayout(
+        path, shape, grid, inner, itemsize, BloscCodec in kinds, sharded, stored, fill
+    )
 
 
 def validate_case_metadata(group: zarr.Group, where: str) -> dict[str, ArrayLayout]:
@@ -377,27 +398,61 @@ def _where(case_where: str, array_path: str, key: str) -> str:
 class CheckedArray:
     """A zarr array of a committed case whose reads are strict.
 
-    Before a read, every stored object the selection touches is checked against the manifest
-    (present, same size, same shard index) and every blosc frame header against the chunk size,
-    on local stores with a few ``pread`` calls (the Rust pipeline reads the files itself, so no
-    store wrapper sees them); on remote stores :class:`StrictStore` does the same per request. A
-    failed decode is re-raised naming the array and the chunk. Everything else is the zarr
-    array's (``shape``, ``dtype``, ``shards``, ...).
+    Every stored object a read touches is checked against the manifest (present, same size,
+    same shard index) and every inner chunk read against its crc32c, its format-2 digest and
+    (blosc) its frame header against the chunk size. On local stores a box (ints and unit-step
+    slices: crops, dask blocks) is read with a few ``pread`` calls per shard, checked, and
+    decoded directly in parallel (:meth:`read_box`, :mod:`ctzarr.io.chunks`): each byte is
+    read once and no zarr machinery runs; other selections are checked the same way and then
+    read by zarr. On remote stores :class:`StrictStore` checks every request. A failed decode
+    is raised naming the array and the chunk. Everything else is the zarr array's (``shards``,
+    ``chunks``, ...; the zarr array is opened on first use).
     """
 
     def __init__(
         self,
-        array: zarr.Array[Any],
+        array: zarr.Array[Any] | Callable[[], zarr.Array[Any]],
         layout: ArrayLayout,
         records: Mapping[str, ShardRecord],
         where: str,
+        *,
+        local_dir: Path | None = None,
     ) -> None:
-        self._array = array
+        """``array``: the zarr array, or a function opening it when first needed (the direct
+        reads of a local store need only ``layout`` and ``local_dir``, the array's directory;
+        given an array, ``local_dir`` is taken from its store)."""
         self._layout = layout
         self._records = dict(records)
         self._where = where
-        store = array.store
-        self._local_dir = Path(store.root) / array.path if isinstance(store, LocalStore) else None
+        if isinstance(array, zarr.Array):
+            self._zarr: zarr.Array[Any] | None = array
+            self._opener: Callable[[], zarr.Array[Any]] | None = None
+            store = array.store
+            local_dir = Path(store.root) / array.path if isinstance(store, LocalStore) else None
+        else:
+            self._zarr, self._opener = None, array
+        self._local_dir = local_dir
+        self._open_lock = threading.Lock()
+
+    @property
+    def _array(self) -> zarr.Array[Any]:
+        """The zarr array (opened on first use)."""
+        if self._zarr is None:
+            with self._open_lock:
+                if self._zarr is None:
+                    assert self._opener is not None
+                    self._zarr = self._opener()
+        return self._zarr
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_zarr"], state["_opener"] = self._array, None  # an opener may not pickle
+        del state["_open_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._open_lock = threading.Lock()
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):  # unpickling looks up __setstate__ before _array exists
@@ -405,26 +460,33 @@ class CheckedArray:
         return getattr(self._array, name)
 
     def __repr__(self) -> str:
-        return f"<CheckedArray {self._where}: {self._layout.path} {self._array.shape} {self._array.dtype}>"
+        return f"<CheckedArray {self._where}: {self._layout.path} {self.shape} {self.dtype}>"
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(self._array.shape)
+        return tuple(self._layout.shape)
 
     @property
     def dtype(self) -> np.dtype[Any]:
+        if self._layout.stored_dtype:
+            return np.dtype(self._layout.stored_dtype).newbyteorder("=")
         return self._array.dtype
 
     @property
     def ndim(self) -> int:
-        return len(self._array.shape)
+        return len(self._layout.shape)
 
     def __getitem__(self, selection: Any) -> Any:
+        if self._local_dir is not None:
+            box = box_of(selection, self._layout.shape)
+            if box is not None:  # the direct path: each byte read once, checked, decoded
+                out = self._read_local_box(box)
+                return out[squeeze_ints(selection, len(box))]
         touched = self._layout.touched(selection)
         keys = [key for key, _ in touched]
         if self._local_dir is not None:
             for key, inner in touched:
-                self._check_local(key, inner)
+                self._local_frames(key, inner)
         try:
             return self._array[selection]
         except (ChunkCorruptError, ChunkMissingError, UnsafeStoreError):
@@ -438,9 +500,89 @@ class CheckedArray:
                 f"{type(exc).__name__}: {exc} (run ctzarr verify for the exact chunk)"
             ) from exc
 
-    def _check_local(self, key: str, inner: Sequence[int]) -> None:
+    def read_box(self, box: Sequence[slice]) -> np.ndarray:
+        """A box (unit-step slices, one per axis) as a numpy array.
+
+        Local stores: the inner chunks the box touches are read once, checked (manifest, shard
+        index, crc32c, blosc header, format-2 digest) and decoded directly
+        (:mod:`ctzarr.io.chunks`), in parallel. Remote stores: through zarr and
+        :class:`StrictStore`, which checks every request.
+        """
+        if self._local_dir is None:
+            return np.asarray(self[tuple(box)])
+        extents = box_of(tuple(box), self._layout.shape)
+        if extents is None:
+            raise IndexError(f"read_box takes unit-step slices, got {box!r}")
+        return self._read_local_box(extents)
+
+    def _read_local_box(self, box: tuple[tuple[int, int], ...]) -> np.ndarray:
+        out, tasks = self._box_tasks(box)
+        chunks.run(tasks)
+        return out
+
+    def _box_tasks(
+        self, box: tuple[tuple[int, int], ...]
+    ) -> tuple[np.ndarray, list[Callable[[], None]]]:
+        """The output of a local box read (filled) and the tasks that decode into it. The
+        objects and shard indexes are checked here; each task checks its inner chunk (crc32c,
+        frame header, digest) before decoding it, so the checks run in parallel too."""
+        lay = self._layout
+        out = chunks.fill([stop - start for start, stop in box], self.dtype, lay.fill_value)
+        stored = np.dtype(lay.stored_dtype) if lay.stored_dtype else out.dtype
+        tasks: list[Callable[[], None]] = []
+        pending = 0  # stored bytes held by the tasks not yet run
+        for key, reads in chunks.plan(box, lay.grid, lay.inner).items():
+            checks: dict[int, Callable[[], None]] = {}
+            frames = self._local_frames(key, [r.inner for r in reads], checks)
+            for r in reads:
+                frame = frames.get(r.inner)
+                if frame is not None:
+                    tasks.append(self._decode_task(frame, checks.get(r.inner), r, stored, out))
+                    pending += len(frame)
+            if pending > _PENDING_BYTES:  # a large read: decode as it goes, memory bounded
+                chunks.run(tasks)
+                tasks, pending = [], 0
+        return out, tasks
+
+    def _decode_task(
+        self,
+        frame: bytes,
+        check: Callable[[], None] | None,
+        r: chunks.InnerRead,
+        stored: np.dtype[Any],
+        out: np.ndarray,
+    ) -> Callable[[], None]:
+        lay = self._layout
+
+        def task() -> None:
+            if check is not None:
+                check()  # raises before a byte of an unchecked chunk is decoded
+            try:
+                chunk = chunks.decode(frame, lay.blosc, stored, lay.inner, r.source)
+            except Exception as exc:  # blosc's own errors, after every check passed
+                raise ChunkCorruptError(
+                    f"{_where(self._where, lay.path, r.key)}: inner chunk {r.inner} failed to "
+                    f"decode: {type(exc).__name__}: {exc}"
+                ) from exc
+            out[r.target] = chunk[r.source]
+
+        return task
+
+    def _local_frames(
+        self,
+        key: str,
+        inner: Sequence[int],
+        deferred: dict[int, Callable[[], None]] | None = None,
+    ) -> dict[int, bytes]:
         """One stored object against the manifest, and the inner chunks about to be read
-        (their crc32c, their frame headers against the chunk size)."""
+        (their crc32c, their frame headers against the chunk size, format 2: their digests).
+
+        Returns the bytes (crc32c trailer included) of each stored inner chunk asked for, by
+        flat index (an unsharded object is inner chunk 0); chunks not stored (all fill, as the
+        manifest says) are absent. With ``deferred``, the checks of each inner chunk of a shard
+        are not run here but put there, by flat index, for the caller to run before decoding
+        it; otherwise every chunk returned is checked.
+        """
         assert self._local_dir is not None
         where = _where(self._where, self._layout.path, key)
         rec = self._records.get(key)
@@ -449,12 +591,13 @@ class CheckedArray:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
         except FileNotFoundError:
             if rec is None:
-                return  # never stored: all fill (background), as the manifest says
+                return {}  # never stored: all fill (background), as the manifest says
             raise ChunkMissingError(
                 f"{where}: missing from the store (the manifest lists it)"
             ) from None
         except OSError as exc:  # ELOOP: a symlink
             raise UnsafeStoreError(f"{where}: cannot be opened safely: {exc}") from exc
+        out: dict[int, bytes] = {}
         try:
             size = os.fstat(fd).st_size
             if rec is None:
@@ -467,22 +610,73 @@ class CheckedArray:
                 )
             lay = self._layout
             if not lay.sharded:
-                whole = os.pread(fd, size, 0)
+                whole = _pread(fd, size, 0, where)
                 _check_chunk(whole, lay, where)
                 if rec.has_digests:
                     _check_whole(whole, rec, where)
-                return
+                out[0] = whole
+                return out
             assert lay.index_nbytes is not None
-            index = os.pread(fd, lay.index_nbytes, size - lay.index_nbytes)
+            index = _pread(fd, lay.index_nbytes, size - lay.index_nbytes, where)
             _check_index_record(index, rec, where)
             entries = _parse_index(index, lay, where)
             for i in inner:
                 for off, n in _inner_ranges(entries[i : i + 1], size, lay, where):
-                    chunk = os.pread(fd, n, off)
-                    _check_chunk(chunk, lay, where)
-                    _check_inner_digest(chunk, rec, entries, i, where)
+                    chunk = _pread(fd, n, off, where)
+                    check = _inner_check(chunk, lay, rec, entries, i, where)
+                    if deferred is None:
+                        check()
+                    else:
+                        deferred[i] = check
+                    out[i] = chunk
         finally:
             os.close(fd)
+        return out
+
+
+def _inner_check(
+    chunk: bytes, lay: ArrayLayout, rec: ShardRecord, entries: np.ndarray, i: int, where: str
+) -> Callable[[], None]:
+    """The checks of one inner chunk read from a shard: crc32c, frame header, digest."""
+
+    def check() -> None:
+        _check_chunk(chunk, lay, where)
+        _check_inner_digest(chunk, rec, entries, i, where)
+
+    return check
+
+
+def read_boxes(reads: Sequence[tuple[CheckedArray, Sequence[slice]]]) -> list[np.ndarray]:
+    """Several boxes (e.g. a crop's image and labels) as numpy arrays, read together: the
+    inner chunks of local arrays decoded in one parallel batch, remote arrays read
+    concurrently (see :meth:`CheckedArray.read_box`)."""
+    outs: list[np.ndarray | None] = [None] * len(reads)
+    tasks: list[Callable[[], None]] = []
+
+    def remote(i: int, arr: CheckedArray, box: Sequence[slice]) -> Callable[[], None]:
+        def task() -> None:
+            outs[i] = arr.read_box(box)
+
+        return task
+
+    for i, (arr, box) in enumerate(reads):
+        extents = box_of(tuple(box), arr._layout.shape)
+        if arr._local_dir is None or extents is None:
+            tasks.append(remote(i, arr, box))
+            continue
+        out, more = arr._box_tasks(extents)
+        outs[i] = out
+        tasks += more
+    chunks.run(tasks)  # raises the first failure; otherwise every output is set
+    return [out for out in outs if out is not None]
+
+
+def _pread(fd: int, n: int, offset: int, where: str) -> bytes:
+    """``n`` bytes at ``offset``; a short read (the file shrank under us) is corruption."""
+    data = os.pread(fd, n, offset)
+    if len(data) != n:
+        raise ChunkCorruptError(f"{where}: short read ({len(data)} of {n} bytes)")
+    return data
 
 
 # -- remote stores: every request checked --------------------------------------------------------
@@ -675,6 +869,54 @@ def open_group_checked(
         raise StoreCorruptError(
             f"{where}: {key}: unreadable metadata document ({_short(exc)})", key
         ) from None
+
+
+#: parsed group documents by (store, path, BLAKE3 of the bytes): a document re-read with the
+#: same bytes is the same metadata, one with other bytes (a re-converted case) a miss
+_GROUP_CACHE: OrderedDict[tuple[str, str, str], GroupMetadata] = OrderedDict()
+_GROUP_CACHE_SIZE = 64
+_GROUP_CACHE_LOCK = threading.Lock()
+
+
+def open_group_cached(
+    store: Store, path: str, where: str, store_key: str
+) -> tuple[zarr.Group, str]:
+    """A group opened from one read of its ``zarr.json`` (read-only), and that document's
+    digest.
+
+    Parsing a case's consolidated document into zarr metadata objects costs ~4.5 ms; here it
+    is done once per process for given bytes (``store_key`` names the store, e.g. its URL).
+    The bytes are read and hashed on every open, so a document changed since (a re-converted
+    or tampered case) is parsed afresh, never served from the cache. Errors are those of
+    :func:`open_group_checked` (absent: ``FileNotFoundError``; unreadable:
+    :class:`StoreCorruptError`; refused by zarr: what zarr raises).
+    """
+    key = f"{path}/zarr.json" if path else "zarr.json"
+    raw = read_key(store, key)
+    if raw is None:
+        raise FileNotFoundError(f"{where}: {key} not found")
+    token = raw_digest(raw)
+    cache_key = (store_key, path, token)
+    with _GROUP_CACHE_LOCK:
+        meta = _GROUP_CACHE.get(cache_key)
+        if meta is not None:
+            _GROUP_CACHE.move_to_end(cache_key)
+    store_path = StorePath(store, path)
+    if meta is None:
+        buf = default_buffer_prototype().buffer.from_bytes(raw)
+        try:
+            group = AsyncGroup._from_bytes_v3(store_path, buf, use_consolidated=None)
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            raise StoreCorruptError(
+                f"{where}: {key}: unreadable metadata document ({_short(exc)})", key
+            ) from None
+        meta = group.metadata
+        assert isinstance(meta, GroupMetadata)
+        with _GROUP_CACHE_LOCK:
+            _GROUP_CACHE[cache_key] = meta
+            while len(_GROUP_CACHE) > _GROUP_CACHE_SIZE:
+                _GROUP_CACHE.popitem(last=False)
+    return zarr.Group(AsyncGroup(metadata=meta, store_path=store_path)), token
 
 
 def node_document(meta: Any) -> dict[str, Any]:

@@ -20,8 +20,11 @@ from ctzarr.errors import MetadataError, UnsupportedFormatError
 #: version of the store format, in the collection and case attributes. Format 2 added the
 #: NIfTI-Zarr ``nifti`` header array of every label image group, the RFC-4 anatomical
 #: orientation of the OME axes with a translation at every level (:mod:`ctzarr.model.ome`), and
-#: ``dimension_names`` on every array. This release reads formats 1 and 2.
-FORMAT_VERSION = 2
+#: ``dimension_names`` on every array. Format 3 added to each segmentation's index the voxel
+#: count of every label in every chunk it occupies, per-slice voxel counts and value sums (the
+#: ``slices`` array), and the joint index of each pair of segmentations of a case
+#: (:mod:`ctzarr.model.index`). This release reads formats 1 to 3.
+FORMAT_VERSION = 3
 
 #: the key under which ctzarr keeps its attributes in a group's ``zarr.json``
 CTZARR_KEY = "ctzarr"

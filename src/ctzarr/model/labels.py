@@ -8,6 +8,9 @@ package data copied from the project's reference tables:
   ("Left to annotate") is a placeholder, not an anatomical structure.
 - ``saros_body_regions`` (0..13) and ``saros_body_parts`` (0..6): SAROS, whose non-annotated
   axial slices hold the ignore value 255, kept in :attr:`LabelMap.ignore_value` and not a label.
+- ``totalsegmentator_total`` (0..117) and the other TotalSegmentator tasks
+  (:data:`TOTALSEGMENTATOR_TASKS`), from :func:`totalsegmentator_label_map`: TotalSegmentator's
+  class ids and names (the mask file names of its outputs), 0 = background.
 
 TotalSegmentator crosswalk
 --------------------------
@@ -744,12 +747,61 @@ def enrich(label_map: LabelMap) -> LabelMap:
     return replace(label_map, labels=tuple(filled))
 
 
+#: TotalSegmentator tasks with a class map in package data (``data/totalsegmentator_total_labels
+#: .yaml``, read from TotalSegmentator's ``map_to_binary.class_map``), ``total`` first
+TOTALSEGMENTATOR_TASKS = (
+    "total",
+    "trunk_cavities",
+    "tissue_types",
+    "body",
+    "breasts",
+    "head_glands_cavities",
+)
+
+
+#: prefix of the built-in label map of a TotalSegmentator task (``totalsegmentator_total``)
+TOTALSEGMENTATOR_PREFIX = "totalsegmentator_"
+
+
 _BUILTIN_NAMES = ("dap_atlas", "saros_body_regions", "saros_body_parts")
+
+
+def totalsegmentator_label_map(task: str) -> LabelMap:
+    """The label map of a TotalSegmentator task: its class ids and names, 0 = background.
+
+    Parameters
+    ----------
+    task : str
+        One of :data:`TOTALSEGMENTATOR_TASKS`.
+
+    Returns
+    -------
+    LabelMap
+        Named ``totalsegmentator_<task>``; each label's name and TotalSegmentator name are the
+        class name TotalSegmentator writes (``kidney_left``, the stem of ``kidney_left.nii.gz``).
+
+    Raises
+    ------
+    LabelMapError
+        Unknown task; the message lists the known ones.
+    """
+    if task not in TOTALSEGMENTATOR_TASKS:
+        raise LabelMapError(
+            f"unknown TotalSegmentator task {task!r}; known: {', '.join(TOTALSEGMENTATOR_TASKS)}"
+        )
+    return _builtin(TOTALSEGMENTATOR_PREFIX + task)
 
 
 @cache
 def _builtin(name: str) -> LabelMap:
     """Parse one built-in map from package data (cached: maps are immutable)."""
+    if name.startswith(TOTALSEGMENTATOR_PREFIX):
+        classes = _read_data("totalsegmentator_total_labels.yaml")[
+            name.removeprefix(TOTALSEGMENTATOR_PREFIX)
+        ]
+        table: dict[int, Any] = {0: "background"}
+        table.update({int(k): {"name": v, "totalsegmentator_name": v} for k, v in classes.items()})
+        return parse_label_map(table, name=name)
     if name == "dap_atlas":
         doc = _read_data("dap_atlas_labels.yaml")
         return parse_label_map(

@@ -76,6 +76,30 @@ STATS_COLUMNS = [
 ]
 
 
+#: columns of ``stats(..., within=...)``: the statistics columns over the voxels inside another
+#: segmentation's structure, then which structure that is
+WITHIN_COLUMNS = [*STATS_COLUMNS, "within_segmentation", "within_structure"]
+
+
+#: columns of ``profile``: one row per axial slice (stored z index) holding the structure
+PROFILE_COLUMNS = [
+    "case_id",
+    "segmentation",
+    "label",
+    "structure",
+    "z",
+    "z_mm",
+    "voxel_count",
+    "area_mm2",
+    "hu_mean",
+]
+
+
+#: columns of ``slice_stats``: the statistics columns on one axial slice, the landmark that
+#: chose it, its z index and the structure's area on it (the cohort form adds ``note``)
+SLICE_COLUMNS = [*STATS_COLUMNS, "at_segmentation", "at_structure", "z", "area_mm2"]
+
+
 #: the columns ``ctzarr stats`` prints on a terminal (all of them go to -o OUT.csv / .parquet):
 #: every statistics column but the spread of HU values and the bounding box
 SUMMARY_COLUMNS = [
@@ -160,13 +184,16 @@ TABLE_FORMAT = "stats-table-1"
 
 @dataclass(frozen=True)
 class TableCaseMeta:
-    """The geometry of one case as the collection table keeps it (``case_meta``)."""
+    """The geometry of one case as the collection table keeps it (``case_meta``), and the
+    case's dataset attributes as text (a TotalSegmentator ``meta.csv`` or SAROS CSV row: age,
+    gender, split, ...), which become columns of ``Collection.table()``."""
 
     affine: Affine
     spacing_zyx: tuple[float, float, float]
     shape_zyx: tuple[int, int, int]
     value_dtype: np.dtype[Any]
     segmentations: tuple[str, ...]
+    attributes: Mapping[str, str] = field(default_factory=dict)
 
     def geometry(self, case_id: str) -> CaseGeometry:
         return CaseGeometry(
@@ -184,7 +211,7 @@ class TableCaseMeta:
             "shape_zyx": list(self.shape_zyx),
             "value_dtype": self.value_dtype.str,
             "segmentations": list(self.segmentations),
-        }
+        } | ({"attributes": dict(self.attributes)} if self.attributes else {})
 
     @classmethod
     def from_attributes(cls, d: Any, where: str = "", prefix: str = "") -> TableCaseMeta:
@@ -200,7 +227,22 @@ class TableCaseMeta:
             shape_zyx=parse_shape(get("shape_zyx"), f"{prefix}.shape_zyx", where),
             value_dtype=parse_dtype(get("value_dtype"), f"{prefix}.value_dtype", where),
             segmentations=parse_str_list(get("segmentations"), f"{prefix}.segmentations", where),
+            attributes=parse_text_mapping(d.get("attributes", {}), f"{prefix}.attributes", where),
         )
+
+
+def parse_text_mapping(value: Any, key: str, where: str) -> dict[str, str]:
+    """A JSON object of text values (the case attributes a table keeps), else MetadataError."""
+    if not isinstance(value, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise MetadataError(where, key, f"expected a JSON object of strings, got {value!r}")
+    return dict(value)
+
+
+def attribute_text(value: Any) -> str:
+    """A case attribute as the collection table keeps it: text ('' for null)."""
+    return "" if value is None else str(value)
 
 
 @dataclass(frozen=True)

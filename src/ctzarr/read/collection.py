@@ -27,13 +27,20 @@ from ctzarr.errors import (
     UnsafeStoreError,
 )
 from ctzarr.io.stores import codec_pipeline, make_store
-from ctzarr.io.strict import open_group_checked
+from ctzarr.io.strict import open_group_cached, open_group_checked
 from ctzarr.io.urls import url_protocol
 from ctzarr.model.case import is_committed
 from ctzarr.model.collection import CollectionAttributes, is_collection
 from ctzarr.model.labels import LabelMap
-from ctzarr.model.table import STATS_COLUMNS, structure_name
+from ctzarr.model.table import (
+    PROFILE_COLUMNS,
+    SLICE_COLUMNS,
+    STATS_COLUMNS,
+    WITHIN_COLUMNS,
+    structure_name,
+)
 from ctzarr.read.case import Case
+from ctzarr.read.composition import collection_query
 from ctzarr.read.stats import collection_stats, scan_index_graph
 from ctzarr.sources.layouts import validate_case_id
 from ctzarr.write.table import collection_problems, read_table_columns
@@ -98,8 +105,10 @@ def _open_root(
     try:
         with codec_pipeline(store):
             root = open_group_checked(store, "", target)
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
+    except (FileNotFoundError, NotADirectoryError, zarr.errors.GroupNotFoundError) as exc:
         raise StoreError(f"{target}: no collection store here") from exc
+    except zarr.errors.ContainsArrayError as exc:  # not damage: another kind of zarr node
+        raise StoreError(f"{target}: a zarr array, not a ctzarr collection") from exc
     except StoreCorruptError:
         raise
     except (ValueError, TypeError, KeyError, zarr.errors.BaseZarrError) as exc:
@@ -187,16 +196,25 @@ class Collection:
         except ValueError as exc:  # never let a hostile id reach a store key
             raise CaseNotFoundError(f"no case {case_id!r} in {self.url}: {exc}") from exc
         try:
+            # parsed once per process for the same document bytes (a re-converted case is
+            # parsed afresh): see ctzarr.io.strict.open_group_cached
             with codec_pipeline(self.root.store):
-                grp = open_group_checked(
-                    self.root.store, f"cases/{case_id}", f"case {case_id!r} in {self.url}"
+                grp, token = open_group_cached(
+                    self.root.store,
+                    f"cases/{case_id}",
+                    f"case {case_id!r} in {self.url}",
+                    self.url,
                 )
         except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError) as exc:
             if case_id in self.case_ids:
+                # zarr's own text ("No group found in store LocalStore(...)") names neither
+                # the case nor what to do
+                missing = isinstance(exc, (FileNotFoundError, zarr.errors.GroupNotFoundError))
                 raise StoreError(
                     f"case {case_id!r} in {self.url} is listed but its group (cases/{case_id}/"
                     "zarr.json) cannot be opened: "
-                    f"{type(exc).__name__}: {exc}"
+                    + ("the document is missing" if missing else f"{type(exc).__name__}: {exc}")
+                    + " (run ctzarr verify)"
                 ) from exc
             raise CaseNotFoundError(
                 f"no case {case_id!r} in {self.url}; cases: {self.case_ids[:10]}"
@@ -210,7 +228,7 @@ class Collection:
             raise IncompleteCaseError(
                 f"case {case_id!r} in {self.url} is incomplete (an interrupted conversion)"
             )
-        case = Case(self, case_id, grp)
+        case = Case(self, case_id, grp, token)
         for seg in case.segmentation_names:
             if seg not in self.segmentations:
                 raise StoreCorruptError(
@@ -227,6 +245,7 @@ class Collection:
         segmentation: str | None = None,
         method: str = "index",
         client: Any = None,
+        within: tuple[str, str | int] | str | None = None,
     ) -> pd.DataFrame:
         """Per-structure statistics for a cohort, one row per (case, segmentation, structure).
 
@@ -244,19 +263,88 @@ class Collection:
             one blockwise pass per case. Both give identical numbers.
         client : dask.distributed.Client, optional
             Run the scan on this cluster.
+        within : (str, str or int) or str, optional
+            ``(other_segmentation, structure)`` or ``"other_segmentation:structure"``: count
+            only the voxels inside that structure (ignore-valued voxels of either map never
+            count); one task per case. Answered from the joint index when the store has one,
+            else by one scan per case (two label maps and the image, blockwise).
 
         Returns
         -------
         pandas.DataFrame
             Columns of :data:`ctzarr.stats.STATS_COLUMNS` (plus ``annotated_slices`` for sparse
-            label maps).
+            label maps); with ``within``, :data:`ctzarr.model.table.WITHIN_COLUMNS`. Cases
+            without the ``within`` segmentation give no rows.
         """
 
+        if within is not None:
+            params = {
+                "structures": None if structures is None else list(structures),
+                "segmentation": segmentation,
+                "within": within,
+                "method": method,
+            }
+            return collection_query(
+                self, "within", params, cases, client, open_collection, WITHIN_COLUMNS
+            )
         return collection_stats(self, structures, cases, segmentation, method, client)
+
+    def profile(
+        self,
+        structure: str | int,
+        segmentation: str | None = None,
+        cases: Sequence[str] | None = None,
+        method: str = "index",
+        client: Any = None,
+    ) -> pd.DataFrame:
+        """Axial profiles of a structure over a cohort (see :meth:`Case.profile`), one task per
+        case; cases without the structure's segmentation give no rows.
+
+        Returns
+        -------
+        pandas.DataFrame
+            Columns :data:`ctzarr.model.table.PROFILE_COLUMNS`, cases in order.
+        """
+
+        params = {"structure": structure, "segmentation": segmentation, "method": method}
+        return collection_query(
+            self, "profile", params, cases, client, open_collection, PROFILE_COLUMNS
+        )
+
+    def slice_stats(
+        self,
+        at: str | int,
+        structures: Sequence[str | int] | None = None,
+        segmentation: str | None = None,
+        cases: Sequence[str] | None = None,
+        client: Any = None,
+    ) -> pd.DataFrame:
+        """Statistics on the axial slice through ``at``'s centroid, per case (see
+        :meth:`Case.slice_stats`), one task per case.
+
+        A case without ``at`` is not an error here: it gives one row with ``note`` saying why
+        (``label`` -1, ``voxel_count`` 0, ``z`` -1, statistics NaN); every other row has an
+        empty ``note``.
+
+        Returns
+        -------
+        pandas.DataFrame
+            Columns :data:`ctzarr.model.table.SLICE_COLUMNS` plus ``note``.
+        """
+
+        params = {
+            "at": at,
+            "structures": None if structures is None else list(structures),
+            "segmentation": segmentation,
+        }
+        return collection_query(
+            self, "slice_stats", params, cases, client, open_collection, [*SLICE_COLUMNS, "note"]
+        )
 
     def table(self) -> pd.DataFrame:
         """The collection table: statistics of every (case, segmentation, structure), read from
-        one small group of the store (no case is opened)."""
+        one small group of the store (no case is opened), then the cases' dataset attributes
+        (``meta.csv`` fields such as age, gender, split) as text columns."""
 
         with codec_pipeline(self.root.store):
             found = read_table_columns(self.root)
@@ -293,6 +381,14 @@ class Collection:
         df = pd.DataFrame(data)
         if len(df) and (cols["annotated_slices"] >= 0).any():
             df["annotated_slices"] = cols["annotated_slices"]
+        # the cases' dataset attributes (TotalSegmentator meta.csv, SAROS case CSV: age,
+        # gender, split, ...) as text columns after the statistics; a name that is already a
+        # column is skipped
+        keys = dict.fromkeys(k for m in attrs.case_meta.values() for k in m.attributes)
+        for key in keys:
+            if key not in df.columns:
+                by_case = {cid: m.attributes.get(key) for cid, m in attrs.case_meta.items()}
+                df[key] = df["case_id"].map(by_case)
         return df
 
 

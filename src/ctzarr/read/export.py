@@ -52,10 +52,11 @@ def crop_to_nifti(
     dict
         ``{"image": path, "labels": path}``.
     """
-    crop = case.crop(structure, margin_mm, segmentation)
+    crop = case.crop(structure, margin_mm, segmentation, lazy=False)  # values now: the fast path
     out = Path(out_path)
-    name = out.name[: -len(".nii.gz")] if out.name.endswith(".nii.gz") else out.stem
-    labels_path = out.with_name(f"{name}_labels.nii.gz")
+    # the labels file takes the image's extension: x.nii -> x_labels.nii, x.nii.gz -> x_labels.nii.gz
+    ext = ".nii.gz" if out.name.endswith(".nii.gz") else out.suffix
+    labels_path = out.with_name(f"{out.name[: -len(ext)] if ext else out.name}_labels{ext}")
     hdr = header_from_bytes(case.nifti_header_bytes)
     qcode, scode = int(hdr["qform_code"]) or 1, int(hdr["sform_code"]) or 1
     affine = crop.attrs["affine"]

@@ -1,7 +1,7 @@
-"""Quick-look pictures of one structure: three orthogonal CT slices with the label outlined.
+"""Quick-look pictures: CT slices through a structure with its outline, and profiles along z.
 
-:func:`render_structure` writes a PNG a radiologist can read at a glance: axial, coronal and
-sagittal slices through the structure's centroid, each cropped to the structure's bounding box
+:func:`render_structure` writes a picture a radiologist can read at a glance: axial, coronal and
+sagittal slices through the structure's centroid (or one plane, at a chosen slice), each cropped to the structure's bounding box
 grown by a margin, in radiological convention (axial: patient's right on the image left,
 anterior up; coronal: patient's right on the left, superior up; sagittal: anterior on the left,
 superior up), with square millimetres, a CT window suited to the tissue, the label outline in
@@ -15,7 +15,11 @@ each world axis (``nibabel.orientations.io_orientation``) is found, and each sli
 and flipped so that its rows and columns run R->L, A->P or S->I. An LPS-stored case (as ITK
 writes it) and an RAS-stored one therefore look the same.
 
-Matplotlib is used through :class:`~matplotlib.figure.Figure` and
+:func:`render_profile` draws a structure's area and mean HU along z (``Case.profile``) with
+landmark slices marked: the structure's centroid, and the vertebrae of the case.
+
+The output file's extension decides the format (:data:`PICTURE_FORMATS`: PNG, JPEG); any other
+is refused, never a PNG under another name. Matplotlib is used through :class:`~matplotlib.figure.Figure` and
 :class:`~matplotlib.backends.backend_agg.FigureCanvasAgg` only, so the caller's pyplot backend
 and global state are never touched.
 """
@@ -41,8 +45,10 @@ import numpy as np
 from dask.base import compute as dask_compute
 from nibabel.orientations import io_orientation
 
+from ctzarr.errors import OutputPathError
 from ctzarr.extras import require
 from ctzarr.model.labels import Label
+from ctzarr.read.composition import slice_z_mm
 
 
 class Window(NamedTuple):
@@ -57,21 +63,54 @@ class Window(NamedTuple):
         return self.level - self.width / 2, self.level + self.width / 2
 
 
+# the presets as OHIF names them (and the web viewer offers them), W/L in HU
 LUNG_WINDOW = Window(1500.0, -600.0)
 
 
-BONE_WINDOW = Window(1800.0, 400.0)
+BONE_WINDOW = Window(2500.0, 480.0)
 
 
 SOFT_TISSUE_WINDOW = Window(400.0, 40.0)
 
 
-_WINDOW_NAMES = {LUNG_WINDOW: "lung", BONE_WINDOW: "bone", SOFT_TISSUE_WINDOW: "soft tissue"}
+LIVER_WINDOW = Window(150.0, 90.0)
 
 
-#: size of every picture, so the PNG is FIGSIZE_INCHES * dpi pixels (no tight bounding box, whose
-#: size would depend on the text)
+BRAIN_WINDOW = Window(80.0, 40.0)
+
+
+#: window presets by name (``--window``; spaces, hyphens and case do not matter)
+WINDOW_PRESETS: dict[str, Window] = {
+    "soft_tissue": SOFT_TISSUE_WINDOW,
+    "lung": LUNG_WINDOW,
+    "liver": LIVER_WINDOW,
+    "bone": BONE_WINDOW,
+    "brain": BRAIN_WINDOW,
+}
+
+
+_WINDOW_NAMES = {w: name.replace("_", " ") for name, w in WINDOW_PRESETS.items()}
+
+
+#: extension of a picture -> the format matplotlib writes (with Pillow for JPEG)
+PICTURE_FORMATS: dict[str, str] = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg"}
+
+
+#: the planes of :func:`render_structure`; ``"all"`` draws the three side by side
+PLANES = ("axial", "coronal", "sagittal")
+
+
+#: size of every three-plane picture, so the PNG is FIGSIZE_INCHES * dpi pixels (no tight
+#: bounding box, whose size would depend on the text)
 FIGSIZE_INCHES = (12.0, 4.8)
+
+
+#: size of a one-plane picture
+SINGLE_FIGSIZE_INCHES = (6.0, 6.4)
+
+
+#: size of a profile plot
+PROFILE_FIGSIZE_INCHES = (9.0, 6.0)
 
 
 # Each panel: (key, title, normal world axis, (row world axis, column world axis)). World axes
@@ -107,7 +146,7 @@ def choose_window(median_hu: float) -> Window:
     Returns
     -------
     Window
-        :data:`LUNG_WINDOW` (W1500 L-600) below -400 HU, :data:`BONE_WINDOW` (W1800 L400) above
+        :data:`LUNG_WINDOW` (W1500 L-600) below -400 HU, :data:`BONE_WINDOW` (W2500 L480) above
         300 HU, else :data:`SOFT_TISSUE_WINDOW` (W400 L40), also for NaN.
     """
     if median_hu < -400:
@@ -118,8 +157,53 @@ def choose_window(median_hu: float) -> Window:
 
 
 def window_name(window: Sequence[float]) -> str:
-    """``"lung"``, ``"bone"``, ``"soft tissue"`` for the presets, else ``"custom"``."""
+    """``"soft tissue"``, ``"lung"``, ``"liver"``, ``"bone"``, ``"brain"`` for the presets, else
+    ``"custom"``."""
     return _WINDOW_NAMES.get(Window(float(window[0]), float(window[1])), "custom")
+
+
+def parse_window(text: str) -> Window:
+    """A window from a preset name (:data:`WINDOW_PRESETS`) or ``"WIDTH,LEVEL"`` in HU.
+
+    Raises
+    ------
+    ValueError
+        Neither a preset nor two numbers with a positive width; the message lists the presets.
+    """
+    key = "_".join(text.strip().lower().replace("-", " ").replace("_", " ").split())
+    if key in WINDOW_PRESETS:
+        return WINDOW_PRESETS[key]
+    parts = text.replace("/", ",").split(",")
+    try:
+        width, level = (float(p) for p in parts)
+    except ValueError:
+        width = level = math.nan
+    if not (math.isfinite(width) and math.isfinite(level) and width > 0):
+        presets = ", ".join(
+            f"{name} (W{w.width:g} L{w.level:g})" for name, w in WINDOW_PRESETS.items()
+        )
+        raise ValueError(
+            f"window {text!r}: name a preset ({presets}) or give WIDTH,LEVEL in HU with WIDTH > 0"
+        )
+    return Window(width, level)
+
+
+def picture_format(path: str | os.PathLike[str]) -> str:
+    """The format a picture's extension names (:data:`PICTURE_FORMATS`).
+
+    Raises
+    ------
+    OutputPathError
+        Any other extension: nothing is written under a name that says another format.
+    """
+    name = Path(path).name.lower()
+    for ext, fmt in PICTURE_FORMATS.items():
+        if name.endswith(ext) and len(name) > len(ext):
+            return fmt
+    raise OutputPathError(
+        f"{os.fspath(path)}: unsupported picture extension; write one of "
+        f"{', '.join(PICTURE_FORMATS)}"
+    )
 
 
 def scale_bar_mm(panel_width_mm: float) -> float:
@@ -200,10 +284,25 @@ def _orient(
     return np.ascontiguousarray(arr)
 
 
+def _planes(plane: str) -> tuple[str, ...]:
+    if plane == "all":
+        return PLANES
+    if plane not in PLANES:
+        raise ValueError(f"plane {plane!r}: one of {', '.join(PLANES)} or all")
+    return (plane,)
+
+
 def structure_panels(
-    case: Case, structure: str | int, *, segmentation: str | None = None, margin_mm: float = 20.0
+    case: Case,
+    structure: str | int,
+    *,
+    segmentation: str | None = None,
+    margin_mm: float = 20.0,
+    plane: str = "all",
+    slice_index: int | None = None,
 ) -> tuple[str, Label, list[Panel]]:
-    """Axial, coronal and sagittal slices through a structure's centroid, display-oriented.
+    """Slices through a structure, display-oriented: axial, coronal and sagittal through its
+    centroid, or one plane.
 
     Parameters
     ----------
@@ -214,16 +313,27 @@ def structure_panels(
         Required when the case has several segmentations that could hold the structure.
     margin_mm : float, optional
         Grow the structure's bounding box by this much on every side (clipped to the volume).
+    plane : {"all", "axial", "coronal", "sagittal"}
+        The three planes, or one.
+    slice_index : int, optional
+        With one plane: the stored index of the slice along the plane's normal (the stored
+        dimension nearest to it: axial z, coronal y, sagittal x for a scanner-aligned case).
+        Default: through the structure's centroid (the nearest slice holding it).
 
     Returns
     -------
-    (segmentation, Label, [axial, coronal, sagittal] panels)
+    (segmentation, Label, panels in the order axial, coronal, sagittal)
 
     Raises
     ------
     StructureNotFoundError
         The structure is not in the label map, or absent from this case.
+    ValueError
+        Unknown plane, ``slice_index`` with all planes, or out of the volume (never clamped).
     """
+    planes = _planes(plane)
+    if slice_index is not None and len(planes) != 1:
+        raise ValueError("slice_index needs one plane (axial, coronal or sagittal)")
     seg, label, box = case.crop_box(structure, margin_mm, segmentation)
     idx = case.index(seg)
     row = np.nonzero(idx.labels == label.value)[0][0]
@@ -239,9 +349,20 @@ def structure_panels(
     plans = []
     lazy = []
     for key, title, normal, (row_world, col_world) in _PANELS:
+        if key not in planes:
+            continue
         dn = dim_of[normal]
-        # the centroid of a curved structure may fall outside it; clip to its extent at least
-        k = min(max(math.floor(centroid[dn] + 0.5), bbox[2 * dn]), bbox[2 * dn + 1] - 1)
+        if slice_index is not None:
+            extent = case.shape[dn]
+            if not 0 <= slice_index < extent:
+                raise ValueError(
+                    f"slice {slice_index} of the {key} plane (stored dimension "
+                    f"{'zyx'[dn]}) is outside case {case.case_id!r}: 0..{extent - 1}"
+                )
+            k = int(slice_index)
+        else:
+            # the centroid of a curved structure may fall outside it; clip to its extent at least
+            k = min(max(math.floor(centroid[dn] + 0.5), bbox[2 * dn]), bbox[2 * dn + 1] - 1)
         sel: list[slice | int] = list(box)
         sel[dn] = k
         plans.append((key, title, row_world, col_world, dn, k))
@@ -251,7 +372,7 @@ def structure_panels(
     panels = []
     for p, (key, title, row_world, col_world, dn, k) in enumerate(plans):
         img2d, lab2d = computed[2 * p], computed[2 * p + 1]
-        if not (lab2d == label.value).any():
+        if slice_index is None and not (lab2d == label.value).any():
             # a non-convex structure can miss the slice at its centroid: move to the nearest
             # slice holding it (reads the label box once; rare)
             k = _nearest_slice(labels[box], dn, label.value, k - box[dn].start) + box[dn].start
@@ -391,13 +512,16 @@ def render_structure(
     *,
     segmentation: str | None = None,
     margin_mm: float = 20.0,
-    window: tuple[float, float] | None = None,
+    window: tuple[float, float] | str | None = None,
     dpi: int = 150,
+    plane: str = "all",
+    slice_index: int | None = None,
 ) -> Path:
-    """Write a PNG of a structure: axial, coronal and sagittal slices with its outline.
+    """Write a picture of a structure: axial, coronal and sagittal slices with its outline.
 
-    Slices pass through the structure's centroid (from the stored index) and show its bounding
-    box grown by ``margin_mm``; only those voxels are read. Panels are in radiological convention
+    Slices pass through the structure's centroid (from the stored index), or with one
+    ``plane`` through ``slice_index``, and show its bounding box grown by ``margin_mm``; only
+    those voxels are read. Panels are in radiological convention
     (patient's right on the image left, anterior and superior up; sagittal anterior on the left)
     whatever the storage order, with square millimetres, orientation letters, a millimetre scale
     bar and the label outline in the label's colour.
@@ -409,18 +533,26 @@ def render_structure(
     structure : str or int
         Structure name (any spelling :meth:`Case.resolve` accepts) or label value.
     out_png : str or os.PathLike
-        Output file; its directory must exist. Written to a temporary file in the same
+        Output file, ``.png``, ``.jpg`` or ``.jpeg`` (:data:`PICTURE_FORMATS`: the extension
+        decides the format); its directory must exist. Written to a temporary file in the same
         directory, then renamed, so readers never see a partial picture.
     segmentation : str, optional
         Segmentation holding the structure; needed only when several could.
     margin_mm : float, optional
         Context around the bounding box, in millimetres (>= 0).
-    window : (float, float), optional
-        CT window as ``(width, level)`` in HU. Default: from the structure's median HU, a lung
-        window (W1500 L-600) below -400, a bone window (W1800 L400) above 300, else soft tissue
+    window : (float, float) or str, optional
+        CT window as ``(width, level)`` in HU, or a preset name or ``"W,L"`` text
+        (:func:`parse_window`). Default: from the structure's median HU, a lung window
+        (W1500 L-600) below -400, a bone window (W2500 L480) above 300, else soft tissue
         (W400 L40); see :func:`choose_window`.
     dpi : int, optional
-        Resolution; the picture is ``FIGSIZE_INCHES * dpi`` pixels.
+        Resolution; the picture is ``FIGSIZE_INCHES * dpi`` pixels (one plane:
+        ``SINGLE_FIGSIZE_INCHES * dpi``).
+    plane : {"all", "axial", "coronal", "sagittal"}
+        The three planes side by side (default), or one.
+    slice_index : int, optional
+        With one plane, the stored index of the slice along its normal (see
+        :func:`structure_panels`); default through the centroid.
 
     Returns
     -------
@@ -433,9 +565,14 @@ def render_structure(
         The structure is not in the label map (a ``KeyError``; the message lists close names),
         or is absent from this case.
     ValueError
-        ``margin_mm``, ``window`` or ``dpi`` is invalid.
+        ``margin_mm``, ``window``, ``dpi``, ``plane`` or ``slice_index`` is invalid.
+    OutputPathError
+        The extension names no supported picture format.
     """
+    fmt = picture_format(out_png)
     require("matplotlib", "show", "ctzarr show")
+    if fmt == "jpeg":
+        require("PIL", "show", "ctzarr show -o OUT.jpg")  # matplotlib writes JPEG through Pillow
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -443,6 +580,8 @@ def render_structure(
         structure = int(structure)
     if not (isinstance(dpi, (int, np.integer)) and not isinstance(dpi, bool) and dpi > 0):
         raise ValueError(f"dpi must be a positive integer, got {dpi!r}")
+    if isinstance(window, str):
+        window = parse_window(window)
     if window is not None:
         if len(window) != 2 or not all(np.isfinite(window)) or window[0] <= 0:
             raise ValueError(f"window must be (width > 0, level) in HU, got {window!r}")
@@ -450,7 +589,12 @@ def render_structure(
     out = Path(out_png)
 
     seg, label, panels = structure_panels(
-        case, structure, segmentation=segmentation, margin_mm=margin_mm
+        case,
+        structure,
+        segmentation=segmentation,
+        margin_mm=margin_mm,
+        plane=plane,
+        slice_index=slice_index,
     )
     median = float("nan")
     if window is None:
@@ -460,13 +604,23 @@ def render_structure(
         win = choose_window(median)
     colour = _outline_colour(label.rgba)
 
-    fig = Figure(figsize=FIGSIZE_INCHES, dpi=dpi, facecolor="black")
+    single = len(panels) == 1
+    fig = Figure(
+        figsize=SINGLE_FIGSIZE_INCHES if single else FIGSIZE_INCHES, dpi=dpi, facecolor="black"
+    )
     FigureCanvasAgg(fig)
     # panel widths follow their physical aspect so each fills its cell; clamped so a long thin
     # box (a spine in coronal view) cannot squeeze the others to nothing
     ratios = [min(max(p.size_mm[1] / p.size_mm[0], 0.25), 3.0) for p in panels]
     grid = fig.add_gridspec(
-        1, 3, width_ratios=ratios, left=0.01, right=0.99, bottom=0.02, top=0.80, wspace=0.05
+        1,
+        len(panels),
+        width_ratios=ratios,
+        left=0.01,
+        right=0.99,
+        bottom=0.02,
+        top=0.86 if single else 0.80,
+        wspace=0.05,
     )
     for cell, panel in enumerate(panels):
         _draw_panel(fig.add_subplot(grid[0, cell]), panel, win, colour)
@@ -476,19 +630,140 @@ def render_structure(
         f"window W{win.width:g} L{win.level:g} ({window_name(win)}{median_txt}), "
         f"margin {margin_mm:g} mm",
         color="white",
-        fontsize=11,
+        fontsize=10 if single else 11,
         y=0.975,
     )
+    _save(fig, out, fmt, dpi)
+    return out
 
-    # atomic: a temporary name in the target directory, renamed over the target; O_EXCL with
-    # mode 0o666 lets the umask decide permissions as for any new file
+
+def _save(fig: Any, out: Path, fmt: str, dpi: int) -> None:
+    """Write a figure atomically: a temporary name in the target directory, renamed over the
+    target; O_EXCL with mode 0o666 lets the umask decide permissions as for any new file."""
     tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=dpi, facecolor=fig.get_facecolor())
+            fig.savefig(f, format=fmt, dpi=dpi, facecolor=fig.get_facecolor())
         tmp.replace(out)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return out
+
+
+def _is_vertebra(name: str) -> bool:
+    return "vertebra" in name.lower()
+
+
+def _short_name(name: str) -> str:
+    """``"vertebrae L3"`` / ``"vertebrae_L3"`` -> ``"L3"``: a mark's label on the plot."""
+    return name.replace("_", " ").split()[-1] if _is_vertebra(name) else name
+
+
+def profile_landmarks(
+    case: Case, structure: str | int, segmentation: str | None = None
+) -> list[tuple[str, int, float]]:
+    """The slices a profile plot marks: the structure's centroid slice, and the centroid slice of
+    each vertebra present in the case (any segmentation), from the index (no voxel read).
+
+    A centroid slice is ``z = floor(mean z index + 0.5)``, as :meth:`Case.slice_stats` takes it.
+
+    Returns
+    -------
+    list of (name, z, z_mm)
+        The structure first, then the vertebrae in the order of their z index.
+    """
+    seg, label = case.resolve(structure, segmentation)
+    wanted: list[tuple[str, int, str]] = [(seg, label.value, label.name)]
+    for name in case.segmentation_names:
+        for lab in case.collection.segmentations[name].structures():
+            if _is_vertebra(lab.name) and (name, lab.value) != (seg, label.value):
+                wanted.append((name, lab.value, lab.name))
+    marks: list[tuple[str, int, float]] = []
+    indexes: dict[str, Any] = {}
+    for name, value, title in wanted:
+        if name not in indexes:
+            indexes[name] = case.index(name)
+        idx = indexes[name]
+        rows = np.flatnonzero(idx.labels == value)
+        if not len(rows) or idx.voxel_count[rows[0]] == 0:
+            continue  # not in this case
+        z = math.floor(float(idx.coord_sum[rows[0]][0]) / float(idx.voxel_count[rows[0]]) + 0.5)
+        z_mm = float(slice_z_mm(case.affine, case.shape, np.asarray([z]))[0])
+        marks.append((title, z, z_mm))
+    return [marks[0], *sorted(marks[1:], key=lambda m: m[1])] if marks else marks
+
+
+def render_profile(
+    case: Case, profile: Any, out: str | os.PathLike[str], *, dpi: int = 120
+) -> Path:
+    """Draw a profile (:meth:`Case.profile`): area (mm²) and mean HU along world z, with the
+    landmark slices of :func:`profile_landmarks` marked.
+
+    Parameters
+    ----------
+    case : Case
+        The case the profile is of (for the landmarks).
+    profile : pandas.DataFrame
+        One structure's profile: columns ``structure``, ``segmentation``, ``z_mm``,
+        ``area_mm2``, ``hu_mean``.
+    out : str or os.PathLike
+        ``.png``, ``.jpg`` or ``.jpeg`` (the extension decides); its directory must exist.
+    dpi : int, optional
+        Resolution; the picture is ``PROFILE_FIGSIZE_INCHES * dpi`` pixels.
+
+    Returns
+    -------
+    pathlib.Path
+        The written picture.
+    """
+    fmt = picture_format(out)
+    require("matplotlib", "show", "ctzarr profile --plot")
+    if fmt == "jpeg":
+        require("PIL", "show", "ctzarr profile --plot OUT.jpg")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    path = Path(out)
+    if not len(profile):
+        raise ValueError(f"case {case.case_id!r}: the profile is empty; nothing to draw")
+    structure = str(profile["structure"].iloc[0])
+    segmentation = str(profile["segmentation"].iloc[0])
+    marks = profile_landmarks(case, int(profile["label"].iloc[0]), segmentation)
+    z_mm = np.asarray(profile["z_mm"], np.float64)
+    fig = Figure(figsize=PROFILE_FIGSIZE_INCHES, dpi=dpi)
+    FigureCanvasAgg(fig)
+    area_ax, hu_ax = fig.subplots(2, 1, sharex=True)
+    area_ax.plot(z_mm, profile["area_mm2"], marker=".", color="tab:blue")
+    area_ax.set_ylabel("area (mm²)")
+    hu_ax.plot(z_mm, profile["hu_mean"], marker=".", color="tab:red")
+    hu_ax.set_ylabel("mean HU")
+    hu_ax.set_xlabel("z (mm, world, RAS+: superior to the right)")
+    for ax in (area_ax, hu_ax):
+        ax.grid(alpha=0.3)
+    for n, (name, z, zmm) in enumerate(marks):
+        own = n == 0
+        for ax in (area_ax, hu_ax):
+            ax.axvline(
+                zmm,
+                color="black" if own else "0.55",
+                linestyle="--" if own else ":",
+                linewidth=1.2 if own else 0.9,
+            )
+        # the structure's own mark labelled above, the vertebrae below: never on top of each other
+        (area_ax if own else hu_ax).annotate(
+            f"{structure} centroid (z={z})" if own else _short_name(name),
+            xy=(zmm, 1.0),
+            xycoords=("data", "axes fraction"),
+            xytext=(2, -2),
+            textcoords="offset points",
+            rotation=90,
+            ha="left",
+            va="top",
+            fontsize=7,
+            color="black" if own else "0.35",
+        )
+    fig.suptitle(f"{case.case_id} \u2014 {structure} ({segmentation}): area and mean HU along z")
+    fig.tight_layout()
+    _save(fig, path, fmt, dpi)
+    return path

@@ -52,6 +52,8 @@ def _from_table(
 ) -> pd.DataFrame:
     """Cohort statistics straight from the collection table, vectorised (no per-row Python)."""
     table = col.table()
+    # statistics columns only: the table's case attribute columns (age, split, ...) are not
+    table = table[[c for c in table.columns if c in STATS_COLUMNS or c == "annotated_slices"]]
     table = table[table.case_id.isin(ids) & table.segmentation.isin(list(targets))]
     case_pos = {cid: i for i, cid in enumerate(ids)}
     seg_pos = {seg: i for i, seg in enumerate(targets)}
@@ -104,15 +106,95 @@ class _ImageSlab:
     def read(self) -> np.ndarray:
         return self.nifti.scale(np.asarray(self.arr[self.z0 : self.z1]))
 
+    def read_box(self, box: tuple[slice, slice, slice], shape: tuple[int, ...]) -> np.ndarray:
+        """The slab's values inside ``box`` (slab coordinates), zero elsewhere."""
+        zs, ys, xs = box
+        part = self.nifti.scale(
+            np.asarray(self.arr[self.z0 + zs.start : self.z0 + zs.stop, ys, xs])
+        )
+        out = np.zeros(shape, part.dtype)
+        out[box] = part
+        return out
+
+
+def _bounding_box(mask: np.ndarray) -> tuple[slice, slice, slice] | None:
+    """The smallest box holding every True voxel of a 3-d mask; None when there is none."""
+    zs = np.flatnonzero(mask.any(axis=(1, 2)))
+    if not len(zs):
+        return None
+    plane = mask[zs[0] : zs[-1] + 1].any(axis=0)  # two passes over the slab, not three
+    ys, xs = np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))
+    return (
+        slice(int(zs[0]), int(zs[-1]) + 1),
+        slice(int(ys[0]), int(ys[-1]) + 1),
+        slice(int(xs[0]), int(xs[-1]) + 1),
+    )
+
+
+def _within_partial(
+    z0: int, z1: int, labels_arr: Any, other_arr: Any, image: _ImageSlab, config: dict[str, Any]
+) -> LabelIndexBuilder:
+    """Index accumulators of one slab of a ``within`` scan, reading as little as it can.
+
+    The other map's slab is read first; the structure's own labels only inside the box where
+    the other map holds the ``within`` value (the whole slab for sparse maps, whose ignored
+    voxels count everywhere), and the image only inside the box of the selected voxels (for
+    integer images: a float image is read whole, as the converter binned it). Voxels outside
+    are filled exactly as :func:`mask_labels` fills them, so the index is the one the masked
+    labels give.
+    """
+    dtype = np.dtype(config["label_dtype"])
+    b = LabelIndexBuilder(
+        config["values"],
+        config["shape"],
+        config["chunk"],
+        background=config["background"],
+        ignore_value=config["ignore"],
+        label_dtype=dtype,
+    )
+    other = np.asarray(other_arr[z0:z1])
+    if config["ignore"] is not None:
+        labels = mask_labels(np.asarray(labels_arr[z0:z1]), other, config)
+    else:
+        labels = np.full(other.shape, config["fill"], dtype)
+        box = _bounding_box(other == config["within"])
+        if box is None:
+            return b
+        zs, ys, xs = box
+        region = np.asarray(labels_arr[z0 + zs.start : z0 + zs.stop, ys, xs])
+        labels[box] = mask_labels(region, other[box], config)
+    indexed = labels != config["fill"]
+    if config["ignore"] is not None:
+        indexed &= labels != config["ignore"]
+    selected = _bounding_box(indexed)
+    if selected is None:
+        values = None
+    elif config["integer_image"]:
+        values = image.read_box(selected, labels.shape)
+    else:
+        values = image.read()
+    b.update(z0, labels, values)
+    return b
+
 
 def _partial(
-    z0: int, labels: np.ndarray, image: _ImageSlab, config: dict[str, Any]
+    z0: int,
+    labels: np.ndarray,
+    other: np.ndarray | None,
+    image: _ImageSlab,
+    config: dict[str, Any],
 ) -> LabelIndexBuilder:
     """Index accumulators of one block (a whole-plane slab starting at z0).
 
-    The image slab is read only when the block holds an indexed label: all-background blocks
-    cost no image read (and their label shards are not even stored).
+    With ``config["keep"]`` (label values) or ``other`` (the same block of another label map,
+    with ``config["within"]`` the value to lie inside), the block's labels are first masked:
+    voxels outside the selection become background, ignore-valued voxels stay (so annotated
+    slices count as in the unmasked scan). The image slab is read only when the block holds an
+    indexed label: all-background blocks cost no image read (and their label shards are not
+    even stored).
     """
+    if config["keep"] is not None or other is not None:
+        labels = mask_labels(labels, other, config)
     b = LabelIndexBuilder(
         config["values"],
         config["shape"],
@@ -132,6 +214,24 @@ def _partial(
     return b
 
 
+def mask_labels(labels: np.ndarray, other: np.ndarray | None, config: dict[str, Any]) -> np.ndarray:
+    """The labels of the selected voxels; every other voxel becomes ``config["fill"]``.
+
+    Selected: a label in ``config["keep"]`` (when given) that lies where ``other`` equals
+    ``config["within"]`` (when given). Ignore-valued voxels are kept as they are.
+    """
+    selected = (
+        np.isin(labels, config["keep"])
+        if config["keep"] is not None
+        else np.ones(labels.shape, bool)
+    )
+    if other is not None:
+        selected &= other == config["within"]
+    if config["ignore"] is not None:
+        selected |= labels == config["ignore"]
+    return np.where(selected, labels, np.asarray(config["fill"], labels.dtype))
+
+
 def _merge(*parts: LabelIndexBuilder) -> LabelIndexBuilder:
     """Combine block accumulators (a tree-reduction step)."""
     first = parts[0]
@@ -140,8 +240,20 @@ def _merge(*parts: LabelIndexBuilder) -> LabelIndexBuilder:
     return first
 
 
-def scan_index_graph(case: Case, segmentation: str) -> Any:
-    """A dask graph (delayed) that rebuilds a segmentation's index from voxels, blockwise."""
+def scan_index_graph(
+    case: Case,
+    segmentation: str,
+    *,
+    keep: Sequence[int] | None = None,
+    within: tuple[str, int] | None = None,
+) -> Any:
+    """A dask graph (delayed) that rebuilds a segmentation's index from voxels, blockwise.
+
+    ``keep`` restricts the index to some label values; ``within=(other_segmentation, value)``
+    to the voxels where the other segmentation holds that value. Either way it stays one
+    blockwise pass (the two label maps and the image read once), the selection applied to each
+    block before the converter's kernel.
+    """
     lm = case.collection.segmentations[segmentation]
     stored = case.index(segmentation)
     labels = case.labels(segmentation).data
@@ -153,16 +265,28 @@ def scan_index_graph(case: Case, segmentation: str) -> Any:
         "chunk": stored.chunk_shape,
         "background": lm.background,
         "ignore": lm.ignore_value,
+        "keep": None if keep is None else np.asarray(sorted(keep), np.int64),
+        "within": None if within is None else within[1],
+        "fill": _fill_value(lm.background, lm.ignore_value, lm.values, labels.dtype),
+        "label_dtype": labels.dtype.str,
+        "integer_image": nifti.value_dtype.kind in "iu",
     }
     starts = np.r_[0, np.cumsum(labels.chunks[0])[:-1]].tolist()
     lab_blocks = labels.to_delayed()
     parts = []
     partial = delayed(_partial, pure=True)
+    within_partial = delayed(_within_partial, pure=True)
+    if within is not None:
+        labels_array = case.array(f"labels/{segmentation}/0")
+        other_array = case.array(f"labels/{within[0]}/0")
     for zi, z0 in enumerate(starts):
         assert lab_blocks.shape[1:] == (1, 1), "scan blocks must be whole planes"
         z1 = z0 + labels.chunks[0][zi]
         slab = _ImageSlab(image_array, z0, z1, nifti)
-        parts.append(partial(z0, lab_blocks[zi, 0, 0], slab, config))
+        if within is None:
+            parts.append(partial(z0, lab_blocks[zi, 0, 0], None, slab, config))
+        else:  # the task reads its own slabs (see _within_partial)
+            parts.append(within_partial(z0, z1, labels_array, other_array, slab, config))
     merge = delayed(_merge, pure=True)
     while len(parts) > 1:  # tree reduction, fan-in 4
         parts = [
@@ -173,19 +297,42 @@ def scan_index_graph(case: Case, segmentation: str) -> Any:
     return delayed(lambda b: b.finish(sparse_annotation=sparse), pure=True)(parts[0])
 
 
+def _fill_value(
+    background: int | None, ignore: int | None, values: Sequence[int], dtype: np.dtype[Any]
+) -> int:
+    """What masked-out voxels become: the background, else a value the map does not use."""
+    if background is not None:
+        return background
+    used = set(values) | ({ignore} if ignore is not None else set())
+    top = int(np.iinfo(dtype).max)
+    for v in range(top, -1, -1):  # from the top: label maps fill their ids from 0 up
+        if v not in used:
+            return v
+    raise ValueError("the label map uses every value of its data type: nothing to mask with")
+
+
 # -- public entry points ----------------------------------------------------------------------
-def _resolve_targets(
+def resolve_targets(
     col: Collection,
     case: Case | None,
     structures: Sequence[str | int] | None,
     segmentation: str | None,
+    exclude: str | None = None,
 ) -> dict[str, list[int] | None]:
-    """Segmentation -> label ids to report (None: every label present)."""
+    """Segmentation -> label ids to report (None: every label present).
+
+    ``exclude`` drops a segmentation from the default (every segmentation of the case or
+    collection), e.g. the one a ``within`` structure comes from.
+    """
 
     segs = (
         [segmentation]
         if segmentation
-        else (case.segmentation_names if case else list(col.segmentations))
+        else [
+            s
+            for s in (case.segmentation_names if case else list(col.segmentations))
+            if s != exclude
+        ]
     )
     for s in segs:
         if s not in col.segmentations:
@@ -251,7 +398,7 @@ def _stats(
 ) -> pd.DataFrame:
     if method not in ("index", "scan"):
         raise ValueError(f"method must be 'index' or 'scan', not {method!r}")
-    targets = _resolve_targets(col, cases[0] if cases else None, structures, segmentation)
+    targets = resolve_targets(col, cases[0] if cases else None, structures, segmentation)
     rows: list[dict[str, Any]] = []
     if method == "index":
         if cases is None:

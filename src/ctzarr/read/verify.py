@@ -6,7 +6,8 @@ commit record (label maps, case list) against its digest; every case's document,
 and member ``zarr.json`` files against the digests bound to its id; every stored object
 against its case's manifest (whole-object digests: bit rot, truncation, same-size forgery,
 swaps); every chunk decoded; stored label ids against the label map and voxel counts against
-the index; the collection table against its digests, the case list and every case's own index;
+the index (format 3: per-slice and per-chunk counts too, and each joint index against both label
+maps, streamed slab by slab); the collection table against its digests, the case list and every case's own index;
 symlinks leaving the store; locks, staging and temporary files left by interrupted runs.
 ``--repair`` removes what interrupted runs left behind and rebuilds the collection table.
 
@@ -433,7 +434,7 @@ def _check_case(col: Collection, cid: str, report: VerifyReport) -> pd.DataFrame
     for problem in check_objects(case):
         problems.append(f"{label}{problem}")
     for path in case.array_paths:
-        if path == "nifti" or path.endswith("/nifti") or path.endswith("/histogram"):
+        if path == "nifti" or path.endswith(("/nifti", "/histogram", "/slices")):
             _attempt(report, label, partial(_read_all, case.array, path))
     for level in range(case.levels):
         _attempt(report, label, partial(_read_all, case.array, str(level)))
@@ -469,8 +470,128 @@ def _check_case(col: Collection, cid: str, report: VerifyReport) -> pd.DataFrame
                 problems.append(
                     f"{label}segmentation {seg!r} label {lab}: {got} voxels stored, index says {n}"
                 )
+        if case.meta.format_version >= 3:
+            what = f"{label}segmentation {seg!r} index: "
+            if idx.slice_counts is None or idx.chunk_counts is None:
+                problems.append(f"{what}per-slice rows or per-chunk counts missing (format 3)")
+                continue
+            problems += [what + p for p in idx.problems()]
+            _attempt(
+                report,
+                what,
+                partial(_check_index_voxels, case, [seg], idx, _identity, what, problems),
+            )
+    if case.meta.format_version >= 3:
+        _check_joint_indexes(case, col, report)
     result: pd.DataFrame | None = _attempt(report, f"{label}statistics: ", case.stats)
     return result
+
+
+def _identity(slabs: list[np.ndarray]) -> np.ndarray:
+    return slabs[0]
+
+
+def _check_joint_indexes(case: Case, col: Collection, report: VerifyReport) -> None:
+    """Each pair of segmentations of a format-3 case has a joint index agreeing with both maps."""
+    label = f"case {case.case_id!r}: "
+    names = sorted(n for n in case.segmentation_names if n in col.segmentations)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            what = f"{label}joint index of {a!r} and {b!r}: "
+            found = _attempt(report, what, partial(case.joint_index, a, b))
+            if found is None:
+                if not any(p.startswith(what) for p in report.problems):
+                    report.problems.append(f"{what}missing (format 3)")
+                continue
+            joint, radix, _ = found
+            problems = report.problems
+            problems += [what + p for p in joint.problems()]
+            ok = [_label_table(col.segmentations[n].values, col.segmentations[n]) for n in (a, b)]
+
+            def codes(
+                slabs: list[np.ndarray], ok: list[np.ndarray] = ok, radix: int = radix
+            ) -> np.ndarray:
+                la, lb = (np.asarray(s, np.int64) for s in slabs)
+                valid = _lookup(ok[0], la) & _lookup(ok[1], lb)
+                # codes shifted by one, 0 for voxels outside any pair (bincount needs >= 0)
+                return np.where(valid, la * radix + lb + 1, 0)
+
+            _attempt(
+                report,
+                what,
+                partial(_check_index_voxels, case, [a, b], joint, codes, what, problems, 1),
+            )
+
+
+def _label_table(values: Any, lm: Any) -> np.ndarray:
+    """True at the label values of a map that are indexed (not background, not ignore)."""
+    keep = [int(v) for v in values if v not in (lm.background, lm.ignore_value)]
+    table = np.zeros(max(keep, default=0) + 1, bool)
+    table[keep] = True
+    return table
+
+
+def _lookup(table: np.ndarray, values: np.ndarray) -> np.ndarray:
+    inside = values < len(table)
+    found: np.ndarray = inside & table[np.where(inside, values, 0)]
+    return found
+
+
+def _check_index_voxels(
+    case: Case,
+    segmentations: list[str],
+    idx: Any,
+    to_codes: Callable[[list[np.ndarray]], np.ndarray],
+    what: str,
+    problems: list[str],
+    shift: int = 0,
+) -> None:
+    """A format-3 index's per-slice and per-chunk counts against the stored level-0 labels,
+    streamed one shard slab at a time (``to_codes`` turns the slabs into index codes + shift;
+    for a joint index every pair voxel must be one the index lists)."""
+    arrays = [case.array(f"labels/{s}/0") for s in segmentations]
+    nz = arrays[0].shape[0]
+    step = arrays[0].shards[0] if arrays[0].shards else arrays[0].chunks[0]
+    cz, cy, cx = idx.chunk_shape
+    gz, gy, gx = idx.chunk_grid
+    wanted = idx.labels.astype(np.int64) + shift
+    top = int(wanted.max()) + 1 if len(wanted) else 1
+    per_slice = np.zeros((len(wanted), nz), np.int64)
+    per_chunk = np.zeros((len(wanted), gz * gy * gx), np.int64)
+    listed = 0
+    for z0 in range(0, nz, step):
+        codes = to_codes([np.asarray(a[z0 : z0 + step]) for a in arrays])
+        depth = codes.shape[0]
+        for z in range(depth):
+            per_slice[:, z0 + z] = np.bincount(codes[z].ravel(), minlength=top)[wanted]
+        for zc in range(z0 // cz, (z0 + depth - 1) // cz + 1):
+            zs = slice(max(zc * cz - z0, 0), min((zc + 1) * cz - z0, depth))
+            for yc in range(gy):
+                for xc in range(gx):
+                    block = codes[zs, yc * cy : (yc + 1) * cy, xc * cx : (xc + 1) * cx]
+                    flat = (zc * gy + yc) * gx + xc
+                    per_chunk[:, flat] += np.bincount(block.ravel(), minlength=top)[wanted]
+        if shift:
+            listed += int(np.count_nonzero(codes))
+    if shift and listed != int(idx.voxel_count.sum()):
+        problems.append(
+            f"{what}{listed} voxels lie in a pair of labels, the index counts "
+            f"{int(idx.voxel_count.sum())}"
+        )
+    off = idx.slice_offsets
+    for i, lab in enumerate(idx.labels.tolist()):
+        z0, z1 = int(idx.bbox[i, 0]), int(idx.bbox[i, 1])
+        stored = per_slice[i, z0:z1]
+        if per_slice[i].sum() != stored.sum() or not np.array_equal(
+            stored, idx.slice_counts[off[i] : off[i + 1]]
+        ):
+            problems.append(f"{what}label {lab}: per-slice counts differ from the stored voxels")
+        chunks = np.flatnonzero(per_chunk[i])
+        if not (
+            np.array_equal(chunks, idx.chunk_ids[i])
+            and np.array_equal(per_chunk[i][chunks], idx.chunk_counts[i])
+        ):
+            problems.append(f"{what}label {lab}: per-chunk counts differ from the stored voxels")
 
 
 def _check_table_rows(

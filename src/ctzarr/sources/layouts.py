@@ -4,6 +4,10 @@
   (the built-in 144-id table when it is missing); one segmentation, ``anatomy``.
 - ``saros``: ``case_XXX/image.nii.gz``, ``body-regions.nii.gz`` (``body_regions``),
   ``body-parts.nii.gz`` (``body_parts``); 255 = ignore; an optional case CSV (column ``id``).
+- ``totalsegmentator``: ``<image_id>/ct.nii.gz`` + ``<image_id>/segmentations/<structure>.nii.gz``
+  (one 0/1 mask per structure, merged into TotalSegmentator's ``total`` label map; masks of
+  other tasks such as ``tissue_types`` become further segmentations, see
+  :mod:`ctzarr.sources.totalsegmentator`) + an optional ``meta.csv`` (``image_id``, ``;`` or ``,``).
 - ``pairs``: a CSV manifest ``case_id, image, <segmentation>...`` with label maps given per
   segmentation (``--labels FILE`` or ``--labels NAME=FILE``).
 """
@@ -23,13 +27,24 @@ import fsspec
 from ctzarr.errors import InvalidCaseIdError, LayoutError
 from ctzarr.io.urls import url_protocol
 from ctzarr.model.labels import (
+    TOTALSEGMENTATOR_TASKS,
     LabelMap,
     builtin_label_map,
     label_map_file_suffix,
     parse_label_map_text,
+    totalsegmentator_label_map,
+)
+from ctzarr.sources.totalsegmentator import (
+    CT_FILE,
+    MASK_FOLDER,
+    META_CSV,
+    mask_stem,
+    parse_meta_csv,
+    task_folder,
+    task_of_mask,
 )
 
-LAYOUTS = ("dap_atlas", "saros", "pairs")
+LAYOUTS = ("dap_atlas", "saros", "totalsegmentator", "pairs")
 
 
 #: a case id: plain ASCII letters, digits, '.', '_' and '-' (no look-alikes from other scripts,
@@ -67,12 +82,18 @@ def validate_case_id(case_id: str, *, where: str = "") -> str:
 
 @dataclass(frozen=True)
 class CaseSpec:
-    """The files of one case."""
+    """The files of one case.
+
+    ``segmentations`` maps a segmentation to its one label file; ``masks`` maps a segmentation
+    made of one binary mask per structure (``totalsegmentator``) to its files, by file name
+    (``liver.nii.gz``).
+    """
 
     case_id: str
     image: str
     segmentations: Mapping[str, str]
     attributes: Mapping[str, Any] = field(default_factory=dict)
+    masks: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -119,11 +140,16 @@ def detect_layout(source: str, storage_options: Mapping[str, Any] | None = None)
         if n.startswith("case_")
     ):
         return "saros"
+    if any(
+        fs.isfile(f"{path}/{n}/{CT_FILE}") and fs.isdir(f"{path}/{n}/{MASK_FOLDER}") for n in names
+    ):
+        return "totalsegmentator"
     if "manifest.csv" in names:
         return "pairs"
     raise LayoutError(
         f"{source}: matches no known layout (dap_atlas: images/ and masks/; saros: case_XXX/ with "
-        "body-regions.nii.gz; pairs: manifest.csv); name one with --layout"
+        f"body-regions.nii.gz; totalsegmentator: <case>/{CT_FILE} and <case>/{MASK_FOLDER}/; "
+        "pairs: manifest.csv); name one with --layout"
     )
 
 
@@ -150,7 +176,12 @@ def load_source(
     layout = layout or detect_layout(source, so)
     if layout not in LAYOUTS:
         raise LayoutError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
-    loader = {"dap_atlas": _dap_atlas, "saros": _saros, "pairs": _pairs}[layout]
+    loader = {
+        "dap_atlas": _dap_atlas,
+        "saros": _saros,
+        "totalsegmentator": _totalsegmentator,
+        "pairs": _pairs,
+    }[layout]
     return loader(source, so, _label_args(labels))
 
 
@@ -284,6 +315,75 @@ def _saros_csv(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, dict[str, 
                     row["id"]: {k: v for k, v in row.items() if k and k != "id"} for row in reader
                 }
     return {}
+
+
+def _totalsegmentator(
+    source: str, so: dict[str, Any], label_files: Mapping[str | None, str]
+) -> DatasetSource:
+    """Case folders holding ct.nii.gz and mask folders; see :mod:`ctzarr.sources.totalsegmentator`.
+
+    A case folder is a folder holding ``ct.nii.gz`` or ``segmentations/``; one with masks and
+    no image is an error of the dataset. Label maps are TotalSegmentator's (``--labels``
+    overrides one by segmentation name); the collection has each task that any case has masks of.
+    """
+    fs, root = _fs(source, so)
+    meta_path = f"{root}/{META_CSV}"
+    rows = (
+        parse_meta_csv(fs.cat_file(meta_path).decode("utf-8"), _url(source, fs, meta_path))
+        if fs.isfile(meta_path)
+        else {}
+    )
+    # one listing of the whole tree (a single paginated listing on an object store, not two
+    # requests per case): <case>/ct.nii.gz and <case>/<mask folder>/<file>
+    images: set[str] = set()
+    found: dict[str, dict[str, dict[str, str]]] = {}
+    for f in fs.find(root, maxdepth=3):
+        parts = f[len(root) + 1 :].split("/")
+        if len(parts) == 2 and parts[1] == CT_FILE:
+            images.add(parts[0])
+        elif len(parts) == 3 and (parts[1] == MASK_FOLDER or task_folder(parts[1])):
+            filename = parts[2]
+            if mask_stem(filename) is None:
+                continue
+            # a name no task knows stays with "total" (or the folder's task): converting the
+            # case then fails naming it and the closest names, and the other cases go on
+            task = task_folder(parts[1]) or task_of_mask(filename) or "total"
+            found.setdefault(parts[0], {}).setdefault(task, {})[filename] = _url(source, fs, f)
+    cases = []
+    for name in sorted(images | set(found)):
+        validate_case_id(name, where=f"{source}: folder {name!r}")
+        if name not in images:
+            raise LayoutError(f"{source}: case {name!r} has masks but no {CT_FILE}")
+        masks = found.get(name, {})
+        cases.append(
+            CaseSpec(
+                name,
+                _url(source, fs, f"{root}/{name}/{CT_FILE}"),
+                {},
+                rows.get(name, {}),
+                {
+                    task: dict(sorted(masks[task].items()))
+                    for task in TOTALSEGMENTATOR_TASKS
+                    if task in masks
+                },
+            )
+        )
+    if not cases:
+        raise LayoutError(f"{source}: no case folders with {CT_FILE} found")
+    present = [t for t in TOTALSEGMENTATOR_TASKS if any(t in c.masks for c in cases)]
+    maps = {
+        task: _label_map_for(task, label_files, totalsegmentator_label_map(task), so)
+        for task in present
+    }
+    return DatasetSource(
+        "totalsegmentator",
+        source,
+        tuple(cases),
+        maps,
+        dict.fromkeys(present, False),
+        "totalsegmentator",
+        so,
+    )
 
 
 def _pairs(source: str, so: dict[str, Any], label_files: Mapping[str | None, str]) -> DatasetSource:

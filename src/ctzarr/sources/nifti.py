@@ -47,6 +47,12 @@ _GZIP_MAGIC = b"\x1f\x8b"
 _MAX_DEFLATE_RATIO = 1032
 
 
+#: bytes per block of the threaded gzip reader. isal's default (1 MiB) reads the compressed file
+#: 8 MiB at a time and queues 1 MiB blocks: ~11 MB per open stream, ~22 MB of a conversion's
+#: peak; 256 KiB costs no measurable time (inflate runs at ~450 MB/s either way).
+_INFLATE_BLOCK = 256 * 1024
+
+
 #: hard cap on one volume, whatever the file size says (64 GiB of voxel data)
 MAX_VOXEL_BYTES = 64 * 2**30
 
@@ -193,9 +199,11 @@ class NiftiSource:
             counted = _HashingReader(raw_file, digest)
             # igzip_threaded.open is unannotated; in "rb" mode it returns an io.BufferedReader
             stream: io.BufferedIOBase | _HashingReader = (
-                igzip_threaded.open(counted, "rb", threads=1) if self.compressed else counted
+                igzip_threaded.open(counted, "rb", threads=1, block_size=_INFLATE_BLOCK)
+                if self.compressed
+                else counted
             )
-            ring: list[bytearray] = []
+            ring: list[np.ndarray] = []
             turn = 0
             try:
                 _skip(stream, self.vox_offset, self)
@@ -203,7 +211,8 @@ class NiftiSource:
                     depth = min(slab_z, nz - z0)
                     if reuse_buffers:
                         if len(ring) < reuse_buffers:
-                            ring.append(bytearray(slab_z * self.slice_bytes))
+                            # not zero-filled: every byte is read into before use
+                            ring.append(np.empty(slab_z * self.slice_bytes, np.uint8))
                         buf = memoryview(ring[turn % reuse_buffers])[: depth * self.slice_bytes]
                         turn += 1
                     else:

@@ -6,6 +6,8 @@ stores and, per collection, the answers computed when they were written:
 
 - ``index.json``: dataset id, case ids, segmentations; per case its shape and, per segmentation,
   the labels present with voxel counts, half-open (z, y, x) bounding boxes and annotated slices;
+  from format 3 on, per label its per-chunk counts and per-slice (count, value sum), and per
+  pair of segmentations its joint index (``make_golden.py`` describes the keys);
 - ``<case_id>.npz``: the level-0 ``image``, ``labels/<segmentation>`` arrays and the ``affine``,
   as nibabel read them from the source files;
 - ``stats.csv``: the statistics table of the release (``col.stats(method="index")``).
@@ -25,6 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ctzarr.model.index import LabelIndex
 from ctzarr.read.collection import Collection, open_collection
 from ctzarr.read.verify import verify
 
@@ -106,6 +109,32 @@ def _check_case(
         _equal(idx.bbox.tolist(), seg_facts["bbox"], f"{where}: index {seg!r} bounding boxes")
         slices = None if idx.annotated_slices is None else idx.annotated_slices.tolist()
         _equal(slices, seg_facts["annotated_slices"], f"{where}: index {seg!r} annotated slices")
+        if "chunk_counts" in seg_facts:  # format 3 on
+            _check_format3_parts(idx, seg_facts, f"{where}: index {seg!r}")
+    for pair, joint_facts in facts.get("joint", {}).items():
+        a, b = pair.split("/")
+        found = case.joint_index(a, b)
+        what = f"{where}: joint index {pair}"
+        if found is None:
+            raise AssertionError(f"{what}: missing")
+        joint, radix, flipped = found
+        _equal((radix, flipped), (joint_facts["radix"], False), f"{what}: radix, flipped")
+        _equal(joint.labels.tolist(), joint_facts["labels"], f"{what}: pair codes")
+        _equal(joint.voxel_count.tolist(), joint_facts["voxel_count"], f"{what}: voxel counts")
+        _check_format3_parts(joint, joint_facts, what)
+
+
+def _check_format3_parts(idx: LabelIndex, facts: dict[str, Any], what: str) -> None:
+    """Per-chunk counts and per-slice (count, value sum) of every label, as committed."""
+    for label, chunks, slices in zip(
+        idx.labels.tolist(), facts["chunk_counts"], facts["slices"], strict=True
+    ):
+        ids, counts = idx.chunk_voxel_counts(label)
+        got = [[int(i), int(c)] for i, c in zip(ids, counts, strict=True)]
+        _equal(got, chunks, f"{what} label {label}: per-chunk counts")
+        z, n, key_sum = idx.slice_profile(label)
+        got = [[int(a), int(b), int(c)] for a, b, c in zip(z, n, key_sum, strict=True)]
+        _equal(got, slices, f"{what} label {label}: per-slice counts and sums")
 
 
 def _check_stats(col: Collection, expected: pd.DataFrame, where: str) -> None:

@@ -1,11 +1,13 @@
-"""Synthetic whole-body CT phantoms written in the layouts and quirks of DAP Atlas and SAROS.
+"""Synthetic whole-body CT phantoms written in the layouts and quirks of DAP Atlas, SAROS and
+TotalSegmentator.
 
 The real datasets need TCIA logins and hundreds of gigabytes, so the demo and the tests run on
 phantoms instead. :func:`make_phantom` builds a CT volume in Hounsfield units with a matching
 DAP Atlas label volume; :func:`write_dap_atlas` and :func:`write_saros` write directory trees that
 mimic the Hugging Face DAP Atlas repack and the SAROS release, including the quirks a converter
 must cope with: LPS-derived affines as ITK writes them, big-endian files, odd float32 spacings,
-sparse SAROS annotation with whole slices of 255.
+sparse SAROS annotation with whole slices of 255; :func:`write_totalsegmentator` writes one binary
+mask file per structure, empty masks included, with a ``;``-separated ``meta.csv``.
 
 Anatomy is defined in a canonical body frame in millimetres (u to the patient's right, v to the
 anterior, w from the thighs at 0 to the vertex at 1200). It is drawn at physical size whenever the
@@ -25,6 +27,8 @@ from typing import Any, Literal
 import nibabel as nib_typed
 import numpy as np
 from numpy.typing import NDArray
+
+from ctzarr.model.labels import builtin_label_map, totalsegmentator_label_map
 
 # nibabel's partial annotations make --strict reject every header call (no-untyped-call).
 nib: Any = nib_typed
@@ -704,5 +708,133 @@ def write_saros(
                 ("id", "split", "tcia_collection", "tcia_series_instance_uid", "tcia_case_id",
                  "anatomic_region")
             )  # fmt: skip
+            writer.writerows(rows)
+    return sorted(ids)
+
+
+#: DAP ids of the tissues that TotalSegmentator's ``tissue_types`` task segments
+_TISSUE_TYPES_FROM_DAP = {"skeletal_muscle": 2, "subcutaneous_fat": 3}
+
+
+#: TotalSegmentator meta.csv columns after image_id (the public training set's first ones)
+_TS_META_COLUMNS = ("age", "gender", "institute", "study_type", "split")
+
+
+def totalsegmentator_masks(labels: NDArray[np.uint8], task: str = "total") -> dict[str, Any]:
+    """Binary masks (uint8 0/1) of a TotalSegmentator task from a DAP Atlas label volume.
+
+    ``total``: every DAP structure with a one-to-one TotalSegmentator class (the crosswalk of
+    :func:`ctzarr.model.labels.enrich`); ``tissue_types``: ``skeletal_muscle`` from DAP muscles,
+    ``subcutaneous_fat`` from DAP fat. Keys are TotalSegmentator class names; structures the
+    volume lacks are not listed.
+    """
+    if task == "tissue_types":
+        pairs = list(_TISSUE_TYPES_FROM_DAP.items())
+    elif task == "total":
+        known = {lab.name for lab in totalsegmentator_label_map("total")}
+        pairs = [
+            (lab.totalsegmentator_name, lab.value)
+            for lab in builtin_label_map("dap_atlas")
+            if lab.totalsegmentator_name in known
+        ]
+    else:
+        raise ValueError(f"no phantom masks for TotalSegmentator task {task!r}")
+    present = set(np.unique(labels).tolist())
+    return {
+        name: (labels == value).astype(np.uint8)
+        for name, value in pairs
+        if name is not None and value in present
+    }
+
+
+def write_totalsegmentator(
+    root: str | os.PathLike[str],
+    *,
+    n_cases: int = 2,
+    shape_zyx: tuple[int, int, int] = (40, 48, 48),
+    seed: int = 0,
+    n_structures: int = 20,
+    tasks: tuple[str, ...] = ("total",),
+    all_structures: bool = False,
+    meta_delimiter: str | None = ";",
+) -> list[str]:
+    """Write synthetic cases in TotalSegmentator's dataset layout.
+
+    Parameters
+    ----------
+    root : str or os.PathLike
+        Dataset root; created if missing. Existing files of the same names are overwritten.
+    n_cases : int, optional
+        Number of cases, named ``s0000``, ``s0001``, ...
+    shape_zyx : tuple of int, optional
+        Voxels per case along (z, y, x).
+    seed : int, optional
+        Seed of the phantoms and of meta.csv.
+    n_structures : int, optional
+        Organs drawn by :func:`make_phantom`.
+    tasks : tuple of str, optional
+        ``"total"`` and/or ``"tissue_types"``; all masks go to ``segmentations/`` (told apart
+        by name, as TotalSegmentator's class names are unique across tasks).
+    all_structures : bool, optional
+        Write a mask for every class of each task (empty files for absent structures, as the
+        training set has), not only the structures present plus one empty mask.
+    meta_delimiter : str or None, optional
+        Write ``root/meta.csv`` with this separator (``;`` as in the training set), columns
+        ``image_id``, ``age``, ``gender``, ``institute``, ``study_type``, ``split``; None: none.
+
+    Returns
+    -------
+    list of str
+        Case ids, sorted. Each case folder holds ``ct.nii.gz`` (int16) and
+        ``segmentations/<class name>.nii.gz`` (uint8 0/1, the CT's header).
+
+    Notes
+    -----
+    Even cases have an RAS affine, odd cases ITK's LPS form (voxel data flipped in x and y,
+    see :func:`write_dap_atlas`); spacing 1.5 mm, as in the training set's resampled CTs.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng((seed, 0x7075))
+    spacing = (1.5, 1.5, 1.5)
+    ids, rows = [], []
+    for i in range(n_cases):
+        case_id = f"s{i:04d}"
+        lps = i % 2 == 1
+        ct, labels = make_phantom(
+            shape_zyx, spacing, seed=int(rng.integers(0, 2**31)), n_structures=n_structures
+        )
+        folder = root / case_id
+        (folder / "segmentations").mkdir(parents=True, exist_ok=True)
+        aff = _affine(shape_zyx, spacing, lps=lps)
+        _save_nifti(folder / "ct.nii.gz", _to_file_order(ct, lps), aff, big_endian=False)
+        empty = np.zeros(shape_zyx, np.uint8)
+        for task in tasks:
+            masks = totalsegmentator_masks(labels, task)
+            absent = [
+                lab.name
+                for lab in totalsegmentator_label_map(task)
+                if lab.value and lab.name not in masks
+            ]
+            for name in absent if all_structures else absent[:1]:
+                masks[name] = empty
+            for name, mask in masks.items():
+                path = folder / "segmentations" / f"{name}.nii.gz"
+                _save_nifti(path, _to_file_order(mask, lps), aff, big_endian=False)
+        ids.append(case_id)
+        rows.append(
+            (
+                case_id,
+                str(int(rng.integers(18, 90))),
+                ("m", "f")[int(rng.integers(2))],
+                "ABCDEFGH"[int(rng.integers(8))],
+                ("ct thorax-abdomen", "ct abdomen", "ct whole body")[int(rng.integers(3))],
+                ("train", "train", "val", "test")[i % 4],
+            )
+        )
+    if meta_delimiter is not None:
+        with open(root / "meta.csv", "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f, delimiter=meta_delimiter)
+            writer.writerow(("image_id", *_TS_META_COLUMNS))
             writer.writerows(rows)
     return sorted(ids)

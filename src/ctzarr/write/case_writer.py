@@ -25,6 +25,7 @@ import ctypes.util
 import datetime as _dt
 import hashlib
 import itertools
+import json
 import logging
 import math
 import os
@@ -35,64 +36,81 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from itertools import zip_longest
-from typing import Any
+from typing import Any, Protocol
 
-import numba
 import numpy as np
 import zarr
+from numcodecs import Blosc
 from zarr.codecs import Crc32cCodec
+from zarr.core.metadata import ArrayV3Metadata
+from zarr.core.sync import sync
 
 from ctzarr.errors import UnknownLabelError
-from ctzarr.io.stores import codec_pipeline, compact_json, read_key
+from ctzarr.io.stores import codec_pipeline, compact_json, read_key, write_key
 from ctzarr.io.strict import seal_case
+from ctzarr.model.attributes import CTZARR_KEY
 from ctzarr.model.case import CaseAttributes, SegmentationAttributes
-from ctzarr.model.index import LabelIndex
+from ctzarr.model.index import JointInfo, LabelIndex
 from ctzarr.model.labels import LabelMap
 from ctzarr.model.layout import CHUNK, chunk_layout, compressors, level_shapes
-from ctzarr.model.manifest import ManifestBuilder
+from ctzarr.model.manifest import ManifestBuilder, crc32c
 from ctzarr.model.ome import label_image_attributes, labels_attributes
 from ctzarr.sources.nifti import NiftiSource, header_from_bytes
-from ctzarr.write.index_builder import LabelIndexBuilder
+from ctzarr.write.index_builder import JointIndexBuilder, LabelIndexBuilder
 
 logger = logging.getLogger(__name__)
 
 
-@numba.njit(nogil=True, cache=True)
-def _mean2(src, out):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
-    """2x2x2 block mean (edge blocks average what they hold), rounded for integer output."""
-    nz, ny, nx = out.shape
-    sz, sy, sx = src.shape
-    for z in range(nz):
-        for y in range(ny):
-            for x in range(nx):
-                acc = 0.0
-                n = 0
-                for dz in range(2):
-                    zz = 2 * z + dz
-                    if zz >= sz:
-                        continue
-                    for dy in range(2):
-                        yy = 2 * y + dy
-                        if yy >= sy:
-                            continue
-                        for dx in range(2):
-                            xx = 2 * x + dx
-                            if xx < sx:
-                                acc += src[zz, yy, xx]
-                                n += 1
-                out[z, y, x] = acc / n
+def _block_sum_dtype(dtype: np.dtype[Any]) -> np.dtype[Any]:
+    """Dtype that holds the sum of 8 values of ``dtype`` exactly (float64 for floats and wide
+    integers, as the mean is taken in float64)."""
+    if dtype.kind in "iu" and dtype.itemsize <= 2:
+        return np.dtype(np.int32)
+    return np.dtype(np.float64)
 
 
 def downsample_image(slab: np.ndarray) -> np.ndarray:
-    """Next pyramid level of an image slab: 2x2x2 mean, same dtype (integers rounded)."""
-    out_shape = tuple(-(-s // 2) for s in slab.shape)
-    if slab.dtype.kind == "f":
-        out = np.empty(out_shape, slab.dtype)
-        _mean2(slab, out)
-        return out
-    tmp = np.empty(out_shape, np.float64)
-    _mean2(slab, tmp)
-    return np.rint(tmp).astype(slab.dtype)
+    """Next pyramid level of an image slab: 2x2x2 mean, same dtype (integers rounded half to
+    even); an edge block of an odd axis averages the voxels it holds.
+
+    numpy, one output plane at a time: every temporary is a plane (the slab-sized float64
+    buffer of a whole-slab mean was 16 MB per CT slab in flight), and no JIT to load (the numba
+    kernel this replaces cost its cache load in every process, at the same speed).
+    """
+    nz, ny, nx = slab.shape
+    oz, oy, ox = -(-nz // 2), -(-ny // 2), -(-nx // 2)
+    out = np.empty((oz, oy, ox), slab.dtype)
+    acc = _block_sum_dtype(slab.dtype)
+    # voxels per block in y and x: 2, or 1 in the last block of an odd axis
+    count_y = np.full(oy, 2.0)
+    count_x = np.full(ox, 2.0)
+    count_y[ny // 2 :] = 2.0 if ny % 2 == 0 else 1.0
+    count_x[nx // 2 :] = 2.0 if nx % 2 == 0 else 1.0
+    count_yx = count_y[:, None] * count_x[None, :]
+    plane = np.empty((ny, nx), acc)
+    rows = np.empty((oy, nx), acc)
+    blocks = np.empty((oy, ox), acc)
+    mean = np.empty((oy, ox), np.float64)
+    ey, ex = ny - ny % 2, nx - nx % 2  # the even parts
+    for z in range(oz):
+        if 2 * z + 1 < nz:
+            np.add(slab[2 * z], slab[2 * z + 1], out=plane, dtype=acc)
+            depth = 2.0
+        else:
+            plane[...] = slab[2 * z]
+            depth = 1.0
+        np.add(plane[0:ey:2], plane[1:ey:2], out=rows[: ny // 2])
+        if ny % 2:
+            rows[-1] = plane[-1]
+        np.add(rows[:, 0:ex:2], rows[:, 1:ex:2], out=blocks[:, : nx // 2])
+        if nx % 2:
+            blocks[:, -1] = rows[:, -1]
+        # counts are powers of two: the division is exact, as in a float64 mean
+        np.divide(blocks, count_yx * depth, out=mean)
+        if slab.dtype.kind in "iu":
+            np.rint(mean, out=mean)
+        out[z] = mean
+    return out
 
 
 def downsample_labels(slab: np.ndarray) -> np.ndarray:
@@ -100,7 +118,7 @@ def downsample_labels(slab: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(slab[::2, ::2, ::2])
 
 
-def label_dtype(label_map: LabelMap, source: NiftiSource) -> np.dtype[Any]:
+def label_dtype(label_map: LabelMap, source: LabelSlabSource) -> np.dtype[Any]:
     """Smallest unsigned dtype that holds every value of the label map (and the ignore value)."""
     top = label_map.max_value
     for dt in (np.uint8, np.uint16, np.uint32):
@@ -109,7 +127,7 @@ def label_dtype(label_map: LabelMap, source: NiftiSource) -> np.dtype[Any]:
     raise ValueError(f"{source.path}: label values up to {top} do not fit uint32")
 
 
-def label_header_bytes(source: NiftiSource, dtype: np.dtype[Any]) -> bytes:
+def label_header_bytes(source: LabelSlabSource, dtype: np.dtype[Any]) -> bytes:
     """The NIfTI header of a stored segmentation: its source file's header (geometry, qform and
     sform as the file had them, version, byte order), with the stored label dtype and no scaling.
 
@@ -125,6 +143,12 @@ def label_header_bytes(source: NiftiSource, dtype: np.dtype[Any]) -> bytes:
 
 #: the dimension name of a NIfTI-Zarr ``nifti`` header array (1-D, one uint8 per header byte)
 NIFTI_HEADER_DIMENSION = "nifti_byte"
+
+
+#: slabs in flight at once, the ring of slab buffers of each stream (at least 2): the reader
+#: inflates the next slab while the index and writer threads work on this one. 3 was no faster
+#: on the bench case (2 cores) and held 48 MB more (benchmarks/README.md).
+SLABS_IN_FLIGHT = 2
 
 
 #: glibc's mallopt parameter number of the arena limit
@@ -188,26 +212,40 @@ def _warm_kernels(
         )
 
 
-def _prefetch(items: Iterator[Any], depth: int = 1) -> Iterator[Any]:
+def _prefetch(
+    items: Iterator[Any], depth: int = 1, permits: threading.Semaphore | None = None
+) -> Iterator[Any]:
     """Produce items in a background thread, ``depth`` ahead of the consumer.
 
     Inflating slab k+1 then overlaps with compressing and indexing slab k; errors raised by the
-    producer (a corrupt stream) surface in the consumer at the item where they happened.
+    producer (a corrupt stream) surface in the consumer at the item where they happened. With
+    ``permits`` the producer takes one before producing each item and the consumer gives it
+    back when it is done with the item: no more items exist at once than there are permits
+    (slab buffers recycled in a ring of that size are never overwritten while in use).
     """
     q: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
     def produce() -> None:
         try:
-            for item in items:
+            it = iter(items)
+            while True:
+                if permits is not None:
+                    while not permits.acquire(timeout=0.1):
+                        if stop.is_set():
+                            return
+                if stop.is_set():
+                    return
+                try:
+                    item = next(it)
+                except StopIteration:
+                    break
                 while not stop.is_set():
                     try:
                         q.put(("item", item), timeout=0.1)
                         break
                     except queue.Full:
                         continue
-                if stop.is_set():
-                    return
             q.put(("done", None))
         except BaseException as exc:  # handed to the consumer
             q.put(("error", exc))
@@ -231,12 +269,189 @@ def _prefetch(items: Iterator[Any], depth: int = 1) -> Iterator[Any]:
                 thread.join(0.05)
 
 
+#: numcodecs' numbers of blosc's shuffle modes
+_BLOSC_SHUFFLE = {
+    "noshuffle": Blosc.NOSHUFFLE,
+    "shuffle": Blosc.SHUFFLE,
+    "bitshuffle": Blosc.BITSHUFFLE,
+}
+
+#: a shard index entry (offset and length) of an inner chunk that is not stored
+_ABSENT = 2**64 - 1
+
+#: the codec chain :class:`ShardEncoder` writes (``model.layout.compressors`` inside a shard)
+_LITTLE = {"name": "bytes", "configuration": {"endian": "little"}}
+
+
+def _crc32c(data: bytes) -> bytes:
+    """The crc32c codec's 4 bytes (little-endian) for ``data``."""
+    return crc32c(data).to_bytes(4, "little")
+
+
+@dataclass(frozen=True)
+class ShardEncoder:
+    """Writes whole shards of one array: blosc-compressed inner chunks with a crc32c each, then
+    the shard index (offset and length of every inner chunk, little-endian uint64, 2**64-1 for a
+    chunk not stored) and its crc32c: the chain :func:`ctzarr.model.layout.compressors` sets.
+
+    Why not ``array[z0:z1] = slab``: zarr's write path costs 2 to 4 times the codec itself
+    (measured on one 64-slice CT slab, 32 MB, 64 inner chunks: zarrs 0.21 s, zarr-python's own
+    pipeline 0.11 s, numcodecs' blosc alone 0.054 s; the rest is copies of the whole slab, page
+    faults on fresh slab-sized buffers and a coroutine per inner chunk), which made compression
+    the largest share of a conversion. The codecs are zarr's own (numcodecs' Blosc and
+    crc32c, with the array's parameters); only the shard layout of the sharding codec
+    spec is assembled here, and every read checks it (inner and index checksums, manifest). An
+    array with another codec chain is written by zarr (:meth:`for_array` returns None).
+    """
+
+    shape: tuple[int, ...]
+    chunk: tuple[int, ...]
+    shard: tuple[int, ...]
+    dtype: np.dtype[Any]  # as stored: little-endian
+    fill_value: Any
+    blosc: Any  # numcodecs.Blosc (untyped)
+    metadata: ArrayV3Metadata
+
+    @classmethod
+    def for_array(cls, arr: zarr.Array[Any]) -> ShardEncoder | None:
+        """The encoder of an array written with ``compressors()`` in shards, else None."""
+        meta = arr.metadata
+        if not isinstance(meta, ArrayV3Metadata) or len(meta.codecs) != 1:
+            return None
+        codecs = json.loads(json.dumps(meta.to_dict()["codecs"]))  # tuples as JSON lists
+        if not isinstance(codecs, list) or len(codecs) != 1:
+            return None
+        sharding = codecs[0]
+        if not isinstance(sharding, dict) or not isinstance(sharding.get("configuration"), dict):
+            return None
+        config = sharding["configuration"]
+        inner = config.get("codecs")
+        dtype = np.dtype(meta.data_type.to_native_dtype())
+        if (
+            sharding.get("name") != "sharding_indexed"
+            or config.get("index_location", "end") != "end"
+            or config.get("index_codecs") != [_LITTLE, {"name": "crc32c"}]
+            or not isinstance(inner, list)
+            or len(inner) != 3
+            or inner[0] not in (_LITTLE, {"name": "bytes"})
+            or (inner[0] == {"name": "bytes"} and dtype.itemsize != 1)
+            or inner[1].get("name") != "blosc"
+            or inner[2] != {"name": "crc32c"}
+            or dtype.kind not in "iuf"
+        ):
+            return None
+        blosc = inner[1]["configuration"]
+        shard = arr.shards
+        if shard is None:
+            return None
+        return cls(
+            shape=tuple(meta.shape),
+            chunk=tuple(int(n) for n in config["chunk_shape"]),
+            shard=shard,
+            dtype=dtype.newbyteorder("<"),
+            fill_value=meta.fill_value,
+            blosc=Blosc(
+                cname=blosc["cname"],
+                clevel=blosc["clevel"],
+                shuffle=_BLOSC_SHUFFLE[blosc["shuffle"]],
+                blocksize=blosc["blocksize"],
+                typesize=blosc["typesize"],
+            ),
+            metadata=meta,
+        )
+
+    @property
+    def index_nbytes(self) -> int:
+        """Bytes of a shard's index with its checksum."""
+        return math.prod(s // c for s, c in zip(self.shard, self.chunk, strict=True)) * 16 + 4
+
+    def covers(self, z0: int, slab_shape: tuple[int, ...]) -> bool:
+        """True when slices z0:z0+depth of whole planes are whole shards (the last one may end
+        at the array's end): written without reading anything back."""
+        z1 = z0 + slab_shape[0]
+        return (
+            tuple(slab_shape[1:]) == self.shape[1:]
+            and z0 % self.shard[0] == 0
+            and (z1 % self.shard[0] == 0 or z1 == self.shape[0])
+        )
+
+    def shards(self, z0: int, slab: np.ndarray) -> Iterator[tuple[str, np.ndarray]]:
+        """(key, region of the slab) of every shard the slab covers."""
+        starts = [
+            range(z0, z0 + slab.shape[0], self.shard[0]),
+            *(range(0, n, s) for n, s in zip(self.shape[1:], self.shard[1:], strict=True)),
+        ]
+        for corner in itertools.product(*starts):
+            grid = tuple(c // s for c, s in zip(corner, self.shard, strict=True))
+            region = (
+                slice(corner[0] - z0, corner[0] - z0 + self.shard[0]),
+                *(slice(c, c + s) for c, s in zip(corner[1:], self.shard[1:], strict=True)),
+            )
+            yield self.metadata.encode_chunk_key(grid), slab[region]
+
+    def encode(self, region: np.ndarray) -> bytes | None:
+        """The stored object of one shard from its region of the array (cut short at the array's
+        end; the rest of its inner chunks is fill), or None when it holds only the fill value
+        (``write_empty_chunks=False``: nothing is stored)."""
+        grid_full = [s // c for s, c in zip(self.shard, self.chunk, strict=True)]
+        grid = [-(-n // c) for n, c in zip(region.shape, self.chunk, strict=True)]
+        index = np.full((*grid_full, 2), _ABSENT, dtype="<u8")
+        chunk = np.empty(self.chunk, self.dtype)
+        zero_fill = self.fill_value == 0
+        parts: list[bytes] = []
+        offset = 0
+        for pos in np.ndindex(*grid):
+            sub = region[
+                tuple(slice(p * c, (p + 1) * c) for p, c in zip(pos, self.chunk, strict=True))
+            ]
+            if sub.shape != self.chunk:  # at the array's end: padded with the fill value
+                chunk.fill(self.fill_value)
+                chunk[tuple(slice(0, n) for n in sub.shape)] = sub
+            else:
+                np.copyto(chunk, sub)
+            # fill-only chunks are not stored (-0.0 counts as 0, NaN does not, as in zarr)
+            if not (chunk.any() if zero_fill else np.any(chunk != self.fill_value)):
+                continue
+            data = self.blosc.encode(chunk)
+            parts += (data, _crc32c(data))
+            index[pos] = (offset, len(data) + 4)
+            offset += len(data) + 4
+        if not parts:
+            return None
+        raw_index = index.tobytes()
+        parts += (raw_index, _crc32c(raw_index))
+        return b"".join(parts)
+
+
+class LabelSlabSource(Protocol):
+    """What the writer reads of a segmentation: a :class:`~ctzarr.sources.nifti.NiftiSource`
+    (one label file), or the masks of one segmentation merged slab by slab
+    (:class:`~ctzarr.sources.totalsegmentator.MaskStackSource`)."""
+
+    @property
+    def path(self) -> str: ...
+    @property
+    def shape_zyx(self) -> tuple[int, int, int]: ...
+    @property
+    def affine(self) -> np.ndarray: ...
+    @property
+    def header_bytes(self) -> bytes: ...
+    @property
+    def notes(self) -> tuple[str, ...]: ...
+    @property
+    def scaled(self) -> bool: ...
+    def scale(self, raw: np.ndarray) -> np.ndarray: ...
+    def iter_slabs(
+        self, slab_z: int, digest: Any = None, reuse_buffers: int = 0
+    ) -> Iterator[tuple[int, np.ndarray]]: ...
+
+
 @dataclass
 class SegmentationSource:
-    """One segmentation of a case: its file and its label map."""
+    """One segmentation of a case: its file (or merged masks) and its label map."""
 
     name: str
-    source: NiftiSource
+    source: LabelSlabSource
     label_map: LabelMap
     sparse: bool = False  # annotated only on some slices (ignore_value elsewhere)
 
@@ -255,8 +470,12 @@ class CaseWriter:
     segmentations: list[SegmentationSource]
     progress: Any = None  # callable(n_slices) for progress bars
     indexes: dict[str, LabelIndex] = field(default_factory=dict)
+    #: joint index of each pair of segmentations (A, B), A < B (store format 3)
+    joint_indexes: dict[tuple[str, str], tuple[LabelIndex, JointInfo]] = field(default_factory=dict)
     digests: dict[str, str] = field(default_factory=dict)
     manifest: ManifestBuilder = field(default_factory=ManifestBuilder)
+    #: the shard encoder of each data array by path (None: written by zarr)
+    _encoders: dict[str, ShardEncoder | None] = field(default_factory=dict, init=False, repr=False)
     #: where the case is written: ``cases/<case_id>``, or a staging group when it replaces a
     #: committed case (moved into place after the commit, see ``convert.swap_in``)
     prefix: str | None = None
@@ -297,13 +516,31 @@ class CaseWriter:
             )
             for seg in self.segmentations
         }
+        # the joint index of every pair of segmentations A < B, fed by the same index stage
+        by_name = sorted(self.segmentations, key=lambda s: s.name)
+        joints = {
+            (a.name, b.name): JointIndexBuilder(
+                a.name,
+                b.name,
+                builders[a.name].values.tolist(),
+                builders[b.name].values.tolist(),
+                shape,
+                chunk_layout(shape, 0)[0],
+            )
+            for a, b in itertools.combinations(by_name, 2)
+        }
         hashes = {"image": hashlib.sha256()} | {
             s.name: hashlib.sha256() for s in self.segmentations
         }
-        # a ring of 4 slab buffers per stream: one being inflated, one queued, one being
-        # indexed and written, one whose writes are finishing
-        streams = [self.image.iter_slabs(CHUNK, hashes["image"], reuse_buffers=4)] + [
-            s.source.iter_slabs(CHUNK, hashes[s.name], reuse_buffers=4) for s in self.segmentations
+        # A ring of SLABS_IN_FLIGHT slab buffers per stream. The reader takes a permit before
+        # each slab and a slab gives it back once indexed and written, so a buffer is never
+        # refilled while in use and memory stays at that many slabs. At least 2: the loop
+        # below gives slab k's permit back after it has received slab k+1.
+        in_flight = max(SLABS_IN_FLIGHT, 2)
+        permits = threading.Semaphore(in_flight)
+        streams = [self.image.iter_slabs(CHUNK, hashes["image"], reuse_buffers=in_flight)] + [
+            s.source.iter_slabs(CHUNK, hashes[s.name], reuse_buffers=in_flight)
+            for s in self.segmentations
         ]
         # Three overlapping stages: inflate (the prefetch thread), index (one thread, slabs in
         # order), compress and write (two threads: image pyramid, label pyramids). One slab is
@@ -315,12 +552,10 @@ class CaseWriter:
             # Load the compiled kernels while the first slab inflates (numba's first call in a
             # process costs ~0.5 s even from its on-disk cache).
             pending: list[Any] = [
-                index_pool.submit(_warm_kernels, builders, lab_arrays, self.image.value_dtype),
-                write_pool.submit(
-                    downsample_image, np.zeros((2, 2, 2), self.image.raw_dtype.newbyteorder("="))
-                ),
+                index_pool.submit(_warm_kernels, builders, lab_arrays, self.image.value_dtype)
             ]
-            for parts in _prefetch(zip_longest(*streams)):
+            slab_pending = False  # pending holds the futures of a slab (not the warm-up)
+            for parts in _prefetch(zip_longest(*streams), permits=permits):
                 z0, raw = parts[0]
                 values = self.image.scale(raw)
                 labels = [
@@ -331,6 +566,11 @@ class CaseWriter:
                     index_pool.submit(builders[seg.name].update, z0, lab, values)
                     for seg, lab in zip(self.segmentations, labels, strict=True)
                 ]
+                slab_of = {s.name: lab for s, lab in zip(self.segmentations, labels, strict=True)}
+                futures += [
+                    index_pool.submit(joint.update, z0, slab_of[a], slab_of[b], values)
+                    for (a, b), joint in joints.items()
+                ]
                 futures.append(
                     write_pool.submit(self._write_pyramid, img_arrays, z0, raw, downsample_image)
                 )
@@ -339,7 +579,9 @@ class CaseWriter:
                 )
                 for f in pending:
                     f.result()
-                pending = futures
+                if slab_pending:  # its buffers may be refilled
+                    permits.release()
+                pending, slab_pending = futures, True
                 if self.progress is not None:
                     self.progress(raw.shape[0])
             for f in pending:
@@ -354,6 +596,8 @@ class CaseWriter:
                     f"label map {seg.label_map.name!r}"
                 )
             self.indexes[seg.name] = builders[seg.name].finish(sparse_annotation=seg.sparse)
+        for pair, joint in joints.items():
+            self.joint_indexes[pair] = (joint.finish(), joint.info)
 
     def _as_labels(
         self, seg: SegmentationSource, slab: np.ndarray, dtype: np.dtype[Any]
@@ -414,11 +658,27 @@ class CaseWriter:
         self, arrays: list[zarr.Array[Any]], z0: int, slab: np.ndarray, down: Any
     ) -> None:
         for level, arr in enumerate(arrays):
-            zl = z0 >> level
-            arr[zl : zl + slab.shape[0]] = slab
-            self._record(arr, zl, slab.shape[0])
+            self._write_slab(arr, z0 >> level, slab)
             if level + 1 < len(arrays):
                 slab = down(slab)
+
+    def _write_slab(self, arr: zarr.Array[Any], z0: int, slab: np.ndarray) -> None:
+        """Store slices z0:z0+depth of an array and add its objects to the manifest."""
+        encoder = self._encoders.get(arr.path)
+        if encoder is None and arr.path not in self._encoders:
+            encoder = self._encoders[arr.path] = ShardEncoder.for_array(arr)
+        if encoder is None or not encoder.covers(z0, slab.shape):
+            arr[z0 : z0 + slab.shape[0]] = slab
+            self._record(arr, z0, slab.shape[0])
+            return
+        rel = arr.path[len(self.path) + 1 :]
+        for key, region in encoder.shards(z0, slab):
+            data = encoder.encode(region)
+            if data is None:  # all fill: no object (removed if there was one, as zarr does)
+                sync(arr.store.delete(f"{arr.path}/{key}"))
+            else:
+                write_key(arr.store, f"{arr.path}/{key}", data)
+            self.manifest.add(rel, key, data, encoder.index_nbytes)
 
     def _record(self, arr: zarr.Array[Any], z0: int, depth: int) -> None:
         """Add the objects just written for slices z0:z0+depth to the manifest.
@@ -441,25 +701,43 @@ class CaseWriter:
 
     # -- metadata ---------------------------------------------------------------------------
     def write_index(self) -> None:
-        """Store each segmentation's index: table in attributes, histogram as an array."""
+        """Store each segmentation's index (table in attributes; histogram and per-slice rows as
+        arrays), then the joint index of each pair of segmentations under
+        ``labels/<A>/joint/<B>`` (store format 3, ``ctzarr.model.index``)."""
         with codec_pipeline(self.root.store):
             for seg in self.segmentations:
-                idx = self.indexes[seg.name]
-                grp = self.root.require_group(f"{self.path}/labels/{seg.name}/index")
-                hist = idx.histogram_array()
-                arr = grp.create_array(
-                    "histogram",
-                    shape=hist.shape,
-                    dtype=np.int64,
-                    chunks=(max(len(hist), 1), 2),
-                    compressors=compressors(),
-                    overwrite=True,
-                    dimension_names=("entry", "key_count"),
+                self._write_one_index(
+                    f"{self.path}/labels/{seg.name}/index", self.indexes[seg.name], {}
                 )
-                if len(hist):
-                    arr[:] = hist
-                self._record(arr, 0, max(len(hist), 1))
-                grp.attrs.put(idx.to_attributes())
+            for (a, b), (idx, info) in self.joint_indexes.items():
+                self._write_one_index(
+                    f"{self.path}/labels/{a}/joint/{b}", idx, {"joint": info.to_attributes()}
+                )
+
+    def _write_one_index(self, path: str, idx: LabelIndex, extra: dict[str, Any]) -> None:
+        grp = self.root.require_group(path)
+        for name, rows, dims in (
+            ("histogram", idx.histogram_array(), ("entry", "key_count")),
+            ("slices", idx.slices_array(), ("slice", "count_keysum")),
+        ):
+            if rows is None:
+                continue
+            arr = grp.create_array(
+                name,
+                shape=rows.shape,
+                dtype=np.int64,
+                chunks=(max(len(rows), 1), 2),
+                compressors=compressors(),
+                overwrite=True,
+                dimension_names=dims,
+            )
+            if len(rows):
+                arr[:] = rows
+            self._record(arr, 0, max(len(rows), 1))
+        attributes = idx.to_attributes()
+        attributes[CTZARR_KEY] = {**attributes[CTZARR_KEY], **extra}
+        with compact_json():  # long lists (chunk ids and counts): 3x smaller than indented
+            grp.attrs.put(attributes)
 
     def write_nifti_header(self) -> None:
         """The NIfTI-Zarr ``nifti`` arrays: the image's header bytes in the case group and each

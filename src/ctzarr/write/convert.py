@@ -51,6 +51,7 @@ from ctzarr.model.collection import CollectionAttributes, is_collection
 from ctzarr.run import cluster
 from ctzarr.sources.layouts import CaseSpec, DatasetSource, load_source
 from ctzarr.sources.nifti import NiftiSource, open_nifti
+from ctzarr.sources.totalsegmentator import MaskStackSource, mask_role, open_mask_stack
 from ctzarr.write.case_writer import CaseWriter, SegmentationSource
 from ctzarr.write.table import seal_collection, update_collection_table
 
@@ -125,7 +126,7 @@ def convert(
     dest : str, path or zarr Store
         Collection store (``.zarr``), local or fsspec URL, or a store object (not with
         ``client``). Created if missing.
-    layout : {"dap_atlas", "saros", "pairs"}, optional
+    layout : {"dap_atlas", "saros", "totalsegmentator", "pairs"}, optional
         Detected when omitted.
     cases : list of str, optional
         Convert only these case ids.
@@ -287,6 +288,9 @@ def source_files(ds: DatasetSource, spec: CaseSpec) -> dict[str, SourceFile]:
     files = {"image": file_record(spec.image, so)}
     for seg, path in spec.segmentations.items():
         files[seg] = file_record(path, so)
+    for seg, masks in spec.masks.items():  # every mask file: a changed mask re-converts
+        for filename, path in masks.items():
+            files[mask_role(seg, filename)] = file_record(path, so)
     return files
 
 
@@ -393,15 +397,20 @@ def convert_case(
                 segs.append(
                     SegmentationSource(name, src, ds.label_maps[name], ds.sparse.get(name, False))
                 )
+            for name, masks in spec.masks.items():  # one binary mask per structure, merged
+                stack = open_mask_stack(cid, name, ds.label_maps[name], masks, so, reference=image)
+                segs.append(SegmentationSource(name, stack, ds.label_maps[name]))
             writer = CaseWriter(root, cid, image, segs, prefix=staged)
             try:
                 writer.write()
                 writer.write_index()
                 writer.write_nifti_header()
+                digests = dict(writer.digests)
+                for seg in segs:
+                    if isinstance(seg.source, MaskStackSource):
+                        digests.update(seg.source.file_digests)
                 stored_files = {
-                    role: replace(
-                        rec, path=_relative(rec.path, ds.root), sha256=writer.digests[role]
-                    )
+                    role: replace(rec, path=_relative(rec.path, ds.root), sha256=digests[role])
                     for role, rec in files.items()
                 }
                 lock.check()

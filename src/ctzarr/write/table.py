@@ -51,6 +51,7 @@ from ctzarr.model.table import (
     TABLE_NUMERIC_COLUMNS,
     TableAttributes,
     TableCaseMeta,
+    attribute_text,
     column_dtype,
     index_rows,
     is_table,
@@ -72,6 +73,7 @@ def _case_rows(
         shape_zyx=meta.shape_zyx,
         value_dtype=meta.nifti.value_dtype,
         segmentations=meta.segmentations,
+        attributes={str(k): attribute_text(v) for k, v in meta.attributes.items()},
     )
     rows = []
     for seg in meta.segmentations:
