@@ -32,11 +32,16 @@ from ctzarr.errors import (
     UnsafeStoreError,
 )
 from ctzarr.io.stores import codec_pipeline, make_store
-from ctzarr.io.strict import CaseIntegrity, open_group_checked, validate_case_metadata
+from ctzarr.io.strict import (
+    CaseIntegrity,
+    open_collection_root,
+    open_group_checked,
+    validate_case_metadata,
+)
 from ctzarr.io.urls import url_protocol
 from ctzarr.model.attributes import CTZARR_KEY, check_format_version
 from ctzarr.model.case import CaseAttributes, is_committed
-from ctzarr.model.collection import CollectionAttributes, is_collection
+from ctzarr.model.collection import CollectionAttributes
 from ctzarr.model.labels import LabelMap
 from ctzarr.write.table import collection_problems
 
@@ -54,24 +59,8 @@ def _target(text: str, options: dict[str, Any] | None) -> tuple[str, dict[str, A
 
 
 def _open_root(target: str, store: Store) -> tuple[zarr.Group, CollectionAttributes]:
-    try:
-        with codec_pipeline(store):
-            root = open_group_checked(store, "", target)
-    except (FileNotFoundError, NotADirectoryError, zarr.errors.GroupNotFoundError) as exc:
-        raise StoreError(f"{target}: no collection store here") from exc
-    except zarr.errors.ContainsArrayError as exc:
-        raise StoreError(f"{target}: a zarr array, not a ctzarr collection") from exc
-    except StoreCorruptError:
-        raise
-    except (ValueError, TypeError, KeyError, zarr.errors.BaseZarrError) as exc:
-        raise StoreCorruptError(
-            f"{target}: zarr.json: unreadable metadata document ({type(exc).__name__}: "
-            f"{' '.join(str(exc).split())[:160]})",
-            "zarr.json",
-        ) from None
+    root = open_collection_root(store, target)
     attributes = root.attrs.asdict()
-    if not is_collection(attributes):
-        raise StoreError(f"{target}: not a ctzarr collection (no ctzarr collection attributes)")
     meta = CollectionAttributes.from_attributes(attributes, target)
     problems = collection_problems(meta, attributes)
     if problems:

@@ -55,11 +55,13 @@ from ctzarr.errors import (
     ChunkMissingError,
     MetadataError,
     StoreCorruptError,
+    StoreError,
     UnsafeStoreError,
 )
 from ctzarr.io import chunks
 from ctzarr.io.chunks import box_of, squeeze_ints
-from ctzarr.io.stores import read_key
+from ctzarr.io.stores import codec_pipeline, read_key
+from ctzarr.model.collection import is_collection
 from ctzarr.model.manifest import (
     Integrity,
     Manifest,
@@ -869,6 +871,29 @@ def open_group_checked(
         raise StoreCorruptError(
             f"{where}: {key}: unreadable metadata document ({_short(exc)})", key
         ) from None
+
+
+def open_collection_root(store: Store, target: str) -> zarr.Group:
+    """The root group of a collection store, checked to be one (the library's
+    ``open_collection`` and the light ``ctzarr info`` path both open stores through this)."""
+    try:
+        with codec_pipeline(store):
+            root = open_group_checked(store, "", target)
+    except (FileNotFoundError, NotADirectoryError, zarr.errors.GroupNotFoundError) as exc:
+        raise StoreError(f"{target}: no collection store here") from exc
+    except zarr.errors.ContainsArrayError as exc:  # not damage: another kind of zarr node
+        raise StoreError(f"{target}: a zarr array, not a ctzarr collection") from exc
+    except StoreCorruptError:
+        raise
+    except (ValueError, TypeError, KeyError, zarr.errors.BaseZarrError) as exc:
+        raise StoreCorruptError(
+            f"{target}: zarr.json: unreadable metadata document ({type(exc).__name__}: "
+            f"{' '.join(str(exc).split())[:160]})",
+            "zarr.json",
+        ) from None
+    if not is_collection(root.attrs.asdict()):
+        raise StoreError(f"{target}: not a ctzarr collection (no ctzarr collection attributes)")
+    return root
 
 
 #: parsed group documents by (store, path, BLAKE3 of the bytes): a document re-read with the

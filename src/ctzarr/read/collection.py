@@ -27,10 +27,10 @@ from ctzarr.errors import (
     UnsafeStoreError,
 )
 from ctzarr.io.stores import codec_pipeline, make_store
-from ctzarr.io.strict import open_group_cached, open_group_checked
+from ctzarr.io.strict import open_collection_root, open_group_cached
 from ctzarr.io.urls import url_protocol
 from ctzarr.model.case import is_committed
-from ctzarr.model.collection import CollectionAttributes, is_collection
+from ctzarr.model.collection import CollectionAttributes
 from ctzarr.model.labels import LabelMap
 from ctzarr.model.table import (
     PROFILE_COLUMNS,
@@ -102,23 +102,7 @@ def _open_root(
     target: str, store: Store, storage_options: dict[str, Any] | None, check: bool = True
 ) -> Collection:
     """Open the root group of a collection store and check it is one."""
-    try:
-        with codec_pipeline(store):
-            root = open_group_checked(store, "", target)
-    except (FileNotFoundError, NotADirectoryError, zarr.errors.GroupNotFoundError) as exc:
-        raise StoreError(f"{target}: no collection store here") from exc
-    except zarr.errors.ContainsArrayError as exc:  # not damage: another kind of zarr node
-        raise StoreError(f"{target}: a zarr array, not a ctzarr collection") from exc
-    except StoreCorruptError:
-        raise
-    except (ValueError, TypeError, KeyError, zarr.errors.BaseZarrError) as exc:
-        raise StoreCorruptError(
-            f"{target}: zarr.json: unreadable metadata document ({type(exc).__name__}: "
-            f"{' '.join(str(exc).split())[:160]})",
-            "zarr.json",
-        ) from None
-    if not is_collection(root.attrs.asdict()):
-        raise StoreError(f"{target}: not a ctzarr collection (no ctzarr collection attributes)")
+    root = open_collection_root(store, target)
     return Collection(target, root, storage_options, check=check)
 
 
