@@ -1,7 +1,5 @@
 """`python -m ctzarr.cli`."""
 
-import sys
+from ctzarr.cli import run
 
-from ctzarr.cli.main import main
-
-sys.exit(main())
+run()

@@ -35,8 +35,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import dask
-
 from ctzarr.errors import ClientGoneError, CtzarrError, StoreError
 from ctzarr.io.faults import is_transient
 
@@ -57,6 +55,9 @@ def start_local_cluster(n_workers: int) -> Any:
     Workers are restarted by their nanny when they die; tasks waiting with no worker alive for
     :data:`LOCAL_NO_WORKERS_TIMEOUT` fail instead of waiting forever.
     """
+    # dask and distributed load only when a cluster starts: a plain `ctzarr convert` never
+    # needs them (dask alone costs a convert process ~0.06 s and ~10 MB)
+    import dask
     from distributed import Client, LocalCluster  # optional: the distributed extra
 
     # the scheduler runs in this process and reads its configuration when it starts

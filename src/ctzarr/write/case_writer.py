@@ -543,8 +543,10 @@ class CaseWriter:
             for s in self.segmentations
         ]
         # Three overlapping stages: inflate (the prefetch thread), index (one thread, slabs in
-        # order), compress and write (two threads: image pyramid, label pyramids). One slab is
-        # in flight while the next is inflated, so memory stays at a few slabs.
+        # order), compress and write (two threads: image pyramid, label pyramids; splitting the
+        # image's level 0 from its smaller levels into a third thread measured no faster on 2
+        # cores). One slab is in flight while the next is inflated, so memory stays at a few
+        # slabs.
         with (
             ThreadPoolExecutor(1, thread_name_prefix="ctzarr-index") as index_pool,
             ThreadPoolExecutor(2, thread_name_prefix="ctzarr-write") as write_pool,
