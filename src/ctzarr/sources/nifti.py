@@ -32,7 +32,7 @@ import numpy as np
 from isal import igzip_threaded
 from nibabel.spatialimages import HeaderDataError
 
-from ctzarr.errors import CtzarrWarning, InvalidNiftiError
+from ctzarr.errors import CaseMismatchError, CtzarrWarning, InvalidNiftiError
 from ctzarr.io.urls import url_protocol
 from ctzarr.model.case import apply_scaling
 
@@ -787,3 +787,30 @@ def header_from_bytes(data: bytes) -> nib.Nifti1Header | nib.Nifti2Header:
         return InvalidNiftiError("<stored nifti header>", fault)
 
     return _parse_header(data, fail)
+
+
+#: two files share a grid when their voxel corners lie within this distance (mm)
+AFFINE_TOLERANCE_MM = 1e-3
+
+
+def check_same_grid(
+    case_id: str, reference: NiftiSource, other: NiftiSource, whose: str = "the image's"
+) -> None:
+    """Raise :class:`CaseMismatchError` unless ``other`` lies on the grid of ``reference``: the
+    same shape, and voxel corners within :data:`AFFINE_TOLERANCE_MM` (a segmentation or mask
+    against its image)."""
+    if other.shape_zyx != reference.shape_zyx:
+        raise CaseMismatchError(
+            f"case {case_id!r}: {other.path}: shape (z, y, x) {other.shape_zyx} differs from "
+            f"{whose} {reference.shape_zyx} ({reference.path})"
+        )
+    nz, ny, nx = reference.shape_zyx
+    corners = np.array(
+        [[i, j, k, 1] for i in (0, nx - 1) for j in (0, ny - 1) for k in (0, nz - 1)], float
+    ).T
+    gap = float(np.max(np.linalg.norm(((reference.affine - other.affine) @ corners)[:3], axis=0)))
+    if gap > AFFINE_TOLERANCE_MM:
+        raise CaseMismatchError(
+            f"case {case_id!r}: {other.path}: affine differs from {whose} ({reference.path}) by "
+            f"{gap:.4g} mm at the volume corners (tolerance {AFFINE_TOLERANCE_MM} mm)"
+        )

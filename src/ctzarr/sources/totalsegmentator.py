@@ -54,7 +54,7 @@ from ctzarr.model.labels import (
     match_key,
     totalsegmentator_label_map,
 )
-from ctzarr.sources.nifti import NiftiSource, open_nifti
+from ctzarr.sources.nifti import NiftiSource, check_same_grid, open_nifti
 
 #: the image of a case folder
 CT_FILE = "ct.nii.gz"
@@ -268,7 +268,7 @@ def open_mask_stack(
     first = members[0].source
     grid = reference or first
     for m in members:
-        _check_grid(case_id, grid, m.source, "the image's" if reference else None)
+        check_same_grid(case_id, grid, m.source, "the image's" if reference else "the first mask's")
     dtype = np.dtype(np.uint8) if label_map.max_value <= 255 else np.dtype(np.uint16)
     where = folder or first.path.rsplit("/", 1)[0]
     return MaskStackSource(
@@ -282,31 +282,6 @@ def open_mask_stack(
         value_dtype=dtype,
         notes=_merged_notes(members),
     )
-
-
-def _check_grid(case_id: str, first: NiftiSource, other: NiftiSource, what: str | None) -> None:
-    """A mask lies on the grid of ``first`` (shape exactly, affine to 1e-3 mm at the corners)."""
-    whose = f"{what} ({first.path})" if what else f"that of {first.path}"
-    if other.shape_zyx != first.shape_zyx:
-        raise CaseMismatchError(
-            f"case {case_id!r}: {other.path}: shape (z, y, x) {other.shape_zyx} differs from "
-            f"{whose} {first.shape_zyx}"
-        )
-    nz, ny, nx = first.shape_zyx
-    corners = np.array(
-        [[i, j, k, 1] for i in (0, nx - 1) for j in (0, ny - 1) for k in (0, nz - 1)], float
-    ).T
-    gap = float(np.max(np.linalg.norm(((first.affine - other.affine) @ corners)[:3], axis=0)))
-    if gap > MASK_AFFINE_TOLERANCE_MM:
-        raise CaseMismatchError(
-            f"case {case_id!r}: {other.path}: affine differs from {whose} by {gap:.4g} mm at "
-            f"the volume corners (tolerance {MASK_AFFINE_TOLERANCE_MM} mm)"
-        )
-
-
-#: a mask's affine may differ from the image's this much at the volume corners (the same
-#: tolerance as ``ctzarr.write.convert.AFFINE_TOLERANCE_MM`` for a label file)
-MASK_AFFINE_TOLERANCE_MM = 1e-3
 
 
 def _merged_notes(members: Sequence[MaskFile]) -> tuple[str, ...]:

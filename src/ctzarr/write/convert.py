@@ -20,14 +20,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import fsspec
-import numpy as np
 import zarr
 from zarr.abc.store import Store
 
 from ctzarr._version import __version__
 from ctzarr.errors import (
     CaseExistsError,
-    CaseMismatchError,
     ClientGoneError,
     CtzarrError,
     LayoutError,
@@ -50,16 +48,12 @@ from ctzarr.model.case import CaseAttributes, NiftiBlock, SourceFile
 from ctzarr.model.collection import CollectionAttributes, is_collection
 from ctzarr.run import cluster
 from ctzarr.sources.layouts import CaseSpec, DatasetSource, load_source
-from ctzarr.sources.nifti import NiftiSource, open_nifti
+from ctzarr.sources.nifti import NiftiSource, check_same_grid, open_nifti
 from ctzarr.sources.totalsegmentator import MaskStackSource, mask_role, open_mask_stack
 from ctzarr.write.case_writer import CaseWriter, SegmentationSource
 from ctzarr.write.table import seal_collection, update_collection_table
 
 logger = logging.getLogger(__name__)
-
-
-#: image and segmentation grids match when their voxel corners lie within this distance
-AFFINE_TOLERANCE_MM = 1e-3
 
 
 @dataclass(frozen=True)
@@ -328,25 +322,6 @@ def same_source(
         if changed and file_sha256(rec.path, storage_options) != prev.sha256:
             return False
     return True
-
-
-def check_same_grid(case_id: str, image: NiftiSource, seg: NiftiSource) -> None:
-    """Raise unless image and segmentation share shape and (within tolerance) affine."""
-    if seg.shape_zyx != image.shape_zyx:
-        raise CaseMismatchError(
-            f"case {case_id!r}: {seg.path}: shape (z, y, x) {seg.shape_zyx} differs from the image's "
-            f"{image.shape_zyx} ({image.path})"
-        )
-    nz, ny, nx = image.shape_zyx
-    corners = np.array(
-        [[i, j, k, 1] for i in (0, nx - 1) for j in (0, ny - 1) for k in (0, nz - 1)], float
-    ).T
-    gap = float(np.max(np.linalg.norm(((image.affine - seg.affine) @ corners)[:3], axis=0)))
-    if gap > AFFINE_TOLERANCE_MM:
-        raise CaseMismatchError(
-            f"case {case_id!r}: {seg.path}: affine differs from the image's ({image.path}) by {gap:.4g} mm "
-            f"at the volume corners (tolerance {AFFINE_TOLERANCE_MM} mm)"
-        )
 
 
 def convert_case(
