@@ -30,6 +30,9 @@ EXTRA_OF_MODULE: dict[str, str] = {
     "gcsfs": "gcs",
     "aiohttp": "http",
     "requests": "http",
+    "fastapi": "serve",
+    "uvicorn": "serve",
+    "PIL": "serve",
 }
 
 

@@ -41,6 +41,7 @@ examples:
   ctzarr stats dap.zarr --structure liver -o liver.csv
   ctzarr crop dap.zarr CASE "kidney left" --margin-mm 10 -o kidney.nii.gz
   ctzarr show dap.zarr CASE liver -o liver.png
+  ctzarr serve dap.zarr                         HTTP API, /zarr and a web page
 
 Run "ctzarr COMMAND --help" for the options of a command. Remote stores: s3://, gs://,
 https:// URLs (credentials from the usual AWS_* / GOOGLE_* variables or --storage-options).
@@ -396,6 +397,86 @@ def build_parser() -> argparse.ArgumentParser:
         help="picture file, .png, .jpg or .jpeg (parent folders created)",
     )
     _add_storage_options(sh)
+
+    sv = _sub(
+        sub,
+        "serve",
+        "serve collections over HTTP: JSON API, /zarr bytes and a web page",
+        "Serve collection stores over HTTP: a JSON API (cases, statistics, crops, rendered "
+        "slices, profiles; OpenAPI at /api/v1/openapi.json), the stores' own bytes under "
+        "/zarr/NAME/ with byte ranges and CORS (zarr-python, zarrita, Neuroglancer read through "
+        "it) and a web page at /. Binds 127.0.0.1; another address needs --token-file or "
+        "--no-auth. Prints one line once ready; SIGTERM drains and exits within 5 s. Needs "
+        "ctzarr[serve].",
+        _examples(
+            "ctzarr serve dap.zarr",
+            "ctzarr serve dap.zarr saros.zarr --port 8080",
+            "ctzarr serve s3://bucket/dap.zarr --host 0.0.0.0 --token-file token.txt",
+            "ctzarr serve dap.zarr --name dap --max-crop-voxels 20000000",
+        ),
+    )
+    sv.add_argument(
+        "stores", nargs="+", metavar="STORE", help="collection store (path, URL or catalog name)"
+    )
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind")
+    sv.add_argument("--port", type=int, default=8000, help="port to bind (0: any free port)")
+    sv.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="require 'Authorization: Bearer TOKEN' with the token in FILE (whitespace stripped)",
+    )
+    sv.add_argument(
+        "--no-auth", action="store_true", help="allow a non-loopback --host without a token"
+    )
+    sv.add_argument(
+        "--allow-origin",
+        default="*",
+        metavar="ORIGIN",
+        help="Access-Control-Allow-Origin of /zarr answers",
+    )
+    sv.add_argument(
+        "--max-crop-voxels",
+        type=int,
+        default=64 * 1024 * 1024,
+        metavar="N",
+        help="largest crop answered (voxels); larger ones get 413 before any read",
+    )
+    sv.add_argument(
+        "--slab-cache-mb",
+        type=int,
+        default=128,
+        metavar="MB",
+        help="memory for decoded slabs of the slices shown, so stepping through slices "
+        "decodes each chunk once (0: no cache)",
+    )
+    sv.add_argument(
+        "--name",
+        action="append",
+        metavar="NAME",
+        help="public name of each STORE, in order (default: its dataset id)",
+    )
+    sv.add_argument(
+        "--scheduler",
+        metavar="ADDRESS",
+        help="run method=scan statistics on this dask scheduler (needs ctzarr[distributed])",
+    )
+    _add_storage_options(sv)
+
+    rx = _sub(
+        sub,
+        "reindex",
+        "add per-chunk label counts to an older store (for patch sampling)",
+        "Give the cases of a store written before format 3 the per-chunk voxel counts of each "
+        "label that PatchSampler draws patch centres from: one pass over each case's label "
+        "chunks, cached in the store (which must be writable). Cases that have them are left "
+        "alone. Exit status 1 when a case fails.",
+        _examples("ctzarr reindex dap.zarr", "ctzarr reindex dap.zarr --case case_000"),
+    )
+    rx.add_argument("store", help="collection store (path or URL; writable)")
+    rx.add_argument(
+        "--case", action="append", metavar="ID", help="only this case; repeatable (default: all)"
+    )
+    _add_storage_options(rx)
 
     k = _sub(
         sub,
