@@ -491,8 +491,10 @@ def s3_pairs(pairs: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any], list[
 
     with fake_aws_environment(), counting_moto_server() as (endpoint, log):
         fs = s3_filesystem(endpoint)
-        fs.mkdir(BUCKET)
-        key = f"{BUCKET}/patches-{uuid.uuid4().hex[:8]}/pairs.zarr"
+        # moto's state is per process: another module's server may have made BUCKET already
+        bucket = f"{BUCKET}-patches-{uuid.uuid4().hex[:8]}"
+        fs.mkdir(bucket)
+        key = f"{bucket}/pairs.zarr"
         fs.put(str(pairs["store"]), key, recursive=True)
         yield f"s3://{key}", s3_options(endpoint), log
 

@@ -359,6 +359,46 @@ def test_slice_png_overlay_at_and_planes(http: httpx.Client, dap: ctzarr.Collect
             assert plain.shape[0] == round(case.shape[0] * case.spacing[0] / case.spacing[1])
 
 
+def test_voxel_equals_nibabel(
+    http: httpx.Client, saros: ctzarr.Collection, saros_source: Path
+) -> None:
+    """The hover's voxel: the CT value and each segmentation's label, as nibabel reads them
+    (SAROS: an ignore slice's 255 is no structure)."""
+    case = saros[saros.case_ids[0]]
+    folder = saros_source / case.case_id
+    image = nifti_zyx(folder / "image.nii.gz")
+    maps = {
+        "body_regions": nifti_zyx(folder / "body-regions.nii.gz"),
+        "body_parts": nifti_zyx(folder / "body-parts.nii.gz"),
+    }
+    nz, ny, nx = image.shape
+    for zyx in [(0, 0, 0), (nz // 2, ny // 2, nx // 2), (nz - 1, ny - 1, nx - 1), (5, ny // 2, 3)]:
+        z, y, x = zyx
+        r = http.get(f"{API}/saros/cases/{case.case_id}/voxel", params={"z": z, "y": y, "x": x})
+        assert r.status_code == 200, r.text
+        got = r.json()
+        assert got["hu"] == image[zyx].item()
+        for seg, volume in maps.items():
+            value = int(volume[zyx])
+            lm = saros.segmentations[seg]
+            name = None if value in (lm.background, lm.ignore_value) else lm[value].name
+            assert got["labels"][seg] == {"label": value, "structure": name}
+    r = http.get(f"{API}/saros/cases/{case.case_id}/voxel", params={"z": nz, "y": 0, "x": 0})
+    assert_problem(r, 422)
+
+
+def test_slice_png_opacity(http: httpx.Client, dap: ctzarr.Collection) -> None:
+    case = dap[dap.case_ids[0]]
+    url = f"{API}/dap/cases/{case.case_id}/slice.png"
+    base = {"at": "liver", "overlay": "anatomy"}
+    none = _png(http.get(url, params={**base, "opacity": 0}))
+    plain = _png(http.get(url, params={"at": "liver"}))
+    half = _png(http.get(url, params={**base, "opacity": 0.5}))
+    assert np.array_equal(none, plain)
+    assert (half != plain).any()
+    assert_problem(http.get(url, params={**base, "opacity": 1.5}), 422)
+
+
 @pytest.mark.parametrize(
     ("path", "params"),
     [

@@ -33,6 +33,7 @@ EXTRA_OF_MODULE: dict[str, str] = {
     "fastapi": "serve",
     "uvicorn": "serve",
     "PIL": "serve",
+    "neuroglancer": "neuroglancer",
 }
 
 

@@ -48,7 +48,13 @@ from ctzarr.read.collection import Collection, open_collection
 from ctzarr.read.show import parse_window
 from ctzarr.serve.neuroglancer import neuroglancer_url
 from ctzarr.serve.problems import Problem, install_problem_handlers, problem_response
-from ctzarr.serve.render import SlabCache, middle_index, render_slice, slice_index_at
+from ctzarr.serve.render import (
+    OVERLAY_OPACITY,
+    SlabCache,
+    middle_index,
+    render_slice,
+    slice_index_at,
+)
 from ctzarr.serve.zarr_files import StoreFiles
 from ctzarr.sources.nifti import header_from_bytes
 
@@ -623,6 +629,9 @@ def create_app(
         structures: Annotated[
             list[str] | None, Query(description="only these structures of the overlay")
         ] = None,
+        opacity: Annotated[
+            float, Query(ge=0.0, le=1.0, description="overlay opacity, 0 to 1")
+        ] = OVERLAY_OPACITY,
     ) -> Response:
         """A rendered slice (radiological convention, square mm pixels), default the middle
         one; the ``Ctzarr-Slice`` header (JSON) says where its pixels come from."""
@@ -660,6 +669,7 @@ def create_app(
                 window=win,
                 overlay=seg,
                 structures=picked,
+                opacity=opacity,
                 slabs=service.slabs if service.slabs.max_bytes else None,
             )
             return png, geometry.to_json()
@@ -670,6 +680,43 @@ def create_app(
             media_type="image/png",
             headers={"Ctzarr-Slice": json.dumps(geometry), "Cache-Control": "no-cache"},
         )
+
+    @app.get(f"{API}/collections/{{name}}/cases/{{case_id}}/voxel")
+    async def voxel(
+        name: str,
+        case_id: str,
+        z: Annotated[int, Query(description="stored z index")],
+        y: Annotated[int, Query(description="stored y index")],
+        x: Annotated[int, Query(description="stored x index")],
+    ) -> dict[str, Any]:
+        """The value of one voxel (``hu``: as ``case.image`` reads it, scaling applied) and the
+        label of each segmentation there (the page's hover): one inner chunk per array."""
+
+        def query() -> dict[str, Any]:
+            case = service.case(name, case_id)
+            shape = case.meta.shape_zyx
+            if not all(0 <= v < n for v, n in zip((z, y, x), shape, strict=True)):
+                raise Problem(
+                    422,
+                    f"voxel (z, y, x) = ({z}, {y}, {x}) is outside the volume {list(shape)}",
+                    title="Invalid parameter",
+                )
+            box = (slice(z, z + 1), slice(y, y + 1), slice(x, x + 1))
+            raw = np.asarray(case.array("0")[box])
+            value = np.asarray(case.meta.nifti.scale(raw)).reshape(-1)[0].item()
+            labels: dict[str, Any] = {}
+            for seg in case.segmentation_names:
+                v = int(np.asarray(case.array(f"labels/{seg}/0")[box]).reshape(-1)[0])
+                lm = case.collection.segmentations.get(seg)
+                known = lm is not None and v != lm.background and v != lm.ignore_value
+                labels[seg] = {
+                    "label": v,
+                    "structure": lm[v].name if known and lm is not None and v in lm else None,
+                }
+            return {"z": z, "y": y, "x": x, "hu": value, "labels": labels}
+
+        answer: dict[str, Any] = await service.run(query)
+        return answer
 
     @app.get(f"{API}/collections/{{name}}/cases/{{case_id}}/profile")
     async def profile(

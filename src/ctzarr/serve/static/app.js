@@ -410,7 +410,7 @@ function sliceUrl() {
   else if (state.index[plane] !== undefined) p.set("index", String(state.index[plane]));
   if (state.overlay && state.segmentation) {
     p.set("overlay", state.segmentation);
-    p.set("opacity", String(state.opacity));
+    if (opacityParam) p.set("opacity", String(state.opacity));
   }
   return `${caseUrl(state.caseId)}/slice.png?${p}`;
 }
@@ -422,6 +422,7 @@ async function renderSlice() {
   const key = PRESETS[`${state.window[0]},${state.window[1]}`];
   $("window-select").value = key ? `${state.window[0]},${state.window[1]}` : "custom";
   $("window-value").textContent = `W ${Math.round(state.window[0])} / L ${Math.round(state.window[1])}`;
+  $("open-neuroglancer").href = `${caseUrl(state.caseId)}/neuroglancer?window=${enc(`${state.window[0]},${state.window[1]}`)}`;
   const url = sliceUrl();
   const viewer = $("viewer");
   const seq = ++state.imgSeq;
@@ -569,8 +570,24 @@ function wire() {
   window.addEventListener("hashchange", route);
 }
 
+// what this service offers, from its OpenAPI document: the hover's voxel endpoint and the
+// overlay opacity are used only when the service has them
+let opacityParam = true;
+async function features() {
+  try {
+    const paths = (await getJSON(`${API}/openapi.json`)).paths || {};
+    const find = (suffix) => Object.entries(paths).find(([k]) => k.endsWith(suffix));
+    voxelEndpoint = Boolean(find("/voxel"));
+    const slice = find("/slice.png");
+    const params = (slice && slice[1].get && slice[1].get.parameters) || [];
+    opacityParam = params.some((q) => q.name === "opacity");
+    $("overlay-opacity").parentElement.hidden = !opacityParam;
+  } catch (err) { /* no OpenAPI document: try the endpoints as they come */ }
+}
+
 async function main() {
   wire();
+  await features();
   try {
     state.collections = (await getJSON(`${API}/collections`)).items;
     fillSelect($("collection-select"), state.collections.map((c) => c.name),
