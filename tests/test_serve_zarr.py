@@ -25,6 +25,7 @@ import zarr
 import ctzarr
 from ctzarr.io.urls import allow_local_targets
 from tests.conftest import nifti_zyx
+from tests.test_remote import aws_env, s3_endpoint  # noqa: F401 - the moto server fixtures
 from tests.test_serve_api import Server, start_server, stop_server
 
 httpx = pytest.importorskip("httpx")
@@ -281,3 +282,48 @@ def test_the_linked_store_serves_its_own_keys(server: Server) -> None:
     status, body = _raw_get(server.base, "/zarr/linked/zarr.json")
     assert status == 200
     assert json.loads(body)["zarr_format"] == 3
+
+
+def test_a_store_in_a_bucket_is_served_unchanged(
+    s3_endpoint: str,  # noqa: F811 - the fixture imported above
+    dap_store: Path,
+    dap: ctzarr.Collection,
+) -> None:
+    """A store in S3 (moto's server): /zarr gives the bucket's bytes (HEAD, ranges, suffix
+    ranges), zarr-python reads an array through it, and the API's case list is the library's."""
+    from tests.test_remote import s3_filesystem, s3_options, unique_prefix
+
+    fs = s3_filesystem(s3_endpoint)
+    key = f"ctzarr-test/{unique_prefix('serve')}/dap.zarr"
+    fs.put(str(dap_store), key, recursive=True)
+    options = json.dumps(s3_options(s3_endpoint))
+    server = start_server(f"s3://{key}", "--name", "dap", "--storage-options", options)
+    try:
+        with httpx.Client(base_url=server.base, timeout=30) as client:
+            case_id = dap.case_ids[0]
+            shard = _shard(dap_store, case_id)
+            data = fs.cat(f"{key}/{shard}")
+            head = client.head(f"/zarr/dap/{shard}")
+            assert head.status_code == 200
+            assert int(head.headers["content-length"]) == len(data)
+            assert client.get(f"/zarr/dap/{shard}").content == data
+            part = client.get(f"/zarr/dap/{shard}", headers={"Range": "bytes=10-99"})
+            assert part.status_code == 206
+            assert part.headers["content-range"] == f"bytes 10-99/{len(data)}"
+            assert part.content == data[10:100]
+            tail = client.get(f"/zarr/dap/{shard}", headers={"Range": "bytes=-16"})
+            assert tail.status_code == 206
+            assert tail.content == data[-16:]
+            etag = head.headers["etag"]  # the bucket's own ETag, answered with 304 when unchanged
+            assert (
+                client.get(f"/zarr/dap/{shard}", headers={"If-None-Match": etag}).status_code == 304
+            )
+            assert client.get("/zarr/dap/cases/../../etc/passwd").status_code == 404
+            r = client.get("/api/v1/collections/dap/cases")
+            assert [c["case_id"] for c in r.json()["items"]] == dap.case_ids
+        with allow_local_targets(True):
+            group = zarr.open_group(f"{server.base}/zarr/dap", mode="r")
+            got = np.asarray(group[f"cases/{case_id}/labels/anatomy/0"][:])
+        np.testing.assert_array_equal(got, dap[case_id].labels("anatomy").values)
+    finally:
+        stop_server(server)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from starlette.responses import Response
 from zarr.abc.store import RangeByteRequest, Store
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
-from zarr.storage import LocalStore
+from zarr.storage import LocalStore, WrapperStore
 
 from ctzarr.serve.problems import Problem
 
@@ -151,16 +151,27 @@ class StoreFiles:
         return _Object(size, self._remote_etag(key, size), None)
 
     def _remote_etag(self, key: str, size: int) -> str | None:
-        """The bucket's own ETag (or generation/mtime) when the store exposes fsspec's info."""
-        fs: Any = getattr(self.store, "fs", None)
-        base = getattr(self.store, "path", None)
-        if fs is None or base is None:
-            return None
+        """The bucket's own ETag (or generation/mtime): from fsspec's info or obstore's head,
+        whichever the store (under ctzarr's retrying wrapper) reads through."""
+        store: Any = self.store
+        while isinstance(store, WrapperStore):  # ctzarr's RetryingStore, zarr's wrappers
+            store = store._store
+        info: Mapping[str, Any] | None = None
         try:
-            info = sync(fs._info(f"{base}/{key}")) if fs.async_impl else fs.info(f"{base}/{key}")
-        except Exception:
+            fs: Any = getattr(store, "fs", None)
+            base = getattr(store, "path", None)
+            if fs is not None and base is not None:
+                path = f"{base}/{key}"
+                info = sync(fs._info(path)) if fs.async_impl else fs.info(path)
+            elif getattr(store, "store", None) is not None:  # zarr's ObjectStore over obstore
+                import obstore  # present whenever an ObjectStore is: it is what it wraps
+
+                info = dict(obstore.head(store.store, key))
+        except Exception:  # no ETag is better than no answer
             return None
-        for field in ("ETag", "etag", "md5Hash", "generation", "mtime", "LastModified"):
+        if not info:
+            return None
+        for field in ("ETag", "etag", "e_tag", "md5Hash", "generation", "mtime", "LastModified"):
             if info.get(field):
                 token = hashlib.sha256(f"{field}:{info[field]}:{size}".encode()).hexdigest()
                 return f'"{token[:32]}"'
