@@ -389,11 +389,12 @@ _OBJECT = re.compile(r"(case '[^']*': array '[^']*' chunk \S+?):")
 
 def _one_line_per_object(problems: list[str], first: int) -> None:
     """Keep the first problem line of each stored object from ``first`` on: a damaged object is
-    found both against the manifest and when every chunk is decoded, and is one problem."""
+    found against the manifest, when every chunk is decoded, and by each check that reads it
+    (index, statistics: their lines name it after their own prefix), and is one problem."""
     seen: set[str] = set()
     kept = []
     for line in problems[first:]:
-        found = _OBJECT.match(line)
+        found = _OBJECT.search(line)
         if found is not None:
             if found.group(1) in seen:
                 continue
