@@ -127,6 +127,21 @@ def _swap(a: Path, b: Path) -> None:
     tmp.rename(b)
 
 
+def _store_blosc(shard: Path) -> Any:
+    """The blosc codec of the array a shard (``<array>/c/z/y/x``) belongs to, as stored."""
+    meta = json.loads((shard.parents[3] / "zarr.json").read_text())
+    (sharding,) = meta["codecs"]
+    blosc = next(c for c in sharding["configuration"]["codecs"] if c["name"] == "blosc")
+    config = blosc["configuration"]
+    shuffle = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[config["shuffle"]]
+    return numcodecs.Blosc(
+        cname=config["cname"],
+        clevel=config["clevel"],
+        shuffle=shuffle,
+        blocksize=config.get("blocksize", 0),
+    )
+
+
 def forge_same_size(shard: Path) -> None:
     """Re-encode the first inner chunk of a CT shard with one voxel changed, to exactly the
     same size (the shard index, every size and every crc32c stay valid)."""
@@ -141,7 +156,7 @@ def forge_same_size(shard: Path) -> None:
     assert index is not None
     off, nbytes = (int(v) for v in index[0])
     frame = bytes(data[off : off + nbytes - 4])
-    blosc = numcodecs.Blosc(cname="zstd", clevel=3, shuffle=numcodecs.Blosc.BITSHUFFLE)
+    blosc = _store_blosc(shard)
     raw = np.frombuffer(blosc.decode(frame), np.int16).copy()
     rng = np.random.default_rng(SEED)
     for _ in range(5000):

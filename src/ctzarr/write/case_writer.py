@@ -10,7 +10,8 @@ Layout of a case (``cases/<case_id>/``) is an OME-Zarr 0.5 image with ``labels/`
 - shards of 64 slices x the whole plane: every 64-slice slab of the stream is exactly one shard
   per array, so shards are written once and whole (no read-modify-write, no two writers on one
   shard), and a 400-slice case is 7 objects per array instead of 400+ chunk files;
-- blosc zstd level 3 with bitshuffle, then crc32c on every chunk (and on every shard index).
+- blosc zstd level 1 with bitshuffle (256 KiB blocks), then crc32c on every chunk (and on every
+  shard index); ``model.layout.compressors`` says why.
 
 Commit protocol: the case group's ``zarr.json`` is created plain when the first array is
 written; only the final rewrite adds ``ome`` and ``ctzarr.complete = true``. Readers treat a
@@ -30,6 +31,7 @@ import logging
 import math
 import os
 import queue
+import sys
 import threading
 import warnings
 from collections.abc import Iterator
@@ -197,6 +199,40 @@ def malloc_arenas(limit: int) -> Iterator[None]:
         libc.mallopt(_M_ARENA_MAX, _default_arena_max())
 
 
+#: how often a thread holding the GIL hands it over while a case is written (seconds)
+GIL_SWITCH_INTERVAL = 0.001
+
+_SWITCH_LOCK = threading.Lock()
+_switch_users = 0
+_switch_saved = 0.005
+
+
+@contextlib.contextmanager
+def gil_switch_interval(seconds: float) -> Iterator[None]:
+    """Hand the GIL over at least every ``seconds`` while a case is written; the process's
+    interval is set back when the last writer of the process leaves.
+
+    The writer's threads alternate short Python steps with long GIL-free calls (inflate,
+    blosc, the index kernel, file writes). A thread back from such a call waits for the GIL up
+    to the whole interval (5 ms by default) while another runs Python, and a slab's encode
+    makes hundreds of such calls: 1 ms made a whole ``ctzarr convert`` of the bench case
+    0.23 s faster (median of 8 interleaved runs, benchmarks/README.md).
+    """
+    global _switch_users, _switch_saved
+    with _SWITCH_LOCK:
+        if _switch_users == 0:
+            _switch_saved = sys.getswitchinterval()
+            sys.setswitchinterval(min(seconds, _switch_saved))
+        _switch_users += 1
+    try:
+        yield
+    finally:
+        with _SWITCH_LOCK:
+            _switch_users -= 1
+            if _switch_users == 0:
+                sys.setswitchinterval(_switch_saved)
+
+
 def _warm_kernels(
     builders: dict[str, LabelIndexBuilder],
     lab_arrays: dict[str, list[zarr.Array[Any]]],
@@ -212,23 +248,32 @@ def _warm_kernels(
         )
 
 
-def _prefetch(
-    items: Iterator[Any], depth: int = 1, permits: threading.Semaphore | None = None
-) -> Iterator[Any]:
-    """Produce items in a background thread, ``depth`` ahead of the consumer.
+class Prefetch:
+    """Produce items in a background thread, ``depth`` ahead of the consumer; the thread starts
+    at once (a conversion creates its arrays while the first slab inflates).
 
     Inflating slab k+1 then overlaps with compressing and indexing slab k; errors raised by the
     producer (a corrupt stream) surface in the consumer at the item where they happened. With
     ``permits`` the producer takes one before producing each item and the consumer gives it
     back when it is done with the item: no more items exist at once than there are permits
     (slab buffers recycled in a ring of that size are never overwritten while in use).
+    :meth:`close` stops the producer (also when the consumer never started).
     """
-    q: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
-    stop = threading.Event()
 
-    def produce() -> None:
+    def __init__(
+        self, items: Iterator[Any], depth: int = 1, permits: threading.Semaphore | None = None
+    ) -> None:
+        self._q: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._items = items
+        self._permits = permits
+        self._thread = threading.Thread(target=self._produce, name="ctzarr-read", daemon=True)
+        self._thread.start()
+
+    def _produce(self) -> None:
+        q, stop, permits = self._q, self._stop, self._permits
         try:
-            it = iter(items)
+            it = iter(self._items)
             while True:
                 if permits is not None:
                     while not permits.acquire(timeout=0.1):
@@ -250,23 +295,33 @@ def _prefetch(
         except BaseException as exc:  # handed to the consumer
             q.put(("error", exc))
 
-    thread = threading.Thread(target=produce, name="ctzarr-read", daemon=True)
-    thread.start()
-    try:
+    def __iter__(self) -> Iterator[Any]:
         while True:
-            kind, value = q.get()
+            kind, value = self._q.get()
             if kind == "done":
                 return
             if kind == "error":
                 raise value
             yield value
-    finally:
-        stop.set()
-        while thread.is_alive():
+
+    def close(self) -> None:
+        self._stop.set()
+        while self._thread.is_alive():
             try:
-                q.get_nowait()
+                self._q.get_nowait()
             except queue.Empty:
-                thread.join(0.05)
+                self._thread.join(0.05)
+
+
+def _prefetch(
+    items: Iterator[Any], depth: int = 1, permits: threading.Semaphore | None = None
+) -> Iterator[Any]:
+    """:class:`Prefetch` as a generator that stops its producer when closed."""
+    prefetch = Prefetch(items, depth, permits)
+    try:
+        yield from prefetch
+    finally:
+        prefetch.close()
 
 
 #: numcodecs' numbers of blosc's shuffle modes
@@ -486,49 +541,10 @@ class CaseWriter:
 
     def write(self) -> None:
         """Stream every slab of image and segmentations into the store and build the index."""
-        with malloc_arenas(1):
+        with malloc_arenas(1), gil_switch_interval(GIL_SWITCH_INTERVAL):
             self._write()
 
     def _write(self) -> None:
-        shape = self.image.shape_zyx
-        levels = level_shapes(shape)
-        with codec_pipeline(self.root.store):
-            case = self.root.require_group(self.path)
-            img_arrays = [
-                self._create(case, str(i), s, i, self.image.raw_dtype.newbyteorder("="))
-                for i, s in enumerate(levels)
-            ]
-            lab_arrays: dict[str, list[zarr.Array[Any]]] = {}
-            for seg in self.segmentations:
-                dt = label_dtype(seg.label_map, seg.source)
-                grp = case.require_group(f"labels/{seg.name}")
-                lab_arrays[seg.name] = [
-                    self._create(grp, str(i), s, i, dt) for i, s in enumerate(levels)
-                ]
-        builders = {
-            seg.name: LabelIndexBuilder(
-                seg.label_map.values,
-                shape,
-                chunk_layout(shape, 0)[0],
-                background=seg.label_map.background,
-                ignore_value=seg.label_map.ignore_value,
-                label_dtype=lab_arrays[seg.name][0].dtype,
-            )
-            for seg in self.segmentations
-        }
-        # the joint index of every pair of segmentations A < B, fed by the same index stage
-        by_name = sorted(self.segmentations, key=lambda s: s.name)
-        joints = {
-            (a.name, b.name): JointIndexBuilder(
-                a.name,
-                b.name,
-                builders[a.name].values.tolist(),
-                builders[b.name].values.tolist(),
-                shape,
-                chunk_layout(shape, 0)[0],
-            )
-            for a, b in itertools.combinations(by_name, 2)
-        }
         hashes = {"image": hashlib.sha256()} | {
             s.name: hashlib.sha256() for s in self.segmentations
         }
@@ -542,52 +558,100 @@ class CaseWriter:
             s.source.iter_slabs(CHUNK, hashes[s.name], reuse_buffers=in_flight)
             for s in self.segmentations
         ]
-        # Three overlapping stages: inflate (the prefetch thread), index (one thread, slabs in
-        # order), compress and write (two threads: image pyramid, label pyramids; splitting the
-        # image's level 0 from its smaller levels into a third thread measured no faster on 2
-        # cores). One slab is in flight while the next is inflated, so memory stays at a few
-        # slabs.
-        with (
-            ThreadPoolExecutor(1, thread_name_prefix="ctzarr-index") as index_pool,
-            ThreadPoolExecutor(2, thread_name_prefix="ctzarr-write") as write_pool,
-        ):
-            # Load the compiled kernels while the first slab inflates (numba's first call in a
-            # process costs ~0.5 s even from its on-disk cache).
-            pending: list[Any] = [
-                index_pool.submit(_warm_kernels, builders, lab_arrays, self.image.value_dtype)
-            ]
-            slab_pending = False  # pending holds the futures of a slab (not the warm-up)
-            for parts in _prefetch(zip_longest(*streams), permits=permits):
-                z0, raw = parts[0]
-                values = self.image.scale(raw)
-                labels = [
-                    self._as_labels(seg, lab, lab_arrays[seg.name][0].dtype)
-                    for seg, (_, lab) in zip(self.segmentations, parts[1:], strict=True)
+        # the reader starts inflating now, while the arrays are created
+        slabs = Prefetch(zip_longest(*streams), permits=permits)
+        try:
+            shape = self.image.shape_zyx
+            levels = level_shapes(shape)
+            with codec_pipeline(self.root.store):
+                case = self.root.require_group(self.path)
+                img_arrays = [
+                    self._create(case, str(i), s, i, self.image.raw_dtype.newbyteorder("="))
+                    for i, s in enumerate(levels)
                 ]
-                futures = [
-                    index_pool.submit(builders[seg.name].update, z0, lab, values)
-                    for seg, lab in zip(self.segmentations, labels, strict=True)
-                ]
-                slab_of = {s.name: lab for s, lab in zip(self.segmentations, labels, strict=True)}
-                futures += [
-                    index_pool.submit(joint.update, z0, slab_of[a], slab_of[b], values)
-                    for (a, b), joint in joints.items()
-                ]
-                futures.append(
-                    write_pool.submit(self._write_pyramid, img_arrays, z0, raw, downsample_image)
+                lab_arrays: dict[str, list[zarr.Array[Any]]] = {}
+                for seg in self.segmentations:
+                    dt = label_dtype(seg.label_map, seg.source)
+                    grp = case.require_group(f"labels/{seg.name}")
+                    lab_arrays[seg.name] = [
+                        self._create(grp, str(i), s, i, dt) for i, s in enumerate(levels)
+                    ]
+            builders = {
+                seg.name: LabelIndexBuilder(
+                    seg.label_map.values,
+                    shape,
+                    chunk_layout(shape, 0)[0],
+                    background=seg.label_map.background,
+                    ignore_value=seg.label_map.ignore_value,
+                    label_dtype=lab_arrays[seg.name][0].dtype,
                 )
-                futures.append(
-                    write_pool.submit(self._write_label_pyramids, lab_arrays, z0, labels)
+                for seg in self.segmentations
+            }
+            # the joint index of every pair of segmentations A < B, fed by the same index stage
+            by_name = sorted(self.segmentations, key=lambda s: s.name)
+            joints = {
+                (a.name, b.name): JointIndexBuilder(
+                    a.name,
+                    b.name,
+                    builders[a.name].values.tolist(),
+                    builders[b.name].values.tolist(),
+                    shape,
+                    chunk_layout(shape, 0)[0],
                 )
+                for a, b in itertools.combinations(by_name, 2)
+            }
+            # Three overlapping stages: inflate (the prefetch thread), index (one thread, slabs in
+            # order), compress and write (two threads: image pyramid, label pyramids; splitting the
+            # image's level 0 from its smaller levels into a third thread measured no faster on 2
+            # cores). One slab is in flight while the next is inflated, so memory stays at a few
+            # slabs.
+            with (
+                ThreadPoolExecutor(1, thread_name_prefix="ctzarr-index") as index_pool,
+                ThreadPoolExecutor(2, thread_name_prefix="ctzarr-write") as write_pool,
+            ):
+                # Load the compiled kernels while the first slab inflates (~0.05 s from the kernel
+                # cache; numba compiles them on a machine's first conversion).
+                pending: list[Any] = [
+                    index_pool.submit(_warm_kernels, builders, lab_arrays, self.image.value_dtype)
+                ]
+                slab_pending = False  # pending holds the futures of a slab (not the warm-up)
+                for parts in slabs:
+                    z0, raw = parts[0]
+                    values = self.image.scale(raw)
+                    labels = [
+                        self._as_labels(seg, lab, lab_arrays[seg.name][0].dtype)
+                        for seg, (_, lab) in zip(self.segmentations, parts[1:], strict=True)
+                    ]
+                    futures = [
+                        index_pool.submit(builders[seg.name].update, z0, lab, values)
+                        for seg, lab in zip(self.segmentations, labels, strict=True)
+                    ]
+                    slab_of = {
+                        s.name: lab for s, lab in zip(self.segmentations, labels, strict=True)
+                    }
+                    futures += [
+                        index_pool.submit(joint.update, z0, slab_of[a], slab_of[b], values)
+                        for (a, b), joint in joints.items()
+                    ]
+                    futures.append(
+                        write_pool.submit(
+                            self._write_pyramid, img_arrays, z0, raw, downsample_image
+                        )
+                    )
+                    futures.append(
+                        write_pool.submit(self._write_label_pyramids, lab_arrays, z0, labels)
+                    )
+                    for f in pending:
+                        f.result()
+                    if slab_pending:  # its buffers may be refilled
+                        permits.release()
+                    pending, slab_pending = futures, True
+                    if self.progress is not None:
+                        self.progress(raw.shape[0])
                 for f in pending:
                     f.result()
-                if slab_pending:  # its buffers may be refilled
-                    permits.release()
-                pending, slab_pending = futures, True
-                if self.progress is not None:
-                    self.progress(raw.shape[0])
-            for f in pending:
-                f.result()
+        finally:
+            slabs.close()
         self.digests = {k: h.hexdigest() for k, h in hashes.items()}
 
         for seg in self.segmentations:
