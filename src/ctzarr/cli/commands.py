@@ -75,11 +75,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    from ctzarr.write.case_writer import retain_freed_memory
     from ctzarr.write.convert import convert
 
     # The modules just imported live until exit: the collector need not walk them again
     # (full collections during a conversion scanned them, ~0.03 CPU-s per case).
     gc.freeze()
+    retain_freed_memory()
 
     options = storage_options(args.storage_options)
     client = _client(args)

@@ -158,8 +158,17 @@ def read_key(store: Store, key: str) -> bytes | None:
 
 
 def write_key(store: Store, key: str, data: bytes) -> None:
-    """Store the bytes under one key (a whole object)."""
-    sync(store.set(key, default_buffer_prototype().buffer.from_bytes(data)))
+    """Store the bytes under one key (a whole object).
+
+    A local store is written through zarr's synchronous surface (``LocalStore.set_sync``, the
+    same atomic file write): no round trip through zarr's event loop and its worker thread per
+    object. Any other store (wrappers included, whose ``set`` may do more) goes through ``set``.
+    """
+    buffer = default_buffer_prototype().buffer.from_bytes(data)
+    if type(store) is LocalStore:
+        store.set_sync(key, buffer)
+    else:
+        sync(store.set(key, buffer))
 
 
 def make_store(

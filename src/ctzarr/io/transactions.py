@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -217,5 +218,23 @@ def remove_temporary_files(store: Any) -> list[str]:
 
 
 def remove_case(root: zarr.Group, case_id: str) -> None:
-    """Delete every key of a case (leftovers of an interrupted run, or a replaced case)."""
-    sync(root.store.delete_dir(f"cases/{case_id}"))
+    """Delete every key of a case (leftovers of an interrupted run, a replaced case, or a case
+    whose conversion failed).
+
+    When a write fails inside a zarr call that writes several documents at once (an array's
+    metadata and its parent groups'), zarr raises at the first failure while the other writes
+    of that call still run; a directory they write into while it is removed is not empty
+    ("Directory not empty"), or gets a file back. The removal is then repeated once those
+    writes have landed (a few milliseconds; at most 5 tries).
+    """
+    prefix = f"cases/{case_id}"
+    for attempt in range(5):
+        try:
+            sync(root.store.delete_dir(prefix))
+        except OSError as exc:
+            if exc.errno != errno.ENOTEMPTY or attempt == 4:
+                raise
+        else:
+            if attempt == 4 or not _has_keys(root, prefix + "/"):
+                return
+        time.sleep(0.02 * (attempt + 1))

@@ -379,7 +379,6 @@ def convert_case(
             try:
                 writer.write()
                 writer.write_index()
-                writer.write_nifti_header()
                 digests = dict(writer.digests)
                 for seg in segs:
                     if isinstance(seg.source, MaskStackSource):
