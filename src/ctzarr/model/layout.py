@@ -16,19 +16,20 @@ MAX_LEVELS = 3
 MIN_LEVEL_EXTENT = 32
 
 
-#: blosc's block inside a chunk (bytes): half a 64**3 int16 chunk
-BLOSC_BLOCK = 256 * 1024
+#: blosc's block inside a chunk (bytes): 16 slices of a 64**3 int16 chunk, so a crop decodes
+#: only the blocks holding its slices (``ctzarr.io.chunks``)
+BLOSC_BLOCK = 128 * 1024
 
 
 def compressors() -> list[Any]:
-    """The codec chain of every data array: blosc zstd level 1 with bitshuffle in 256 KiB
+    """The codec chain of every data array: blosc zstd level 1 with bitshuffle in 128 KiB
     blocks, then crc32c.
 
-    Level 1 with 256 KiB blocks stores the bench CT in as many bytes as level 3 with blosc's
-    automatic blocks (0.783 vs 0.781 of the .nii.gz), decodes as fast, and encodes in 35 % less
-    CPU; in a conversion it saved 0.5 CPU-s per case (level 3's larger match tables are set up
-    for every chunk), 0.35 s of a whole ``ctzarr convert`` (benchmarks/README.md). Stores
-    written with level 3 read the same: the codec's parameters are in each array's metadata.
+    Level 1 stores the bench CT in about as many bytes as level 3 (0.787 vs 0.781 of the
+    .nii.gz; the same 128 KiB blocks level 3 chose itself) and encodes in 30 % less CPU; in a
+    conversion it saved 0.5 CPU-s per case (level 3's larger match tables are set up for every
+    chunk), 0.35 s of a whole ``ctzarr convert`` (benchmarks/README.md). Stores written with
+    level 3 read the same: the codec's parameters are in each array's metadata.
     """
     return [
         BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle", blocksize=BLOSC_BLOCK),

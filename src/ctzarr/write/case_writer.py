@@ -10,7 +10,7 @@ Layout of a case (``cases/<case_id>/``) is an OME-Zarr 0.5 image with ``labels/`
 - shards of 64 slices x the whole plane: every 64-slice slab of the stream is exactly one shard
   per array, so shards are written once and whole (no read-modify-write, no two writers on one
   shard), and a 400-slice case is 7 objects per array instead of 400+ chunk files;
-- blosc zstd level 1 with bitshuffle (256 KiB blocks), then crc32c on every chunk (and on every
+- blosc zstd level 1 with bitshuffle (128 KiB blocks), then crc32c on every chunk (and on every
   shard index); ``model.layout.compressors`` says why.
 
 Commit protocol: the case group's ``zarr.json`` is created plain when the first array is
