@@ -6,7 +6,12 @@ import sys
 
 from ctzarr.cli.main import main
 
-__all__ = ["main", "run"]
+__all__ = ["OWNS_PROCESS", "main", "run"]
+
+#: True in the ``ctzarr`` console script's own process (:func:`run`), where a command may tune
+#: process-wide settings (the collector, malloc); False when :func:`main` is called from another
+#: program or a test.
+OWNS_PROCESS = False
 
 
 def run() -> None:
@@ -19,7 +24,9 @@ def run() -> None:
     worth a thread pool, and the pool numpy's import starts spins for ~0.1 CPU-s (measured on a
     conversion, where that CPU is wanted by the conversion's own threads).
     """
+    global OWNS_PROCESS
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    OWNS_PROCESS = True
     status = main()
     gc.freeze()
     sys.exit(status)

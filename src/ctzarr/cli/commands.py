@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ctzarr import cli
 from ctzarr.cli.paths import TABLE_FORMATS, output_path
 from ctzarr.cli.storage import storage_options
 from ctzarr.errors import CtzarrError, LayoutError
@@ -78,10 +79,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from ctzarr.write.case_writer import retain_freed_memory
     from ctzarr.write.convert import convert
 
-    # The modules just imported live until exit: the collector need not walk them again
-    # (full collections during a conversion scanned them, ~0.03 CPU-s per case).
-    gc.freeze()
-    retain_freed_memory()
+    if cli.OWNS_PROCESS:  # the console script's own process, not a caller's
+        # The modules just imported live until exit: the collector need not walk them again
+        # (full collections during a conversion scanned them, ~0.03 CPU-s per case).
+        gc.freeze()
+        retain_freed_memory()
 
     options = storage_options(args.storage_options)
     client = _client(args)

@@ -224,17 +224,18 @@ def remove_case(root: zarr.Group, case_id: str) -> None:
     When a write fails inside a zarr call that writes several documents at once (an array's
     metadata and its parent groups'), zarr raises at the first failure while the other writes
     of that call still run; a directory they write into while it is removed is not empty
-    ("Directory not empty"), or gets a file back. The removal is then repeated once those
-    writes have landed (a few milliseconds; at most 5 tries).
+    ("Directory not empty"), loses a temporary file under the removal's feet ("No such
+    file"), or gets a file back. The removal is then repeated once those writes have landed
+    (a few milliseconds; at most 5 tries).
     """
     prefix = f"cases/{case_id}"
     for attempt in range(5):
         try:
             sync(root.store.delete_dir(prefix))
         except OSError as exc:
-            if exc.errno != errno.ENOTEMPTY or attempt == 4:
+            if exc.errno not in (errno.ENOTEMPTY, errno.ENOENT) or attempt == 4:
                 raise
-        else:
-            if attempt == 4 or not _has_keys(root, prefix + "/"):
-                return
-        time.sleep(0.02 * (attempt + 1))
+        time.sleep(0.02 * (attempt + 1))  # a write still landing shows up by now
+        if not _has_keys(root, prefix + "/"):
+            return
+    raise OSError(errno.ENOTEMPTY, f"{prefix}: keys keep appearing while the case is removed")
