@@ -1,8 +1,9 @@
 """The commands of ``ctzarr``: each parses its arguments and calls one library function.
 
 Imported only when a command runs (see :mod:`ctzarr.cli.main`); the reading side (dask, xarray,
-pandas) and the writing side (numba) load inside the commands that need them, so that
-``ctzarr convert`` does not pay for the reading side, nor ``ctzarr stats`` for numba.
+pandas) and the writing side (zarr's writer, the index kernels) load inside the commands that
+need them, so that ``ctzarr convert`` does not pay for the reading side, nor ``ctzarr stats`` for
+the writer.
 """
 
 from __future__ import annotations
