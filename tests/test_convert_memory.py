@@ -6,8 +6,9 @@ bounded number of slabs in flight (issue 13, conversion time and peak memory).
   a short last shard, odd planes), with fill-only inner chunks absent from the shard index and
   fill-only shards absent from the store; arrays with another codec chain go through zarr.
 - ``downsample_image`` equals an independent 2x2x2 mean for every image dtype NIfTI allows.
-- ``_prefetch`` with permits never lets more items exist than permits (the ring of slab
-  buffers is never refilled in use) and stops cleanly when the consumer fails.
+- ``Prefetch`` with permits never lets more items exist than permits (the ring of slab
+  buffers is never refilled in use) and stops cleanly when the consumer fails or never
+  starts.
 - a conversion streams exactly (values equal nibabel's) whatever the number of slabs in flight.
 """
 
@@ -29,7 +30,7 @@ import ctzarr
 from ctzarr.model.layout import chunk_layout, compressors
 from ctzarr.model.manifest import crc32c
 from ctzarr.write import case_writer
-from ctzarr.write.case_writer import ShardEncoder, _prefetch, downsample_image
+from ctzarr.write.case_writer import Prefetch, ShardEncoder, downsample_image
 
 from .conftest import nifti_zyx
 
@@ -208,11 +209,15 @@ def test_prefetch_never_has_more_items_than_permits(permits: int) -> None:
             assert len(produced) - len(done) <= permits
             yield i
 
-    for i in _prefetch(items(), permits=sem):
-        time.sleep(0.002)  # a consumer slower than the producer
-        assert len(produced) - len(done) <= permits
-        done.append(i)
-        sem.release()
+    prefetch = Prefetch(items(), permits=sem)
+    try:
+        for i in prefetch:
+            time.sleep(0.002)  # a consumer slower than the producer
+            assert len(produced) - len(done) <= permits
+            done.append(i)
+            sem.release()
+    finally:
+        prefetch.close()
     assert done == list(range(12))
 
 
@@ -226,13 +231,29 @@ def test_prefetch_stops_when_the_consumer_fails() -> None:
             yield i
 
     def consume() -> None:
-        for _ in _prefetch(items(), permits=sem):
-            started.wait()
-            raise RuntimeError("consumer failed")  # the producer waits for a permit meanwhile
+        prefetch = Prefetch(items(), permits=sem)
+        try:
+            for _ in prefetch:
+                started.wait()
+                raise RuntimeError("consumer failed")  # the producer waits for a permit
+        finally:
+            prefetch.close()
 
     t0 = time.monotonic()
     with pytest.raises(RuntimeError, match="consumer"):
         consume()
+    assert time.monotonic() - t0 < 5
+    assert not [t for t in threading.enumerate() if t.name == "ctzarr-read"]
+
+
+def test_prefetch_closed_before_the_consumer_starts_stops_its_thread() -> None:
+    """The writer starts reading before it creates its arrays; a failure in between closes a
+    prefetch nobody iterated."""
+    sem = threading.Semaphore(2)
+    prefetch = Prefetch(iter(range(100)), permits=sem)
+    time.sleep(0.05)  # the producer fills its queue and waits
+    t0 = time.monotonic()
+    prefetch.close()
     assert time.monotonic() - t0 < 5
     assert not [t for t in threading.enumerate() if t.name == "ctzarr-read"]
 

@@ -334,17 +334,6 @@ class Prefetch:
                 self._thread.join(0.05)
 
 
-def _prefetch(
-    items: Iterator[Any], depth: int = 1, permits: threading.Semaphore | None = None
-) -> Iterator[Any]:
-    """:class:`Prefetch` as a generator that stops its producer when closed."""
-    prefetch = Prefetch(items, depth, permits)
-    try:
-        yield from prefetch
-    finally:
-        prefetch.close()
-
-
 #: numcodecs' numbers of blosc's shuffle modes
 _BLOSC_SHUFFLE = {
     "noshuffle": Blosc.NOSHUFFLE,
