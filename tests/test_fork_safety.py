@@ -10,6 +10,7 @@ dask, xarray or pandas to serve patches.
 
 from __future__ import annotations
 
+import faulthandler
 import multiprocessing
 import shutil
 import sys
@@ -33,11 +34,21 @@ pytestmark = pytest.mark.filterwarnings(
 TIMEOUT_S = 60
 
 
+def _with_stacks_on_hang(fn: Callable[..., Any], *args: Any) -> Any:
+    """In the child: ``fn(*args)``, printing every thread's stack if it hangs (to stderr, which
+    pytest shows with the failure)."""
+    faulthandler.dump_traceback_later(TIMEOUT_S - 10, exit=False)
+    try:
+        return fn(*args)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
+
 def _in_forked_child(fn: Callable[..., Any], *args: Any) -> Any:
     """``fn(*args)`` in a forked child; its result, or a failure when it hangs or raises."""
     ctx = multiprocessing.get_context("fork")
     with ctx.Pool(1) as pool:
-        pending = pool.apply_async(fn, args)
+        pending = pool.apply_async(_with_stacks_on_hang, (fn, *args))
         try:
             return pending.get(TIMEOUT_S)
         except multiprocessing.TimeoutError:

@@ -46,6 +46,7 @@ def _after_fork_in_child() -> None:
     global _INHERITED_RUNTIMES
     loaded = {name for name in ("zarrs", "obstore") if name in sys.modules}
     _INHERITED_RUNTIMES = _INHERITED_RUNTIMES | loaded
+    _SETTINGS.reset_after_fork()  # a parent thread's window must not outlive it in the child
     threaded: Any = sys.modules.get("dask.threaded")  # only when the parent had loaded it
     if threaded is not None and hasattr(threaded, "default_pool"):
         threaded.default_pool = None
@@ -62,14 +63,119 @@ def inherited_runtime(name: str) -> bool:
     return name in _INHERITED_RUNTIMES
 
 
+class _Unset:
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+#: in :func:`zarr_settings`: keep the key at the value it has outside every ctzarr window
+UNSET: Any = _Unset()
+
+
+class _ZarrSettings:
+    """zarr config keys set for the duration of ``with`` blocks, correctly across threads.
+
+    zarr reads its config globally (arrays bind the codec pipeline when they are built, on
+    zarr's event-loop thread, so neither a thread-local nor a context variable reaches it).
+    ``zarr.config.set`` as a context manager restores on exit what *it* saw on entry: two
+    threads whose blocks interleave (A enters, B enters, A leaves, B leaves) leave B's entry
+    value for good. That is how the zarrs pipeline leaked into a whole test process, which then
+    read HTTP stores through it and handed it to forked children, whose rayon pool has no thread
+    (both seen in CI). Here each key is held in one *mode* (a value, or :data:`UNSET`) by a count
+    of blocks: the first holder saves the key's value and sets it, the last restores it, and a
+    block asking for another mode waits until the key is free. The blocks are short (opening
+    or creating arrays, never waiting on another thread that opens), so waiting cannot
+    deadlock; a thread that asks for a second mode of a key it holds is a programming error and
+    raises instead of waiting on itself.
+
+    What it cannot do: zarr arrays opened by *other* code during a window get its settings (the
+    config is the process's), and a ``zarr.config.set`` by the user during a window is undone
+    when the window closes.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._held: dict[str, list[Any]] = {}  # key -> [mode, count, saved value]
+        self._mine = threading.local()  # key -> (mode, depth) of this thread's blocks
+        self._generation = 0
+
+    def _free_for(self, settings: Mapping[str, Any]) -> bool:
+        return all(
+            k not in self._held or self._held[k][0] is v or self._held[k][0] == v
+            for k, v in settings.items()
+        )
+
+    @contextlib.contextmanager
+    def hold(self, settings: Mapping[str, Any]) -> Iterator[None]:
+        mine: dict[str, list[Any]] = self._mine.__dict__.setdefault("keys", {})
+        for key, value in settings.items():
+            if key in mine and not (mine[key][0] is value or mine[key][0] == value):
+                raise RuntimeError(
+                    f"zarr setting {key!r}: this thread holds {mine[key][0]!r} and asks {value!r}"
+                )
+        with self._cond:
+            self._cond.wait_for(lambda: self._free_for(settings))
+            generation = self._generation
+            for key, value in settings.items():
+                held = self._held.get(key)
+                if held is None:
+                    held = self._held[key] = [value, 0, zarr.config.get(key, None)]
+                    if value is not UNSET:
+                        zarr.config.set({key: value})
+                held[1] += 1
+        for key, value in settings.items():
+            mine.setdefault(key, [value, 0])[1] += 1
+        try:
+            yield
+        finally:
+            for key in settings:
+                mine[key][1] -= 1
+                if mine[key][1] == 0:
+                    del mine[key]
+            with self._cond:
+                if generation == self._generation:  # not held across a fork by a lost thread
+                    for key in settings:
+                        held = self._held[key]
+                        held[1] -= 1
+                        if held[1] == 0:
+                            del self._held[key]
+                            if held[0] is not UNSET:
+                                zarr.config.set({key: held[2]})
+                    self._cond.notify_all()
+
+    def reset_after_fork(self) -> None:
+        """In a forked child: the parent's windows end (their threads are not here)."""
+        for key, (mode, _count, saved) in self._held.items():
+            if mode is not UNSET:
+                zarr.config.set({key: saved})
+        self._held = {}
+        self._cond = threading.Condition()
+        self._generation += 1
+        self._mine = threading.local()
+
+
+_SETTINGS = _ZarrSettings()
+
+
+def zarr_settings(settings: Mapping[str, Any]) -> contextlib.AbstractContextManager[None]:
+    """zarr config ``settings`` inside this block, safe when threads' blocks interleave.
+
+    Use this, never ``zarr.config.set`` as a context manager, for settings that must not
+    outlive the block (see :class:`_ZarrSettings`). A value of :data:`UNSET` keeps the key as it
+    is outside ctzarr's windows (waiting for any window that changed it to close).
+    """
+    return _SETTINGS.hold(settings)
+
+
 @contextlib.contextmanager
 def codec_pipeline(store: Store | None = None) -> Iterator[None]:
     """Open arrays inside this block to give them the fast codec pipeline.
 
     Only for local stores: with fsspec's HTTP filesystem the Rust pipeline deadlocks on
     zarr-python's event loop (observed with zarrs 0.2.3), and remote reads are bound by
-    requests, not decoding. Never in a process forked from one that had loaded zarrs (its
-    thread pool did not survive the fork: see above).
+    requests, not decoding; a remote store's block waits until no other thread's block has the
+    Rust pipeline set. Never in a process forked from one that had loaded zarrs (its thread
+    pool did not survive the fork: see above).
     """
     if inherited_runtime("zarrs"):
         yield
@@ -79,22 +185,18 @@ def codec_pipeline(store: Store | None = None) -> Iterator[None]:
     except ImportError:  # pragma: no cover - zarrs is a dependency, but stay usable without it
         yield
         return
-    if store is not None and not isinstance(store, LocalStore):
-        yield
-        return
-    with zarr.config.set({"codec_pipeline.path": _ZARRS_PIPELINE}):
+    path = UNSET if store is not None and not isinstance(store, LocalStore) else _ZARRS_PIPELINE
+    with zarr_settings({"codec_pipeline.path": path}):
         yield
 
 
-@contextlib.contextmanager
-def compact_json() -> Iterator[None]:
+def compact_json() -> contextlib.AbstractContextManager[None]:
     """Write zarr.json documents without indentation.
 
     A case's consolidated zarr.json shrinks from 170 KB to 46 KB and opens in 7 ms instead of
     11 ms (it is read by every crop and every statistics call).
     """
-    with zarr.config.set({"json_indent": None}):
-        yield
+    return zarr_settings({"json_indent": None})
 
 
 #: protocols whose libraries retry on their own and cannot be set to one attempt per

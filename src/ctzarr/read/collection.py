@@ -26,7 +26,7 @@ from ctzarr.errors import (
     StoreError,
     UnsafeStoreError,
 )
-from ctzarr.io.stores import codec_pipeline, make_store
+from ctzarr.io.stores import codec_pipeline, make_store, zarr_settings
 from ctzarr.io.strict import open_collection_root, open_group_cached
 from ctzarr.io.urls import url_protocol
 from ctzarr.model.case import is_committed
@@ -401,7 +401,7 @@ def scan_task(url: str, options: dict[str, Any], case_id: str, segmentation: str
     # pool inside the task, and the zarrs codec pipeline's decoding threads (bound when the
     # arrays are opened, so the setting wraps the open)
     nthreads = get_worker().state.nthreads
-    with zarr.config.set({"threading.max_workers": nthreads}):
+    with zarr_settings({"threading.max_workers": nthreads}):
         col = open_collection(url, storage_options=options or None)
         case = col[case_id]
         if segmentation not in case.segmentation_names:

@@ -36,7 +36,7 @@ from ctzarr.errors import (
     MetadataError,
     StoreError,
 )
-from ctzarr.io.stores import codec_pipeline, make_store
+from ctzarr.io.stores import codec_pipeline, make_store, zarr_settings
 from ctzarr.io.strict import (
     ArrayLayout,
     CaseIntegrity,
@@ -231,7 +231,7 @@ class CaseReader:
                 # apart into one request, which for a patch inside a whole-plane shard reads
                 # the chunks between its rows too (~2x its bytes); a patch's ranges are
                 # fetched concurrently anyway, so only the chunks it touches are asked for
-                with codec_pipeline(store), zarr.config.set(_EXACT_RANGES):
+                with codec_pipeline(store), zarr_settings(_EXACT_RANGES):
                     node = group[path]
                 if not isinstance(node, zarr.Array):
                     raise KeyError(f"{self.where}: {path} is not an array")
