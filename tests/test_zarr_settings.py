@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import multiprocessing
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,9 +19,10 @@ import zarr
 from zarr.storage import FsspecStore, LocalStore
 
 import ctzarr
-from ctzarr.io.stores import UNSET, codec_pipeline, compact_json, zarr_settings
+from ctzarr.io.stores import codec_pipeline, compact_json, zarr_settings
 
 PIPELINE = "codec_pipeline.path"
+FAST = "ctzarr.io.stores.LocalStoresThroughZarrs"
 pytestmark = pytest.mark.filterwarnings(
     "ignore:This process .* is multi-threaded:DeprecationWarning"
 )
@@ -58,7 +58,7 @@ def test_interleaved_blocks_leave_the_config_as_it_was() -> None:
             seen["indent"] = zarr.config.get("json_indent")
 
     _in_threads(a, b)
-    assert seen == {"pipeline": "zarrs.ZarrsCodecPipeline", "indent": None}
+    assert seen == {"pipeline": FAST, "indent": None}
     assert zarr.config.get(PIPELINE) == before
     assert zarr.config.get("json_indent") == 2
 
@@ -83,36 +83,49 @@ def test_many_threads_opening_at_once_leave_nothing_behind(dap_store: Path) -> N
     assert zarr.config.get(PIPELINE) == before
 
 
-def test_a_remote_block_waits_for_the_rust_pipeline_to_be_unset(tmp_path: Path) -> None:
-    """A remote store's arrays never get the Rust pipeline from another thread's block."""
-    before = zarr.config.get(PIPELINE)
-    remote = FsspecStore.from_url("memory://ctzarr-settings")
-    entered, seen = threading.Event(), []
+def _pipeline_of(arr: zarr.Array) -> str:
+    return type(arr.async_array.codec_pipeline).__name__
 
-    def local() -> None:
-        with codec_pipeline(LocalStore(tmp_path)):
+
+def test_during_a_block_only_local_arrays_get_the_rust_pipeline(tmp_path: Path) -> None:
+    """Arrays other threads open during a block: a remote store's keep zarr's pipeline (zarrs
+    would read it through its own HTTP client), a local store's get zarrs."""
+    remote = FsspecStore.from_url("memory://ctzarr-settings/a.zarr")
+    zarr.create_array(remote, shape=(4, 4), chunks=(2, 2), dtype="i2", fill_value=0)[:] = 7
+    local = LocalStore(tmp_path / "a.zarr")
+    zarr.create_array(local, shape=(4, 4), chunks=(2, 2), dtype="i2", fill_value=0)[:] = 7
+    entered, done = threading.Event(), threading.Event()
+    seen: dict[str, object] = {}
+
+    def holder() -> None:
+        with codec_pipeline(local):
             entered.set()
-            time.sleep(0.3)
-            seen.append(("local", zarr.config.get(PIPELINE)))
+            assert done.wait(30)
 
-    def far() -> None:
+    def other() -> None:
         assert entered.wait(10)
-        with codec_pipeline(remote):
-            seen.append(("remote", zarr.config.get(PIPELINE)))
+        try:
+            far, near = zarr.open_array(remote, mode="r"), zarr.open_array(local, mode="r")
+            seen["pipelines"] = _pipeline_of(far), _pipeline_of(near)
+            seen["sums"] = int(far[:].sum()), int(near[:].sum())
+        finally:
+            done.set()
 
-    _in_threads(local, far)
-    assert seen == [("local", "zarrs.ZarrsCodecPipeline"), ("remote", before)]
+    _in_threads(holder, other)
+    assert seen == {
+        "pipelines": ("BatchedCodecPipeline", "ZarrsCodecPipeline"),
+        "sums": (112, 112),
+    }
+    assert _pipeline_of(zarr.open_array(local, mode="r")) == "BatchedCodecPipeline"
 
 
-def test_one_thread_asking_two_values_of_a_key_is_refused() -> None:
+def test_two_values_of_a_key_at_once_are_refused() -> None:
     with zarr_settings({"json_indent": None}):
         with pytest.raises(RuntimeError, match="json_indent"), zarr_settings({"json_indent": 4}):
             pass
         with zarr_settings({"json_indent": None}):  # the same value nests
             assert zarr.config.get("json_indent") is None
     assert zarr.config.get("json_indent") == 2
-    with zarr_settings({PIPELINE: UNSET}):
-        assert zarr.config.get(PIPELINE) != "zarrs.ZarrsCodecPipeline"
 
 
 def _config_in_child() -> tuple[str, object]:

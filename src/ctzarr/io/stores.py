@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib
 import os
 import sys
 import threading
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, cast
 
 import zarr
+import zarr.registry
 from zarr.abc.store import Store
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
@@ -63,95 +66,66 @@ def inherited_runtime(name: str) -> bool:
     return name in _INHERITED_RUNTIMES
 
 
-class _Unset:
-    def __repr__(self) -> str:
-        return "UNSET"
-
-
-#: in :func:`zarr_settings`: keep the key at the value it has outside every ctzarr window
-UNSET: Any = _Unset()
-
-
 class _ZarrSettings:
     """zarr config keys set for the duration of ``with`` blocks, correctly across threads.
 
-    zarr reads its config globally (arrays bind the codec pipeline when they are built, on
-    zarr's event-loop thread, so neither a thread-local nor a context variable reaches it).
     ``zarr.config.set`` as a context manager restores on exit what *it* saw on entry: two
     threads whose blocks interleave (A enters, B enters, A leaves, B leaves) leave B's entry
     value for good. That is how the zarrs pipeline leaked into a whole test process, which then
-    read HTTP stores through it and handed it to forked children, whose rayon pool has no thread
-    (both seen in CI). Here each key is held in one *mode* (a value, or :data:`UNSET`) by a count
-    of blocks: the first holder saves the key's value and sets it, the last restores it, and a
-    block asking for another mode waits until the key is free. The blocks are short (opening
-    or creating arrays, never waiting on another thread that opens), so waiting cannot
-    deadlock; a thread that asks for a second mode of a key it holds is a programming error and
-    raises instead of waiting on itself.
-
-    What it cannot do: zarr arrays opened by *other* code during a window get its settings (the
-    config is the process's), and a ``zarr.config.set`` by the user during a window is undone
-    when the window closes.
+    read HTTP stores through it, and handed it to forked children, whose rayon pool has no thread
+    (both seen in CI). Here a key is held by a count of blocks: the first saves its value and
+    sets the block's, the last restores the saved one. Blocks that hold a key together must
+    ask the same value of it (a different one raises: a programming error, never waited for,
+    since a block may be waiting on another thread that opens arrays). A ``zarr.config.set``
+    by the user during a block is undone when the last block ends.
     """
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._held: dict[str, list[Any]] = {}  # key -> [mode, count, saved value]
-        self._mine = threading.local()  # key -> (mode, depth) of this thread's blocks
+        self._lock = threading.Lock()
+        self._held: dict[str, list[Any]] = {}  # key -> [value, count, saved value]
         self._generation = 0
-
-    def _free_for(self, settings: Mapping[str, Any]) -> bool:
-        return all(
-            k not in self._held or self._held[k][0] is v or self._held[k][0] == v
-            for k, v in settings.items()
-        )
 
     @contextlib.contextmanager
     def hold(self, settings: Mapping[str, Any]) -> Iterator[None]:
-        mine: dict[str, list[Any]] = self._mine.__dict__.setdefault("keys", {})
-        for key, value in settings.items():
-            if key in mine and not (mine[key][0] is value or mine[key][0] == value):
-                raise RuntimeError(
-                    f"zarr setting {key!r}: this thread holds {mine[key][0]!r} and asks {value!r}"
-                )
-        with self._cond:
-            self._cond.wait_for(lambda: self._free_for(settings))
+        with self._lock:
+            for key, value in settings.items():
+                if key in self._held and self._held[key][0] != value:
+                    raise RuntimeError(
+                        f"zarr setting {key!r} is held at {self._held[key][0]!r} by another "
+                        f"block; this one asks {value!r}"
+                    )
             generation = self._generation
             for key, value in settings.items():
                 held = self._held.get(key)
                 if held is None:
                     held = self._held[key] = [value, 0, zarr.config.get(key, None)]
-                    if value is not UNSET:
-                        zarr.config.set({key: value})
+                    zarr.config.set({key: value})
                 held[1] += 1
-        for key, value in settings.items():
-            mine.setdefault(key, [value, 0])[1] += 1
         try:
             yield
         finally:
-            for key in settings:
-                mine[key][1] -= 1
-                if mine[key][1] == 0:
-                    del mine[key]
-            with self._cond:
-                if generation == self._generation:  # not held across a fork by a lost thread
+            with self._lock:
+                if generation == self._generation:  # else a fork ended it (see below)
                     for key in settings:
                         held = self._held[key]
                         held[1] -= 1
                         if held[1] == 0:
                             del self._held[key]
-                            if held[0] is not UNSET:
-                                zarr.config.set({key: held[2]})
-                    self._cond.notify_all()
+                            zarr.config.set({key: held[2]})
 
     def reset_after_fork(self) -> None:
-        """In a forked child: the parent's windows end (their threads are not here)."""
-        for key, (mode, _count, saved) in self._held.items():
-            if mode is not UNSET:
-                zarr.config.set({key: saved})
+        """In a forked child: the parent's blocks end (their threads are not here)."""
+        for key, (_value, _count, saved) in self._held.items():
+            zarr.config.set({key: saved})
         self._held = {}
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
         self._generation += 1
-        self._mine = threading.local()
+
+    def outside(self, key: str) -> Any:
+        """The value of ``key`` outside every block."""
+        with self._lock:
+            held = self._held.get(key)
+            return zarr.config.get(key, None) if held is None else held[2]
 
 
 _SETTINGS = _ZarrSettings()
@@ -161,23 +135,68 @@ def zarr_settings(settings: Mapping[str, Any]) -> contextlib.AbstractContextMana
     """zarr config ``settings`` inside this block, safe when threads' blocks interleave.
 
     Use this, never ``zarr.config.set`` as a context manager, for settings that must not
-    outlive the block (see :class:`_ZarrSettings`). A value of :data:`UNSET` keeps the key as it
-    is outside ctzarr's windows (waiting for any window that changed it to close).
+    outlive the block (see :class:`_ZarrSettings`).
     """
     return _SETTINGS.hold(settings)
 
 
+class LocalStoresThroughZarrs:
+    """The codec pipeline ``codec_pipeline`` sets: zarrs for arrays of local stores, the
+    pipeline configured outside ctzarr's blocks for any other.
+
+    zarr builds an array's pipeline from the global config on its event-loop thread, so a block
+    of one thread sets it for arrays that other threads open meanwhile too (a remote store's,
+    which zarrs would read through its own HTTP client, or the user's). Choosing by the array's
+    store, which zarr passes here, keeps those on the pipeline they would have had. Never
+    instantiated: zarr calls the two class methods.
+    """
+
+    @classmethod
+    def from_array_metadata_and_store(cls, array_metadata: Any, store: Store) -> Any:
+        if isinstance(store, LocalStore) and not inherited_runtime("zarrs"):
+            from zarrs import ZarrsCodecPipeline
+
+            return ZarrsCodecPipeline.from_array_metadata_and_store(array_metadata, store)
+        # zarr's own pipeline raises NotImplementedError here; zarr then calls from_codecs
+        return _outside_pipeline().from_array_metadata_and_store(array_metadata, store)
+
+    @classmethod
+    def from_codecs(cls, codecs: Any) -> Any:
+        # arrays of other stores, and the inner pipeline of zarr's sharding codec
+        return _outside_pipeline().from_codecs(codecs)
+
+
+zarr.registry.register_pipeline(cast(Any, LocalStoresThroughZarrs))
+_FAST_PIPELINE = f"{__name__}.{LocalStoresThroughZarrs.__qualname__}"
+_DEFAULT_PIPELINE = "zarr.core.codec_pipeline.BatchedCodecPipeline"
+
+
+@functools.cache
+def _pipeline_class(path: str) -> Any:
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def _outside_pipeline() -> Any:
+    """The pipeline class configured outside ctzarr's blocks (zarr's registry names a pipeline
+    by its module and class name, which is how it is imported here)."""
+    path = _SETTINGS.outside("codec_pipeline.path")
+    if path == _FAST_PIPELINE:  # the user set ours for good: zarr's default for the others
+        path = _DEFAULT_PIPELINE
+    return _pipeline_class(path)
+
+
 @contextlib.contextmanager
 def codec_pipeline(store: Store | None = None) -> Iterator[None]:
-    """Open arrays inside this block to give them the fast codec pipeline.
+    """Open arrays inside this block to give those of local stores the fast codec pipeline.
 
-    Only for local stores: with fsspec's HTTP filesystem the Rust pipeline deadlocks on
+    Only local stores: with fsspec's HTTP filesystem the Rust pipeline deadlocks on
     zarr-python's event loop (observed with zarrs 0.2.3), and remote reads are bound by
-    requests, not decoding; a remote store's block waits until no other thread's block has the
-    Rust pipeline set. Never in a process forked from one that had loaded zarrs (its thread
-    pool did not survive the fork: see above).
+    requests, not decoding (:class:`LocalStoresThroughZarrs` chooses by each array's store).
+    Never in a process forked from one that had loaded zarrs (its thread pool did not survive
+    the fork: see above).
     """
-    if inherited_runtime("zarrs"):
+    if inherited_runtime("zarrs") or (store is not None and not isinstance(store, LocalStore)):
         yield
         return
     try:
@@ -185,8 +204,7 @@ def codec_pipeline(store: Store | None = None) -> Iterator[None]:
     except ImportError:  # pragma: no cover - zarrs is a dependency, but stay usable without it
         yield
         return
-    path = UNSET if store is not None and not isinstance(store, LocalStore) else _ZARRS_PIPELINE
-    with zarr_settings({"codec_pipeline.path": path}):
+    with zarr_settings({"codec_pipeline.path": _FAST_PIPELINE}):
         yield
 
 
