@@ -22,10 +22,9 @@ from ctzarr.io.obstore import object_store
 from ctzarr.io.retry import RetryingStore, RetryPolicy
 from ctzarr.io.urls import is_remote, local_path, redact_url, url_protocol
 
-#: zarr-python's Rust codec pipeline (PyPI ``zarrs``): reads 2-3x faster than the default
-#: pipeline on sharded arrays (benchmarks/README.md). Arrays bind their pipeline when they are
-#: opened, so the setting is applied around our own opens only, never to the user's zarr config.
-_ZARRS_PIPELINE = "zarrs.ZarrsCodecPipeline"
+# zarr-python's Rust codec pipeline (PyPI ``zarrs``) reads 2-3x faster than the default pipeline
+# on sharded arrays (benchmarks/README.md). Arrays bind their pipeline when they are opened, so
+# it is set around our own opens only (``codec_pipeline`` below), and for local stores only.
 
 # -- fork safety ----------------------------------------------------------------------------------
 # Two Rust runtimes do not survive fork(): zarrs' rayon thread pool (zarrs-python#195, rayon#708)
@@ -49,7 +48,7 @@ def _after_fork_in_child() -> None:
     global _INHERITED_RUNTIMES
     loaded = {name for name in ("zarrs", "obstore") if name in sys.modules}
     _INHERITED_RUNTIMES = _INHERITED_RUNTIMES | loaded
-    _SETTINGS.reset_after_fork()  # a parent thread's window must not outlive it in the child
+    _SETTINGS.reset_after_fork()  # a parent thread's block must not outlive it here
     threaded: Any = sys.modules.get("dask.threaded")  # only when the parent had loaded it
     if threaded is not None and hasattr(threaded, "default_pool"):
         threaded.default_pool = None
